@@ -1,0 +1,502 @@
+//! Typed configuration. Each struct mirrors one YAML mapping; `docs/configuration.md`
+//! documents every field. Unknown fields are errors.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::interp::{ByteSize, Duration, Flag, Scalar, Secret, Text};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the gateway accepts traffic. At least one.
+    #[serde(default)]
+    pub listeners: Vec<Spanned<ListenerConfig>>,
+    /// The admin listener (config, routes, reload, metrics).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Named upstreams that routes may reference by name instead of a URL.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "default_listener_name")]
+    pub name: Text,
+    /// `host:port`; port 0 picks a free port (logged at start).
+    pub address: Spanned<Text>,
+    /// Terminate TLS on this listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Accept HTTP/2 without TLS (h2c prior knowledge). TLS listeners negotiate by ALPN.
+    #[serde(default = "yes")]
+    pub h2c: Flag,
+}
+
+fn default_listener_name() -> Text {
+    Text::from("main")
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificates chosen by SNI; the first one is the default.
+    pub certificates: Vec<Spanned<CertificateConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM certificate chain.
+    pub cert_file: Text,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Text,
+    /// SNI names served with this certificate (`example.com`, `*.example.com`).
+    #[serde(default)]
+    pub server_names: Vec<Text>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: Spanned<Text>,
+    /// Bearer token for every admin endpoint; empty disables the admin API's
+    /// protected endpoints (only health stays open).
+    #[serde(default)]
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Worker threads; default one per core (`--workers`, `PORTCULLIS_WORKERS` win).
+    #[serde(default)]
+    pub workers: Option<Scalar<usize>>,
+    /// Peers whose X-Forwarded-* / Forwarded headers are trusted (CIDRs or IPs).
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<Text>>,
+    /// How long SIGTERM waits for in-flight requests.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace: Duration,
+    /// Default request body limit (per route `max_request_body` overrides).
+    #[serde(default = "default_max_body")]
+    pub max_request_body: ByteSize,
+    /// The request id header read from clients and sent upstream.
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: Text,
+    /// `reject` (400) or `keep` percent-encoded slashes (`%2F`) in paths.
+    #[serde(default)]
+    pub encoded_slashes: EncodedSlashes,
+    /// Max time to read a request head from a client.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout: Duration,
+    /// Client keep-alive connections idle longer than this are closed.
+    #[serde(default = "default_client_idle")]
+    pub client_idle_timeout: Duration,
+    /// TTL of cached DNS answers for upstream hosts.
+    #[serde(default = "default_dns_ttl")]
+    pub dns_cache_ttl: Duration,
+    /// Max number of cached DNS names.
+    #[serde(default = "default_dns_size")]
+    pub dns_cache_size: Scalar<u64>,
+    /// Watch the config file's directory and reload on change.
+    #[serde(default = "yes")]
+    pub watch_config: Flag,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: None,
+            trusted_proxies: Vec::new(),
+            shutdown_grace: default_grace(),
+            max_request_body: default_max_body(),
+            request_id_header: default_request_id_header(),
+            encoded_slashes: EncodedSlashes::default(),
+            header_read_timeout: default_header_timeout(),
+            client_idle_timeout: default_client_idle(),
+            dns_cache_ttl: default_dns_ttl(),
+            dns_cache_size: default_dns_size(),
+            watch_config: yes(),
+        }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::secs(30)
+}
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(10)
+}
+fn default_request_id_header() -> Text {
+    Text::from("x-request-id")
+}
+fn default_header_timeout() -> Duration {
+    Duration::secs(30)
+}
+fn default_client_idle() -> Duration {
+    Duration::secs(75)
+}
+fn default_dns_ttl() -> Duration {
+    Duration::secs(10)
+}
+fn default_dns_size() -> Scalar<u64> {
+    Scalar(1024)
+}
+fn yes() -> Flag {
+    Flag(true)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashes {
+    #[default]
+    Reject,
+    Keep,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `portcullis=debug,hyper=warn`. `RUST_LOG` wins.
+    #[serde(default = "default_level")]
+    pub level: Text,
+    /// One line per request.
+    #[serde(default = "yes")]
+    pub access_log: Flag,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+            access_log: yes(),
+        }
+    }
+}
+
+fn default_level() -> Text {
+    Text::from("info")
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "yes")]
+    pub enabled: Flag,
+    #[serde(default = "default_metrics_path")]
+    pub path: Text,
+    /// `admin` (default; needs an `admin` listener) or `main`: serve on every listener.
+    #[serde(default)]
+    pub listener: MetricsListener,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: yes(),
+            path: default_metrics_path(),
+            listener: MetricsListener::default(),
+        }
+    }
+}
+
+fn default_metrics_path() -> Text {
+    Text::from("/metrics")
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsListener {
+    #[default]
+    Admin,
+    Main,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Built-in health endpoints on the main listeners; answered before routing.
+    #[serde(default = "yes")]
+    pub enabled: Flag,
+    #[serde(default = "default_health_path")]
+    pub health_path: Text,
+    #[serde(default = "default_liveness_path")]
+    pub liveness_path: Text,
+    #[serde(default = "default_readiness_path")]
+    pub readiness_path: Text,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: yes(),
+            health_path: default_health_path(),
+            liveness_path: default_liveness_path(),
+            readiness_path: default_readiness_path(),
+        }
+    }
+}
+
+fn default_health_path() -> Text {
+    Text::from("/health")
+}
+fn default_liveness_path() -> Text {
+    Text::from("/healthz")
+}
+fn default_readiness_path() -> Text {
+    Text::from("/readyz")
+}
+
+/// Gateway-wide authentication defaults.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Static bearer tokens accepted on every non-public route. Empty strings are
+    /// ignored, so `${TOKEN:-}` unset means open mode.
+    #[serde(default)]
+    pub tokens: Vec<Secret>,
+    /// Pass the gateway's own credential (`Authorization`) to the upstream.
+    #[serde(default)]
+    pub forward_credential: Flag,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `http://host:port[/base]` or `https://…`. May use `{param}` templates in routes.
+    pub url: Text,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub tls: UpstreamTlsConfig,
+    /// Close pooled connections idle longer than this (keep it below the upstream's
+    /// own keep-alive timeout).
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_timeout: Duration,
+    /// Max idle pooled connections per host.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: Scalar<usize>,
+}
+
+pub fn default_pool_idle() -> Duration {
+    Duration::secs(4)
+}
+pub fn default_pool_max_idle() -> Scalar<usize> {
+    Scalar(256)
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 for `http://`, ALPN (h2 or HTTP/1.1) for `https://`.
+    #[default]
+    Auto,
+    Http1,
+    /// HTTP/2 only: h2c prior knowledge for `http://`, ALPN h2 for `https://`.
+    Http2,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Extra PEM CA bundle trusted for this upstream (besides the web PKI roots).
+    #[serde(default)]
+    pub ca_file: Option<Text>,
+    /// Never use outside tests.
+    #[serde(default)]
+    pub insecure_skip_verify: Flag,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Used in logs and metrics; default `route-<index>`.
+    #[serde(default)]
+    pub name: Option<Text>,
+    /// Host patterns (`api.example.com`, `*.example.com`); empty = any host.
+    #[serde(default)]
+    pub hosts: Vec<Spanned<Text>>,
+    /// Only requests whose Host port (or listener port) is this.
+    #[serde(default)]
+    pub port: Option<Scalar<u16>>,
+    /// Exact path or template (`/users/{id}`, `/files/{*rest}`).
+    #[serde(default)]
+    pub path: Option<Spanned<Text>>,
+    /// Prefix on a segment boundary, may hold params (`/fn/{name}`).
+    #[serde(default)]
+    pub path_prefix: Option<Spanned<Text>>,
+    /// Allowed methods; empty = any.
+    #[serde(default)]
+    pub methods: Vec<Spanned<Text>>,
+    /// No authentication on this route.
+    #[serde(default)]
+    pub public: Flag,
+    /// Route-level auth, replacing the global `auth` for this route.
+    #[serde(default)]
+    pub auth: Option<RouteAuthConfig>,
+    /// Request body limit (413 beyond it); default `server.max_request_body`.
+    #[serde(default)]
+    pub max_request_body: Option<ByteSize>,
+    #[serde(default)]
+    pub proxy: Option<ProxyConfig>,
+    #[serde(default, rename = "static")]
+    pub static_files: Option<StaticConfig>,
+    #[serde(default)]
+    pub respond: Option<RespondConfig>,
+    #[serde(default)]
+    pub redirect: Option<RedirectConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuthConfig {
+    /// Bearer tokens for this route (empty entries ignored; none = open).
+    #[serde(default)]
+    pub tokens: Vec<Secret>,
+    #[serde(default)]
+    pub forward_credential: Option<Flag>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// A URL (`http://svc:8080`, `${SVC_URL}`), a template using path params
+    /// (`http://{name}:8080`), or the name of an entry in `upstreams`.
+    pub upstream: Spanned<Text>,
+    /// Remove the matched `path_prefix` before forwarding (`/fn/x/a` → `/a`).
+    #[serde(default)]
+    pub strip_prefix: Flag,
+    /// Replace the path with this template (`/v2/users/{id}`, `{rest}` for a prefix's remainder).
+    #[serde(default)]
+    pub rewrite: Option<Spanned<Text>>,
+    /// Send the client's Host header upstream instead of the upstream's own.
+    #[serde(default)]
+    pub preserve_host: Flag,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Overrides for an inline URL upstream (ignored when `upstream` names an entry).
+    #[serde(default)]
+    pub protocol: Option<UpstreamProtocol>,
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP (+TLS) connect.
+    #[serde(default = "default_connect")]
+    pub connect: Duration,
+    /// Until the upstream's response head arrives (504 beyond).
+    #[serde(default = "default_response")]
+    pub response: Duration,
+    /// Max silence between body chunks in either direction; a stream that keeps
+    /// sending is never cut by it.
+    #[serde(default = "default_idle")]
+    pub idle: Duration,
+    /// Whole exchange including the body; unset = no limit (streams may run forever).
+    #[serde(default)]
+    pub total: Option<Duration>,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: default_connect(),
+            response: default_response(),
+            idle: default_idle(),
+            total: None,
+        }
+    }
+}
+
+fn default_connect() -> Duration {
+    Duration::secs(10)
+}
+fn default_response() -> Duration {
+    Duration::secs(60)
+}
+fn default_idle() -> Duration {
+    Duration::secs(300)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    pub dir: Spanned<Text>,
+    #[serde(default = "default_index")]
+    pub index: Text,
+    /// Serve `index` for unknown paths that look like pages (no file extension).
+    #[serde(default)]
+    pub spa_fallback: Flag,
+    /// `Cache-Control` sent with files.
+    #[serde(default)]
+    pub cache_control: Option<Text>,
+}
+
+fn default_index() -> Text {
+    Text::from("index.html")
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondConfig {
+    #[serde(default = "default_status")]
+    pub status: Scalar<u16>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Text>,
+    #[serde(default)]
+    pub body: Text,
+    /// Content-Type; default `text/plain; charset=utf-8`.
+    #[serde(default)]
+    pub content_type: Option<Text>,
+}
+
+fn default_status() -> Scalar<u16> {
+    Scalar(200)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// Target URL or path; `{param}` templates allowed.
+    pub to: Spanned<Text>,
+    #[serde(default = "default_redirect_status")]
+    pub status: Scalar<u16>,
+    /// Append the request's query string.
+    #[serde(default = "yes")]
+    pub keep_query: Flag,
+}
+
+fn default_redirect_status() -> Scalar<u16> {
+    Scalar(302)
+}

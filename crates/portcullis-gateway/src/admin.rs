@@ -1,0 +1,145 @@
+//! The admin listener: `/admin/config`, `/admin/routes`, `/admin/reload`, metrics and
+//! health. Admin endpoints need the admin token; health and metrics do not.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::body::Body;
+use crate::error::{ErrorCode, GatewayError};
+use crate::service::{metrics, readiness, text};
+use crate::Shared;
+
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let snapshot = shared.snapshot.load_full();
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET, "/health" | "/healthz") => return text(StatusCode::OK, "OK"),
+        (&Method::GET, "/readyz") => return readiness(shared),
+        (&Method::GET, p)
+            if snapshot.metrics_path.as_deref() == Some(p) && !snapshot.metrics_on_main =>
+        {
+            return metrics(shared)
+        }
+        _ => {}
+    }
+    if !path.starts_with("/admin/") {
+        return GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response("");
+    }
+    if let Err(e) = authorize(&snapshot, &req) {
+        return e.into_response("");
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/admin/config") => {
+            // Secrets serialise as "<redacted>".
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "source": snapshot.source.display().to_string(),
+                    "config": &snapshot.config,
+                }),
+            )
+        }
+        (&Method::GET, "/admin/routes") => {
+            let routes: Vec<_> = crate::snapshot::describe_routes(&snapshot)
+                .into_iter()
+                .map(|[name, host, path, methods, action]| {
+                    serde_json::json!({"name": name, "host": host, "path": path, "methods": methods, "action": action})
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "routes": routes }))
+        }
+        (&Method::POST, "/admin/reload") => {
+            let s = shared.clone();
+            match tokio::task::spawn_blocking(move || s.reload(false)).await {
+                Ok(Ok(generation)) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "reloaded", "generation": generation}),
+                ),
+                Ok(Err(errors)) => {
+                    let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+                    json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": {"code": "INVALID_CONFIG", "message": "the new config is invalid; the running config was kept", "details": list, "retryable": false}}),
+                    )
+                }
+                Err(_) => GatewayError::server(ErrorCode::InternalError).into_response(""),
+            }
+        }
+        (_, "/admin/config" | "/admin/routes" | "/admin/reload") => {
+            GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response("")
+        }
+        _ => GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response(""),
+    }
+}
+
+fn authorize(
+    snapshot: &crate::snapshot::Snapshot,
+    req: &Request<Incoming>,
+) -> Result<(), GatewayError> {
+    let Some(token) = snapshot.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return Err(GatewayError::new(
+            ErrorCode::Forbidden,
+            "the admin API is disabled: set admin.token",
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].trim_ascii());
+    match presented {
+        Some(p) if bool::from(p.ct_eq(token)) => Ok(()),
+        _ => Err(
+            GatewayError::new(ErrorCode::Unauthorized, "admin token required")
+                .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
+        ),
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(Body::full(Bytes::from(
+        serde_json::to_vec_pretty(value).unwrap_or_default(),
+    )));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}

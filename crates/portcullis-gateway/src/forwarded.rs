@@ -1,0 +1,172 @@
+//! Client address and `X-Forwarded-*` / `Forwarded` headers.
+//!
+//! Client-sent forwarding headers are believed only when the peer is a configured
+//! trusted proxy; otherwise they are replaced.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{HeaderName, FORWARDED};
+use http::{HeaderMap, HeaderValue};
+use ipnet::IpNet;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
+    proxies.iter().any(|net| net.contains(&ip))
+}
+
+/// The original client: the peer, or — when the peer is trusted — the right-most
+/// address in `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> IpAddr {
+    let peer_ip = peer.ip().to_canonical();
+    if proxies.is_empty() || !trusted(peer_ip, proxies) {
+        return peer_ip;
+    }
+    let mut client = peer_ip;
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(s) = value.to_str() else { return client };
+        for part in s.rsplit(',') {
+            match part.trim().parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(ip, proxies) {
+                        return client;
+                    }
+                }
+                Err(_) => return client,
+            }
+        }
+    }
+    client
+}
+
+/// Rewrites the forwarding headers of a request about to go upstream.
+pub fn set_forwarding_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    client: IpAddr,
+    scheme: &'static str,
+    host: Option<&HeaderValue>,
+    proxies: &[IpNet],
+) {
+    let peer_ip = peer.ip().to_canonical();
+    let from_trusted = !proxies.is_empty() && trusted(peer_ip, proxies);
+
+    let prior_xff = if from_trusted {
+        let joined: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!joined.is_empty()).then(|| joined.join(", "))
+    } else {
+        None
+    };
+    let xff = match prior_xff {
+        Some(prior) => format!("{prior}, {peer_ip}"),
+        None => peer_ip.to_string(),
+    };
+    set(headers, &X_FORWARDED_FOR, &xff);
+    set(headers, &X_REAL_IP, &client.to_string());
+
+    if !(from_trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    }
+    if !(from_trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    // RFC 7239: quote IPv6 addresses.
+    let node = match peer_ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto={scheme}");
+    if let Some(h) = host.and_then(|h| h.to_str().ok()) {
+        if h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            element.push_str(";host=\"");
+            element.push_str(h);
+            element.push('"');
+        }
+    }
+    let forwarded = if from_trusted {
+        let prior: Vec<&str> = headers
+            .get_all(FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            element
+        } else {
+            format!("{}, {element}", prior.join(", "))
+        }
+    } else {
+        element
+    };
+    set(headers, &FORWARDED, &forwarded);
+}
+
+fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> SocketAddr {
+        SocketAddr::new(s.parse().unwrap(), 1234)
+    }
+
+    #[test]
+    fn untrusted_peer_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let p = peer("1.2.3.4");
+        assert_eq!(
+            client_ip(p, &h, &proxies),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        set_forwarding_headers(&mut h, p, p.ip(), "http", None, &proxies);
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_REAL_IP], "1.2.3.4");
+    }
+
+    #[test]
+    fn trusted_peer_appends() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("9.9.9.9, 10.0.0.2"),
+        );
+        let proxies: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let p = peer("10.0.0.1");
+        let client = client_ip(p, &h, &proxies);
+        assert_eq!(client, "9.9.9.9".parse::<IpAddr>().unwrap());
+        set_forwarding_headers(&mut h, p, client, "https", None, &proxies);
+        assert_eq!(h[&X_FORWARDED_FOR], "9.9.9.9, 10.0.0.2, 10.0.0.1");
+        assert_eq!(h[&X_REAL_IP], "9.9.9.9");
+    }
+}

@@ -1,0 +1,387 @@
+//! The proxy action: rewrite the request for the upstream, send it, stream the
+//! response back. Bodies are never buffered; `Upgrade` (WebSocket) is tunnelled.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+
+use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut, IdleTimeout};
+use crate::error::{ErrorCode, GatewayError};
+use crate::forwarded;
+use crate::snapshot::{ProxyAction, Target};
+use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
+
+/// What the request path hands the proxy besides the request itself.
+pub struct Forward<'a> {
+    pub shared: &'a crate::Shared,
+    pub route: &'a Arc<str>,
+    pub params: &'a [(&'a str, &'a str)],
+    pub rest: Option<&'a str>,
+    /// The normalised request path.
+    pub path: &'a str,
+    /// Whether normalisation changed the path (else the original bytes are reused).
+    pub path_changed: bool,
+    pub query: Option<&'a str>,
+    pub peer: SocketAddr,
+    pub client_ip: IpAddr,
+    pub scheme: &'static str,
+    pub trusted_proxies: &'a [IpNet],
+    pub request_id_header: &'a HeaderName,
+    pub request_id: &'a HeaderValue,
+    pub strip_credential: bool,
+    pub max_body: u64,
+}
+
+pub async fn forward(
+    action: &ProxyAction,
+    f: Forward<'_>,
+    mut req: Request<Incoming>,
+    upstream_label: &mut Option<Arc<str>>,
+) -> Result<Response<Body>, GatewayError> {
+    let (uri, label) = upstream_uri(action, &f, req.uri())?;
+    *upstream_label = Some(label.clone());
+
+    if let Some(len) = content_length(req.headers()) {
+        if len > f.max_body {
+            return Err(too_large(f.max_body));
+        }
+    }
+
+    let upgrade = upgrade_requested(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let (mut parts, body) = req.into_parts();
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    if let Some(protocol) = &upgrade {
+        headers.insert(header::UPGRADE, protocol.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if f.strip_credential {
+        headers.remove(header::AUTHORIZATION);
+    }
+    forwarded::set_forwarding_headers(
+        headers,
+        f.peer,
+        f.client_ip,
+        f.scheme,
+        original_host.as_ref(),
+        f.trusted_proxies,
+    );
+    headers.insert(f.request_id_header.clone(), f.request_id.clone());
+    if action.preserve_host {
+        if let Some(h) = original_host {
+            headers.insert(header::HOST, h);
+        }
+    } else {
+        // hyper sets Host (or :authority) from the upstream URI.
+        headers.remove(header::HOST);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let deadline = action
+        .total_timeout
+        .map(|t| tokio::time::Instant::now() + t);
+    let body = Body::Upstream(
+        IdleTimeout::new(body, action.idle_timeout)
+            .with_limit(f.max_body)
+            .with_deadline(deadline),
+    );
+    let upstream_req = Request::from_parts(parts, body);
+
+    let started = Instant::now();
+    let response_timeout = match deadline {
+        Some(d) => action
+            .response_timeout
+            .min(d.saturating_duration_since(tokio::time::Instant::now())),
+        None => action.response_timeout,
+    };
+    let result = tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
+    let metrics = &f.shared.metrics;
+    let mut res = match result {
+        Ok(Ok(res)) => res,
+        Ok(Err(err)) => return Err(classify(&err, f.route, &label, metrics)),
+        Err(_) => {
+            count_error(metrics, f.route, "timeout");
+            tracing::warn!(route = %f.route, upstream = %label, "upstream timed out before responding");
+            return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
+        }
+    };
+    metrics
+        .upstream_duration
+        .get_or_create(&RouteLabels {
+            route: f.route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut res);
+            let route = f.route.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        if let Err(e) =
+                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                        {
+                            tracing::debug!(route = %route, error = %e, "upgraded connection ended with an error");
+                        }
+                    }
+                    Err(e) => tracing::debug!(route = %route, error = %e, "upgrade failed"),
+                }
+            });
+            return Ok(res.map(|_| Body::empty()));
+        }
+    }
+
+    remove_hop_by_hop(res.headers_mut());
+    let deadline = deadline;
+    Ok(res
+        .map(|b| Body::Upstream(IdleTimeout::new(b, action.idle_timeout).with_deadline(deadline))))
+}
+
+fn too_large(limit: u64) -> GatewayError {
+    GatewayError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("request body larger than {limit} bytes"),
+    )
+}
+
+fn count_error(metrics: &crate::telemetry::Metrics, route: &Arc<str>, kind: &'static str) {
+    metrics
+        .upstream_errors
+        .get_or_create(&UpstreamErrorLabels {
+            route: route.clone(),
+            kind,
+        })
+        .inc();
+}
+
+fn classify(
+    err: &hyper_util::client::legacy::Error,
+    route: &Arc<str>,
+    label: &Arc<str>,
+    metrics: &crate::telemetry::Metrics,
+) -> GatewayError {
+    if find_cause::<BodyTooLarge>(err).is_some() {
+        return GatewayError::new(ErrorCode::PayloadTooLarge, "request body too large");
+    }
+    if find_cause::<IdleTimedOut>(err).is_some() {
+        return GatewayError::new(
+            ErrorCode::RequestTimeout,
+            "request body not received in time",
+        );
+    }
+    if find_cause::<DeadlineExceeded>(err).is_some() {
+        count_error(metrics, route, "timeout");
+        return GatewayError::server(ErrorCode::UpstreamTimeout);
+    }
+    let kind = if err.is_connect() {
+        "connect"
+    } else {
+        "protocol"
+    };
+    count_error(metrics, route, kind);
+    tracing::warn!(route = %route, upstream = %label, kind, error = %error_chain(err), "upstream request failed");
+    GatewayError::server(ErrorCode::UpstreamUnavailable)
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP/1.1 `Upgrade` request (WebSocket and friends): returns the protocol.
+fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let upgrade = req.headers().get(header::UPGRADE)?;
+    let connection_says_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    connection_says_upgrade.then(|| upgrade.clone())
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
+/// `Connection`. `TE: trailers` survives: gRPC needs it.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    } else {
+        headers.remove(header::TE);
+    }
+}
+
+/// A path param placed in an upstream host must be one DNS label, so a client can
+/// never steer a templated upstream to an arbitrary host (`/evil.com/...`).
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn upstream_uri(
+    action: &ProxyAction,
+    f: &Forward<'_>,
+    original: &Uri,
+) -> Result<(Uri, Arc<str>), GatewayError> {
+    let lookup = |name: &str| -> Option<&str> {
+        f.params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+            .or_else(|| {
+                (name == "rest")
+                    .then(|| f.rest.map(|r| r.trim_start_matches('/')))
+                    .flatten()
+            })
+    };
+    // The path the upstream sees, before any base path.
+    let request_path: Cow<'_, str> = if let Some(rewrite) = &action.rewrite {
+        Cow::Owned(rewrite.render(lookup))
+    } else if action.strip_prefix {
+        match f.rest {
+            Some(r) if !r.is_empty() => Cow::Borrowed(r),
+            _ => Cow::Borrowed("/"),
+        }
+    } else {
+        Cow::Borrowed(f.path)
+    };
+    let path_unchanged = action.rewrite.is_none() && !action.strip_prefix && !f.path_changed;
+
+    match &action.target {
+        Target::Fixed(t) => {
+            let pq = if path_unchanged && t.base_path.is_empty() {
+                original
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            } else {
+                build_pq(&t.base_path, &request_path, f.query)?
+            };
+            let uri = build_uri(t.scheme.clone(), t.authority.clone(), pq)?;
+            Ok((uri, t.label.clone()))
+        }
+        Target::Template {
+            template,
+            authority_params,
+            path_is_templated,
+        } => {
+            for p in authority_params {
+                if !lookup(p).is_some_and(is_label) {
+                    return Err(GatewayError::new(ErrorCode::NotFound, "no such upstream"));
+                }
+            }
+            let rendered = template.render(lookup);
+            let parsed: Uri = rendered
+                .parse()
+                .map_err(|_| GatewayError::new(ErrorCode::NotFound, "no such upstream"))?;
+            let (Some(scheme), Some(authority)) =
+                (parsed.scheme().cloned(), parsed.authority().cloned())
+            else {
+                return Err(GatewayError::new(ErrorCode::NotFound, "no such upstream"));
+            };
+            let label: Arc<str> = Arc::from(authority.host());
+            let pq = if *path_is_templated {
+                build_pq("", parsed.path(), f.query)?
+            } else {
+                build_pq(parsed.path().trim_end_matches('/'), &request_path, f.query)?
+            };
+            Ok((build_uri(scheme, authority, pq)?, label))
+        }
+    }
+}
+
+fn build_pq(base: &str, path: &str, query: Option<&str>) -> Result<PathAndQuery, GatewayError> {
+    let mut s = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    s.push_str(base);
+    if !path.starts_with('/') {
+        s.push('/');
+    }
+    s.push_str(path);
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    PathAndQuery::try_from(s)
+        .map_err(|_| GatewayError::new(ErrorCode::BadRequest, "invalid upstream path"))
+}
+
+fn build_uri(scheme: Scheme, authority: Authority, pq: PathAndQuery) -> Result<Uri, GatewayError> {
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| GatewayError::server(ErrorCode::InternalError))
+}
+
+/// For the FnKit-style message naming the upstream a templated route tried.
+pub fn unreachable_message(label: &str) -> String {
+    format!("upstream {label:?} is not reachable")
+}

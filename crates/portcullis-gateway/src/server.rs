@@ -1,0 +1,224 @@
+//! Listeners: accept, TLS, HTTP/1.1 + HTTP/2, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::service::{handle, ConnInfo};
+use crate::telemetry::ListenerLabels;
+use crate::tls::SnapshotCertResolver;
+use crate::Shared;
+
+/// Runs every listener until `shutdown` resolves, then drains in-flight requests for
+/// up to the configured grace period.
+pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    let snapshot = shared.snapshot.load_full();
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut accept_loops = Vec::new();
+
+    for spec in &snapshot.listeners {
+        let listener = TcpListener::bind(&spec.address).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} ({}): {e}", spec.address, spec.name),
+            )
+        })?;
+        let local = listener.local_addr()?;
+        tracing::info!(listener = %spec.name, address = %local, tls = spec.tls, "listening");
+        let tls = if spec.tls {
+            let resolver = Arc::new(SnapshotCertResolver {
+                shared: shared.clone(),
+                listener: spec.name.clone(),
+            });
+            let config = crate::tls::server_config(resolver).map_err(std::io::Error::other)?;
+            Some(TlsAcceptor::from(Arc::new(config)))
+        } else {
+            None
+        };
+        let ctx = ListenerCtx {
+            shared: shared.clone(),
+            name: Arc::from(spec.name.as_str()),
+            tls,
+            h2c: spec.h2c,
+            graceful: graceful.clone(),
+        };
+        accept_loops.push(tokio::spawn(accept_loop(listener, ctx, stop_rx.clone())));
+    }
+
+    if let Some(admin) = &snapshot.admin {
+        let listener = TcpListener::bind(&admin.address).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (admin): {e}", admin.address),
+            )
+        })?;
+        tracing::info!(listener = "admin", address = %listener.local_addr()?, "listening");
+        accept_loops.push(tokio::spawn(crate::admin::serve(
+            listener,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    crate::reload::spawn_sighup(shared.clone());
+    let _watcher = if snapshot.config.server.watch_config.0 {
+        crate::reload::spawn_file_watch(shared.clone())
+    } else {
+        None
+    };
+    shared.set_ready(true);
+    drop(snapshot);
+
+    shutdown.await;
+    tracing::info!("shutting down: no longer accepting connections");
+    shared.set_ready(false);
+    let _ = stop_tx.send(true);
+    for handle in accept_loops {
+        let _ = handle.await;
+    }
+    let grace = shared.snapshot.load().shutdown_grace;
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => {
+            tracing::warn!(grace = ?grace, "grace period over; closing remaining connections")
+        }
+    }
+    Ok(())
+}
+
+struct ListenerCtx {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    tls: Option<TlsAcceptor>,
+    h2c: bool,
+    graceful: Arc<GracefulShutdown>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: ListenerCtx,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let ctx = Arc::new(ctx);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move { serve_connection(stream, peer, ctx).await });
+    }
+}
+
+/// Keeps the open-connections gauge honest however a connection ends.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let labels = ListenerLabels {
+        listener: ctx.name.clone(),
+    };
+    ctx.shared.metrics.connections.get_or_create(&labels).inc();
+    let gauge = ctx
+        .shared
+        .metrics
+        .open_connections
+        .get_or_create(&labels)
+        .clone();
+    gauge.inc();
+    let _open = OpenConnection(gauge);
+
+    let snapshot = ctx.shared.snapshot.load();
+    let header_timeout = snapshot.header_read_timeout;
+    drop(snapshot);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+
+    match &ctx.tls {
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let builder = if h2 {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
+            let info = Arc::new(ConnInfo {
+                peer,
+                local,
+                scheme: "https",
+            });
+            let shared = ctx.shared.clone();
+            let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let conn = ctx.graceful.watch(conn.into_owned());
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection error");
+            }
+        }
+        None => {
+            let builder = if ctx.h2c {
+                builder
+            } else {
+                builder.http1_only()
+            };
+            let info = Arc::new(ConnInfo {
+                peer,
+                local,
+                scheme: "http",
+            });
+            let shared = ctx.shared.clone();
+            let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = ctx.graceful.watch(conn.into_owned());
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "connection error");
+            }
+        }
+    }
+}

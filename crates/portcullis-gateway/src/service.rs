@@ -1,0 +1,385 @@
+//! The request path, in one place:
+//! listener → normalise → built-in endpoints → route table → auth → action.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use portcullis_routing::{normalize_path, split_host_port, Lookup};
+
+use crate::body::{Body, BoxError};
+use crate::error::{ErrorCode, GatewayError};
+use crate::proxy::{self, Forward};
+use crate::snapshot::{Action, RedirectAction, RespondAction, Snapshot, StaticAction};
+use crate::telemetry::AccessRecord;
+use crate::Shared;
+
+/// Facts about the client connection a request arrived on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub scheme: &'static str,
+}
+
+/// The response body as sent: counts bytes and completes the access record.
+pub struct ResponseBody {
+    body: Body,
+    record: Option<AccessRecord>,
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Some(record) = this.record.as_mut() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        record.bytes += d.len() as u64;
+                    }
+                }
+                Poll::Ready(None) => record.completed = true,
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(request_id = %record.request_id, error = %e, "response body ended with an error");
+                }
+                Poll::Pending => {}
+            }
+        }
+        if this.body.is_end_stream() {
+            if let Some(record) = this.record.as_mut() {
+                record.completed = true;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let snapshot = shared.snapshot.load_full();
+    let request_id = request_id(&req, &snapshot.request_id_header);
+    let client_ip =
+        crate::forwarded::client_ip(conn.peer, req.headers(), &snapshot.trusted_proxies);
+    let mut record = AccessRecord {
+        metrics: shared.clone(),
+        start,
+        method: req.method().clone(),
+        path: String::new(),
+        route: None,
+        status: 0,
+        upstream: None,
+        request_id: String::new(),
+        client: client_ip,
+        log: snapshot.access_log,
+        bytes: 0,
+        completed: false,
+    };
+    let result = dispatch(
+        &shared,
+        &snapshot,
+        &conn,
+        req,
+        &request_id,
+        client_ip,
+        &mut record,
+    )
+    .await;
+    let request_id_str = request_id.to_str().unwrap_or_default();
+    let mut res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            if e.code.status().is_server_error() {
+                tracing::debug!(
+                    request_id = request_id_str,
+                    code = e.code.as_str(),
+                    "gateway error"
+                );
+            }
+            e.into_response(request_id_str)
+        }
+    };
+    res.headers_mut()
+        .insert(snapshot.request_id_header.clone(), request_id.clone());
+    record.status = res.status().as_u16();
+    if record.log {
+        record.request_id = request_id_str.to_owned();
+    }
+    Ok(res.map(|body| ResponseBody {
+        body,
+        record: Some(record),
+    }))
+}
+
+/// A client's id is kept if it is short and plain; otherwise a new one is made.
+fn request_id(req: &Request<Incoming>, name: &HeaderName) -> HeaderValue {
+    if let Some(v) = req.headers().get(name) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            return v.clone();
+        }
+    }
+    let id = uuid::Uuid::new_v4();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    shared: &Arc<Shared>,
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    client_ip: std::net::IpAddr,
+    record: &mut AccessRecord,
+) -> Result<Response<Body>, GatewayError> {
+    // The URI is cheap to clone (shared bytes) and lets the path borrow outlive `req`.
+    let uri = req.uri().clone();
+    let path = normalize_path(uri.path(), snapshot.normalize)
+        .map_err(|e| GatewayError::new(ErrorCode::InvalidPath, e.to_string()))?;
+    if record.log {
+        record.path = path.to_string();
+    }
+
+    if let Some(res) = builtin(shared, snapshot, &path) {
+        record.route = Some(Arc::from("(builtin)"));
+        return Ok(res);
+    }
+
+    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let (host, port) = match authority {
+        Some(a) => {
+            let (h, p) = split_host_port(a);
+            (Some(h), p.or(Some(conn.local.port())))
+        }
+        None => (None, Some(conn.local.port())),
+    };
+    let found = match snapshot
+        .routes
+        .lookup(host.as_deref(), port, req.method(), &path)
+    {
+        Lookup::Found(m) => m,
+        Lookup::MethodNotAllowed { allowed } => {
+            let allow = allowed
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut err = GatewayError::new(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this path",
+            );
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                err = err.with_header(header::ALLOW, v);
+            }
+            return Err(err);
+        }
+        Lookup::NotFound => {
+            return Err(GatewayError::new(
+                ErrorCode::NotFound,
+                "no route matches this request",
+            ))
+        }
+    };
+    let route = found.value;
+    record.route = Some(route.name.clone());
+
+    let strip = route.auth.check(req.headers())?;
+
+    match &route.action {
+        Action::Proxy(action) => {
+            let forward = Forward {
+                shared,
+                route: &route.name,
+                params: &found.params,
+                rest: found.rest,
+                path: &path,
+                path_changed: matches!(path, std::borrow::Cow::Owned(_)),
+                query: uri.query(),
+                peer: conn.peer,
+                client_ip,
+                scheme: conn.scheme,
+                trusted_proxies: &snapshot.trusted_proxies,
+                request_id_header: &snapshot.request_id_header,
+                request_id,
+                strip_credential: strip.0,
+                max_body: route.max_body,
+            };
+            proxy::forward(action, forward, req, &mut record.upstream).await
+        }
+        Action::Static(action) => serve_static(action, found.rest.unwrap_or(&path), req).await,
+        Action::Respond(action) => Ok(respond(action, req.method())),
+        Action::Redirect(action) => Ok(redirect(action, &found.params, found.rest, uri.query())),
+    }
+}
+
+/// Health, liveness, readiness and (when configured on the main listener) metrics.
+fn builtin(shared: &Shared, snapshot: &Snapshot, path: &str) -> Option<Response<Body>> {
+    if let Some(h) = &snapshot.health {
+        if path == h.health || path == h.liveness {
+            return Some(text(StatusCode::OK, "OK"));
+        }
+        if path == h.readiness {
+            return Some(readiness(shared));
+        }
+    }
+    if snapshot.metrics_on_main && snapshot.metrics_path.as_deref() == Some(path) {
+        return Some(metrics(shared));
+    }
+    None
+}
+
+pub fn readiness(shared: &Shared) -> Response<Body> {
+    if shared.is_ready() {
+        text(StatusCode::OK, "ready")
+    } else {
+        GatewayError::server(ErrorCode::ServiceUnavailable).into_response("")
+    }
+}
+
+pub fn metrics(shared: &Shared) -> Response<Body> {
+    let mut res = Response::new(Body::full(shared.metrics.encode()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    res
+}
+
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut res = Response::new(Body::full(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn respond(action: &RespondAction, method: &Method) -> Response<Body> {
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::full(action.body.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = action.status;
+    for (k, v) in &action.headers {
+        res.headers_mut().insert(k.clone(), v.clone());
+    }
+    res
+}
+
+fn redirect(
+    action: &RedirectAction,
+    params: &[(&str, &str)],
+    rest: Option<&str>,
+    query: Option<&str>,
+) -> Response<Body> {
+    let mut location = action.to.render(|name| {
+        params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+            .or_else(|| {
+                (name == "rest")
+                    .then(|| rest.map(|r| r.trim_start_matches('/')))
+                    .flatten()
+            })
+    });
+    if let (true, Some(q)) = (action.keep_query, query) {
+        location.push(if location.contains('?') { '&' } else { '?' });
+        location.push_str(q);
+    }
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = action.status;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            res.headers_mut().insert(header::LOCATION, v);
+            res
+        }
+        Err(_) => GatewayError::server(ErrorCode::InternalError).into_response(""),
+    }
+}
+
+async fn serve_static(
+    action: &StaticAction,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, GatewayError> {
+    use tower::ServiceExt;
+    use tower_http::services::{ServeDir, ServeFile};
+
+    let path = if path.is_empty() { "/" } else { path };
+    let (mut parts, _body) = req.into_parts();
+    parts.uri = path
+        .parse()
+        .map_err(|_| GatewayError::new(ErrorCode::InvalidPath, "invalid path"))?;
+    let request = Request::from_parts(parts, http_body_util::Empty::<Bytes>::new());
+    let dir = ServeDir::new(&action.dir)
+        .append_index_html_on_directories(true)
+        .precompressed_gzip()
+        .precompressed_br();
+    let response = if action.spa_fallback && !has_extension(path) {
+        let index = ServeFile::new(action.dir.join(&action.index));
+        dir.fallback(index).oneshot(request).await
+    } else {
+        dir.oneshot(request).await
+    };
+    let response = response.map_err(|e| {
+        tracing::warn!(error = %e, "static file error");
+        GatewayError::server(ErrorCode::InternalError)
+    })?;
+    if response.status() == StatusCode::NOT_FOUND {
+        return Err(GatewayError::new(ErrorCode::NotFound, "file not found"));
+    }
+    let mut response = response.map(Body::boxed);
+    if let Some(cc) = &action.cache_control {
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, cc.clone());
+    }
+    Ok(response)
+}
+
+/// SPA fallback applies to page-like paths only: a missing `/app.js` stays a 404.
+fn has_extension(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains('.'))
+}

@@ -1,0 +1,827 @@
+//! Compiles a parsed [`Config`] into the immutable runtime [`Snapshot`] that requests
+//! read. Compilation checks everything the YAML types cannot (paths, URLs, route
+//! conflicts, certificates) and reports each problem with its file and line.
+//! A snapshot is swapped in atomically; requests keep the one they started with.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method, StatusCode, Uri};
+use ipnet::IpNet;
+use portcullis_config::{
+    Config, ConfigError, ConfigErrors, EncodedSlashes, Location, MetricsListener, RouteConfig,
+    UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig,
+};
+use portcullis_routing::{
+    EncodedSlash, HostPattern, NormalizeOptions, PathPattern, RouteSpec, RouteTable,
+    RouteTableBuilder,
+};
+
+use crate::auth::AuthPolicy;
+use crate::template::Template;
+use crate::tls::CertStore;
+use crate::upstream::{ClientRegistry, ClientSettings, UpstreamClient};
+
+pub struct Snapshot {
+    /// The config it was compiled from (served redacted by `/admin/config`).
+    pub config: Config,
+    pub source: PathBuf,
+    pub routes: RouteTable<Arc<Route>>,
+    pub route_count: usize,
+    pub certs: HashMap<String, CertStore>,
+    pub listeners: Vec<ListenerSpec>,
+    pub admin: Option<AdminSpec>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub request_id_header: HeaderName,
+    pub normalize: NormalizeOptions,
+    pub health: Option<HealthPaths>,
+    pub metrics_path: Option<String>,
+    pub metrics_on_main: bool,
+    pub access_log: bool,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub client_idle_timeout: Duration,
+    pub used_clients: Vec<ClientSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub address: String,
+    pub tls: bool,
+    pub h2c: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSpec {
+    pub address: String,
+    pub token: Option<Arc<[u8]>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthPaths {
+    pub health: String,
+    pub liveness: String,
+    pub readiness: String,
+}
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub auth: AuthPolicy,
+    pub max_body: u64,
+    pub action: Action,
+}
+
+pub enum Action {
+    Proxy(ProxyAction),
+    Static(StaticAction),
+    Respond(RespondAction),
+    Redirect(RedirectAction),
+}
+
+pub struct ProxyAction {
+    pub target: Target,
+    pub strip_prefix: bool,
+    pub rewrite: Option<Template>,
+    pub preserve_host: bool,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Option<Duration>,
+    pub client: UpstreamClient,
+}
+
+/// Where a proxy route sends requests.
+pub enum Target {
+    Fixed(FixedTarget),
+    /// Rendered per request from path params (FnKit: `http://{name}:8080`).
+    Template {
+        template: Template,
+        /// Params that land in the host part: must be one DNS label each.
+        authority_params: Vec<String>,
+        /// The upstream URL's path is templated: it replaces the request path.
+        path_is_templated: bool,
+    },
+}
+
+pub struct FixedTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Upstream URL path prefix without a trailing slash; empty for none.
+    pub base_path: String,
+    pub label: Arc<str>,
+}
+
+pub struct StaticAction {
+    pub dir: PathBuf,
+    pub index: String,
+    pub spa_fallback: bool,
+    pub cache_control: Option<HeaderValue>,
+}
+
+pub struct RespondAction {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: bytes::Bytes,
+}
+
+pub struct RedirectAction {
+    pub to: Template,
+    pub status: StatusCode,
+    pub keep_query: bool,
+}
+
+/// Collects errors with positions.
+struct Errors<'a> {
+    file: &'a Path,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, location: Location, field: impl Into<String>, message: impl Into<String>) {
+        self.list
+            .push(ConfigError::at(self.file, location, field, message));
+    }
+}
+
+pub fn compile(
+    config: Config,
+    source: &Path,
+    clients: &ClientRegistry,
+) -> Result<Snapshot, ConfigErrors> {
+    let mut errors = Errors {
+        file: source,
+        list: Vec::new(),
+    };
+
+    // Listeners and their certificates.
+    let mut listeners = Vec::new();
+    let mut certs = HashMap::new();
+    let mut names = HashSet::new();
+    if config.listeners.is_empty() {
+        errors.push(
+            Location::UNKNOWN,
+            "listeners",
+            "at least one listener is required",
+        );
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        let field = format!("listeners[{i}]");
+        let name = l.value.name.to_string();
+        if !names.insert(name.clone()) {
+            errors.push(
+                l.referenced,
+                format!("{field}.name"),
+                format!("duplicate listener name {name:?}"),
+            );
+        }
+        let address = l.value.address.value.to_string();
+        if address.parse::<SocketAddr>().is_err() {
+            errors.push(
+                l.value.address.referenced,
+                format!("{field}.address"),
+                format!("{address:?} is not an IP:port address"),
+            );
+        }
+        if let Some(tls) = &l.value.tls {
+            let mut store = CertStore::default();
+            if tls.certificates.is_empty() {
+                errors.push(
+                    l.referenced,
+                    format!("{field}.tls.certificates"),
+                    "at least one certificate is required",
+                );
+            }
+            for (j, c) in tls.certificates.iter().enumerate() {
+                match crate::tls::load_certified_key(&c.value.cert_file, &c.value.key_file) {
+                    Ok(key) => {
+                        let names: Vec<String> =
+                            c.value.server_names.iter().map(|n| n.to_string()).collect();
+                        store.add(key, &names);
+                    }
+                    Err(e) => {
+                        errors.push(c.referenced, format!("{field}.tls.certificates[{j}]"), e)
+                    }
+                }
+            }
+            certs.insert(name.clone(), store);
+        }
+        listeners.push(ListenerSpec {
+            name,
+            address,
+            tls: l.value.tls.is_some(),
+            h2c: l.value.h2c.0,
+        });
+    }
+
+    let admin = config.admin.as_ref().map(|a| {
+        let address = a.address.value.to_string();
+        if address.parse::<SocketAddr>().is_err() {
+            errors.push(
+                a.address.referenced,
+                "admin.address",
+                format!("{address:?} is not an IP:port address"),
+            );
+        }
+        let token = (!a.token.is_empty()).then(|| Arc::from(a.token.expose().as_bytes()));
+        AdminSpec { address, token }
+    });
+    if config.metrics.enabled.0
+        && config.metrics.listener == MetricsListener::Admin
+        && admin.is_none()
+    {
+        // Not an error: metrics simply have nowhere to go. Say so in `check`.
+        tracing::warn!("metrics.listener is `admin` but no admin listener is configured; /metrics is not served");
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in config.server.trusted_proxies.iter().enumerate() {
+        let s = p.value.trim();
+        let parsed = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => errors.push(
+                p.referenced,
+                format!("server.trusted_proxies[{i}]"),
+                format!("{s:?} is not an IP address or CIDR"),
+            ),
+        }
+    }
+
+    let request_id_header = match HeaderName::from_bytes(config.server.request_id_header.as_bytes())
+    {
+        Ok(h) => h,
+        Err(_) => {
+            errors.push(
+                Location::UNKNOWN,
+                "server.request_id_header",
+                "not a valid header name",
+            );
+            HeaderName::from_static("x-request-id")
+        }
+    };
+
+    for (field, path) in [
+        ("health.health_path", &config.health.health_path),
+        ("health.liveness_path", &config.health.liveness_path),
+        ("health.readiness_path", &config.health.readiness_path),
+        ("metrics.path", &config.metrics.path),
+    ] {
+        if !path.starts_with('/') {
+            errors.push(Location::UNKNOWN, field, "must start with `/`");
+        }
+    }
+
+    // Routes.
+    let global_auth =
+        AuthPolicy::from_tokens(&config.auth.tokens, config.auth.forward_credential.0);
+    let mut table = RouteTableBuilder::new();
+    let mut used_clients = Vec::new();
+    let mut route_names = HashSet::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let field = format!("routes[{i}]");
+        let route = &r.value;
+        let name = route
+            .name
+            .as_ref()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("route-{i}"));
+        if !route_names.insert(name.clone()) {
+            errors.push(
+                r.referenced,
+                format!("{field}.name"),
+                format!("duplicate route name {name:?}"),
+            );
+        }
+        let Some((pattern, params)) = path_pattern(route, r.referenced, &field, &mut errors) else {
+            continue;
+        };
+        let methods = match parse_methods(route, &field, &mut errors) {
+            Some(m) => m,
+            None => continue,
+        };
+        let auth = if route.public.0 {
+            AuthPolicy::Public
+        } else if let Some(a) = &route.auth {
+            AuthPolicy::from_tokens(
+                &a.tokens,
+                a.forward_credential
+                    .map_or(config.auth.forward_credential.0, |f| f.0),
+            )
+        } else {
+            global_auth.clone()
+        };
+        let is_prefix = matches!(pattern, PathPattern::Prefix(_));
+        let Some(action) = compile_action(
+            &config,
+            route,
+            r.referenced,
+            &field,
+            &params,
+            is_prefix,
+            clients,
+            &mut used_clients,
+            &mut errors,
+        ) else {
+            continue;
+        };
+        let compiled = Arc::new(Route {
+            name: Arc::from(name.as_str()),
+            auth,
+            max_body: route
+                .max_request_body
+                .unwrap_or(config.server.max_request_body)
+                .0,
+            action,
+        });
+        let hosts: Vec<HostPattern> = if route.hosts.is_empty() {
+            vec![HostPattern::Any]
+        } else {
+            route
+                .hosts
+                .iter()
+                .enumerate()
+                .filter_map(|(j, h)| match HostPattern::parse(&h.value) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        errors.push(h.referenced, format!("{field}.hosts[{j}]"), e.to_string());
+                        None
+                    }
+                })
+                .collect()
+        };
+        for host in hosts {
+            let spec = RouteSpec {
+                host,
+                port: route.port.map(|p| p.0),
+                path: pattern.clone(),
+                methods: methods.clone(),
+            };
+            if let Err(e) = table.add(spec, compiled.clone()) {
+                errors.push(r.referenced, field.clone(), format!("route {name:?}: {e}"));
+            }
+        }
+    }
+
+    if !errors.list.is_empty() {
+        return Err(ConfigErrors(errors.list));
+    }
+    let routes = table.build();
+    let health = config.health.enabled.0.then(|| HealthPaths {
+        health: config.health.health_path.to_string(),
+        liveness: config.health.liveness_path.to_string(),
+        readiness: config.health.readiness_path.to_string(),
+    });
+    let metrics_path = config
+        .metrics
+        .enabled
+        .0
+        .then(|| config.metrics.path.to_string());
+    Ok(Snapshot {
+        route_count: config.routes.len(),
+        routes,
+        certs,
+        listeners,
+        admin,
+        trusted_proxies,
+        request_id_header,
+        normalize: NormalizeOptions {
+            encoded_slash: match config.server.encoded_slashes {
+                EncodedSlashes::Reject => EncodedSlash::Reject,
+                EncodedSlashes::Keep => EncodedSlash::Keep,
+            },
+        },
+        health,
+        metrics_on_main: config.metrics.listener == MetricsListener::Main,
+        metrics_path,
+        access_log: config.logging.access_log.0,
+        shutdown_grace: config.server.shutdown_grace.get(),
+        header_read_timeout: config.server.header_read_timeout.get(),
+        client_idle_timeout: config.server.client_idle_timeout.get(),
+        used_clients,
+        source: source.to_owned(),
+        config,
+    })
+}
+
+/// The route's path pattern and the names of its params.
+fn path_pattern(
+    route: &RouteConfig,
+    at: Location,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Option<(PathPattern, Vec<String>)> {
+    let (raw, location, exact) = match (&route.path, &route.path_prefix) {
+        (Some(_), Some(_)) => {
+            errors.push(at, field, "set either `path` or `path_prefix`, not both");
+            return None;
+        }
+        (Some(p), None) => (p.value.to_string(), p.referenced, true),
+        (None, Some(p)) => (p.value.to_string(), p.referenced, false),
+        (None, None) => ("/".to_owned(), at, false),
+    };
+    let key = if exact { "path" } else { "path_prefix" };
+    if !raw.starts_with('/') {
+        errors.push(
+            location,
+            format!("{field}.{key}"),
+            format!("{raw:?} must start with `/`"),
+        );
+        return None;
+    }
+    let params = raw
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|s| s.trim_start_matches('*').to_owned())
+        .collect();
+    let pattern = if exact {
+        PathPattern::Exact(raw)
+    } else {
+        PathPattern::Prefix(raw)
+    };
+    Some((pattern, params))
+}
+
+fn parse_methods(
+    route: &RouteConfig,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Option<Option<Vec<Method>>> {
+    if route.methods.is_empty() {
+        return Some(None);
+    }
+    let mut out = Vec::new();
+    for (j, m) in route.methods.iter().enumerate() {
+        let upper = m.value.to_ascii_uppercase();
+        if upper == "*" || upper == "ANY" {
+            return Some(None);
+        }
+        match Method::from_bytes(upper.as_bytes()) {
+            Ok(method) if upper.chars().all(|c| c.is_ascii_uppercase()) => out.push(method),
+            _ => {
+                errors.push(
+                    m.referenced,
+                    format!("{field}.methods[{j}]"),
+                    format!("{:?} is not an HTTP method", m.value.as_str()),
+                );
+                return None;
+            }
+        }
+    }
+    Some(Some(out))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_action(
+    config: &Config,
+    route: &RouteConfig,
+    at: Location,
+    field: &str,
+    params: &[String],
+    is_prefix: bool,
+    clients: &ClientRegistry,
+    used_clients: &mut Vec<ClientSettings>,
+    errors: &mut Errors<'_>,
+) -> Option<Action> {
+    let count = [
+        route.proxy.is_some(),
+        route.static_files.is_some(),
+        route.respond.is_some(),
+        route.redirect.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if count != 1 {
+        errors.push(
+            at,
+            field,
+            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`",
+        );
+        return None;
+    }
+    let known = |name: &str| params.iter().any(|p| p == name) || (is_prefix && name == "rest");
+    let check_params = |t: &Template, loc: Location, f: String, errors: &mut Errors<'_>| -> bool {
+        for p in t.params() {
+            if !known(p) {
+                errors.push(
+                    loc,
+                    f.clone(),
+                    format!("template uses {{{p}}}, which the route's path does not capture"),
+                );
+                return false;
+            }
+        }
+        true
+    };
+
+    if let Some(p) = &route.proxy {
+        let f = format!("{field}.proxy.upstream");
+        let raw = p.upstream.value.to_string();
+        // A named upstream, or an inline URL.
+        let (url, upstream_cfg): (String, Option<&UpstreamConfig>) =
+            match config.upstreams.get(&raw) {
+                Some(u) => (u.value.url.to_string(), Some(&u.value)),
+                None => (raw.clone(), None),
+            };
+        let template = match Template::parse(&url) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(p.upstream.referenced, f, e);
+                return None;
+            }
+        };
+        if !check_params(&template, p.upstream.referenced, f.clone(), errors) {
+            return None;
+        }
+        let target = if template.is_literal() {
+            match parse_fixed_target(&url) {
+                Ok(t) => Target::Fixed(t),
+                Err(e) => {
+                    errors.push(p.upstream.referenced, f, e);
+                    return None;
+                }
+            }
+        } else {
+            let (scheme, after) = match url.split_once("://") {
+                Some((s, a)) if s == "http" || s == "https" => (s, a),
+                _ => {
+                    errors.push(
+                        p.upstream.referenced,
+                        f,
+                        format!("{url:?} must start with http:// or https://"),
+                    );
+                    return None;
+                }
+            };
+            let _ = scheme;
+            let (authority, path) = match after.find('/') {
+                Some(i) => (&after[..i], &after[i..]),
+                None => (after, ""),
+            };
+            let authority_params = Template::parse(authority)
+                .map(|t| t.params().map(str::to_owned).collect())
+                .unwrap_or_default();
+            Target::Template {
+                template,
+                authority_params,
+                path_is_templated: path.contains('{'),
+            }
+        };
+        let rewrite = match &p.rewrite {
+            Some(r) => match Template::parse(&r.value) {
+                Ok(t) if r.value.starts_with('/') => {
+                    if !check_params(&t, r.referenced, format!("{field}.proxy.rewrite"), errors) {
+                        return None;
+                    }
+                    Some(t)
+                }
+                Ok(_) => {
+                    errors.push(
+                        r.referenced,
+                        format!("{field}.proxy.rewrite"),
+                        "must start with `/`",
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    errors.push(r.referenced, format!("{field}.proxy.rewrite"), e);
+                    return None;
+                }
+            },
+            None => None,
+        };
+        if p.strip_prefix.0 && !is_prefix {
+            errors.push(
+                at,
+                format!("{field}.proxy.strip_prefix"),
+                "needs a `path_prefix` route",
+            );
+            return None;
+        }
+        let default_tls = UpstreamTlsConfig::default();
+        let (protocol, tls, idle, max_idle) = match upstream_cfg {
+            Some(u) => (u.protocol, &u.tls, u.pool_idle_timeout, u.pool_max_idle.0),
+            None => (
+                p.protocol.unwrap_or(UpstreamProtocol::Auto),
+                p.tls.as_ref().unwrap_or(&default_tls),
+                portcullis_config::default_pool_idle(),
+                portcullis_config::default_pool_max_idle().0,
+            ),
+        };
+        let settings = ClientSettings {
+            protocol,
+            ca_file: tls.ca_file.as_ref().map(|c| c.to_string()),
+            insecure_skip_verify: tls.insecure_skip_verify.0,
+            connect_timeout: p.timeouts.connect.get(),
+            pool_idle_timeout: idle.get(),
+            pool_max_idle: max_idle,
+        };
+        let client = match clients.client(&settings) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(p.upstream.referenced, format!("{field}.proxy.tls"), e);
+                return None;
+            }
+        };
+        if !used_clients.contains(&settings) {
+            used_clients.push(settings);
+        }
+        return Some(Action::Proxy(ProxyAction {
+            target,
+            strip_prefix: p.strip_prefix.0,
+            rewrite,
+            preserve_host: p.preserve_host.0,
+            response_timeout: p.timeouts.response.get(),
+            idle_timeout: p.timeouts.idle.get(),
+            total_timeout: p.timeouts.total.map(|d| d.get()),
+            client,
+        }));
+    }
+
+    if let Some(s) = &route.static_files {
+        let dir = PathBuf::from(s.dir.value.as_str());
+        if !dir.is_dir() {
+            errors.push(
+                s.dir.referenced,
+                format!("{field}.static.dir"),
+                format!("{} is not a directory", dir.display()),
+            );
+            return None;
+        }
+        let cache_control = match &s.cache_control {
+            Some(c) => match HeaderValue::from_str(c) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    errors.push(
+                        at,
+                        format!("{field}.static.cache_control"),
+                        "not a valid header value",
+                    );
+                    return None;
+                }
+            },
+            None => None,
+        };
+        return Some(Action::Static(StaticAction {
+            dir,
+            index: s.index.to_string(),
+            spa_fallback: s.spa_fallback.0,
+            cache_control,
+        }));
+    }
+
+    if let Some(r) = &route.respond {
+        let status = match StatusCode::from_u16(r.status.0) {
+            Ok(s) => s,
+            Err(_) => {
+                errors.push(
+                    at,
+                    format!("{field}.respond.status"),
+                    format!("{} is not an HTTP status", r.status.0),
+                );
+                return None;
+            }
+        };
+        let mut headers = Vec::new();
+        let content_type = r
+            .content_type
+            .as_ref()
+            .map_or("text/plain; charset=utf-8", |c| c.as_str());
+        for (k, v) in std::iter::once(("content-type", content_type))
+            .chain(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            match (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                (Ok(k), Ok(v)) => headers.push((k, v)),
+                _ => {
+                    errors.push(
+                        at,
+                        format!("{field}.respond.headers.{k}"),
+                        "invalid header name or value",
+                    );
+                    return None;
+                }
+            }
+        }
+        return Some(Action::Respond(RespondAction {
+            status,
+            headers,
+            body: bytes::Bytes::from(r.body.to_string()),
+        }));
+    }
+
+    if let Some(r) = &route.redirect {
+        let f = format!("{field}.redirect");
+        let status = match StatusCode::from_u16(r.status.0) {
+            Ok(s) if s.is_redirection() => s,
+            _ => {
+                errors.push(
+                    at,
+                    format!("{f}.status"),
+                    format!(
+                        "{} is not a redirect status (301, 302, 303, 307, 308)",
+                        r.status.0
+                    ),
+                );
+                return None;
+            }
+        };
+        let to = match Template::parse(&r.to.value) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(r.to.referenced, format!("{f}.to"), e);
+                return None;
+            }
+        };
+        if !check_params(&to, r.to.referenced, format!("{f}.to"), errors) {
+            return None;
+        }
+        return Some(Action::Redirect(RedirectAction {
+            to,
+            status,
+            keep_query: r.keep_query.0,
+        }));
+    }
+    None
+}
+
+pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(format!("{url:?} must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.host().is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: an upstream URL cannot have a query string"
+        ));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(FixedTarget {
+        scheme,
+        label: Arc::from(authority.as_str()),
+        authority,
+        base_path,
+    })
+}
+
+/// Pretty table for `portcullis routes`.
+pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 5]> {
+    snapshot
+        .routes
+        .entries()
+        .into_iter()
+        .map(|(spec, route)| {
+            let methods = spec.methods.as_ref().map_or("*".to_owned(), |m| {
+                m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            });
+            let host = match spec.port {
+                Some(p) => format!("{}:{p}", spec.host),
+                None => spec.host.to_string(),
+            };
+            let action = match &route.action {
+                Action::Proxy(p) => match &p.target {
+                    Target::Fixed(t) => {
+                        format!("proxy {}://{}{}", t.scheme, t.authority, t.base_path)
+                    }
+                    Target::Template { .. } => "proxy (templated)".to_owned(),
+                },
+                Action::Static(s) => format!("static {}", s.dir.display()),
+                Action::Respond(r) => format!("respond {}", r.status.as_u16()),
+                Action::Redirect(r) => format!("redirect {}", r.status.as_u16()),
+            };
+            [
+                route.name.to_string(),
+                host,
+                spec.path.to_string(),
+                methods,
+                action,
+            ]
+        })
+        .collect()
+}
+
+/// Used by tests and `check`.
+pub fn load_and_compile(path: &Path, clients: &ClientRegistry) -> Result<Snapshot, ConfigErrors> {
+    let config = portcullis_config::load(path)?;
+    compile(config, path, clients)
+}

@@ -1,0 +1,259 @@
+//! Metrics (Prometheus), logging setup and the per-request access record.
+//!
+//! Metric labels are route names, methods and statuses, never raw paths, so their
+//! cardinality is bounded by the config.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Method;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: Arc<str>,
+    pub method: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub route: Arc<str>,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub upstream_duration: Family<RouteLabels, Histogram>,
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub open_connections: Family<ListenerLabels, Gauge>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub config_generation: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ])
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let upstream_duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let connections = Family::<ListenerLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let config_generation = Gauge::default();
+        registry.register(
+            "requests",
+            "Requests handled, by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to the end of the response body, by route",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time until the upstream's response head arrived, by route",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by route and kind (connect, timeout, protocol)",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections currently open, by listener",
+            open_connections.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted, by listener",
+            connections.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (success, failure)",
+            reloads.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the active config (1 at start)",
+            config_generation.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            upstream_errors,
+            open_connections,
+            connections,
+            reloads,
+            config_generation,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("failed to encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// What one request did; logged and counted when its response body ends (or is
+/// dropped), so streams report their real duration and size.
+pub struct AccessRecord {
+    pub metrics: Arc<crate::Shared>,
+    pub start: Instant,
+    pub method: Method,
+    pub path: String,
+    pub route: Option<Arc<str>>,
+    pub status: u16,
+    pub upstream: Option<Arc<str>>,
+    pub request_id: String,
+    pub client: IpAddr,
+    pub log: bool,
+    pub bytes: u64,
+    pub completed: bool,
+}
+
+static UNMATCHED: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+
+fn unmatched() -> Arc<str> {
+    UNMATCHED.get_or_init(|| Arc::from("(none)")).clone()
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let route = self.route.clone().unwrap_or_else(unmatched);
+        let m = &self.metrics.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                method: method_label(&self.method),
+                status: self.status,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        if self.log {
+            tracing::info!(
+                target: "access",
+                method = %self.method,
+                path = %self.path,
+                route = %route,
+                status = self.status,
+                upstream = self.upstream.as_deref().unwrap_or(""),
+                duration_ms = (elapsed.as_micros() as f64) / 1000.0,
+                bytes = self.bytes,
+                complete = self.completed,
+                client = %self.client,
+                request_id = %self.request_id,
+            );
+        }
+    }
+}
+
+/// Counts reloads and the active generation.
+pub struct Generation(AtomicU64);
+
+impl Generation {
+    pub fn new() -> Self {
+        Generation(AtomicU64::new(0))
+    }
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+impl Default for Generation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Installs the global tracing subscriber. JSON lines by default.
+pub fn init_logging(format: portcullis_config::LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let result = match format {
+        portcullis_config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        portcullis_config::LogFormat::Pretty => builder.try_init(),
+    };
+    let _ = result;
+}

@@ -1,0 +1,170 @@
+//! `portcullis`: the binary only parses the command line and wires the crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portcullis_gateway::Shared;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An API gateway: one binary, one YAML file"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (for the default `run` command).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run {
+        /// Worker threads; default one per core.
+        #[arg(long, env = "PORTCULLIS_WORKERS")]
+        workers: Option<usize>,
+        /// Human-readable logs instead of JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Validate the config: exit 0, or 1 with every error (file:line:column: field: message).
+    Check,
+    /// Print the compiled route table in match order.
+    Routes,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(config) = cli.config else {
+        eprintln!("error: a config file is required (-c FILE)");
+        return ExitCode::from(2);
+    };
+    match cli.command.unwrap_or(Command::Run {
+        workers: std::env::var("PORTCULLIS_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok()),
+        pretty: false,
+    }) {
+        Command::Check => check(&config),
+        Command::Routes => routes(&config),
+        Command::Run { workers, pretty } => run(&config, workers, pretty),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match load(path) {
+        Some(shared) => {
+            let snapshot = shared.snapshot.load();
+            println!(
+                "{}: OK ({} routes, {} listeners)",
+                path.display(),
+                snapshot.route_count,
+                snapshot.listeners.len()
+            );
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::FAILURE,
+    }
+}
+
+fn routes(path: &std::path::Path) -> ExitCode {
+    let Some(shared) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let rows = portcullis_gateway::snapshot::describe_routes(&shared.snapshot.load());
+    let header = ["NAME", "HOST", "PATH", "METHODS", "ACTION"].map(String::from);
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Loads and compiles; prints every error to stderr.
+fn load(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
+    // Compiling needs a runtime only for timers inside clients; build a small one.
+    match Shared::load(path) {
+        Ok(shared) => Some(shared),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            None
+        }
+    }
+}
+
+fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode {
+    // Logging first, from the raw config, so load errors are logged too.
+    let logging = portcullis_config::load(path)
+        .map(|c| c.logging)
+        .unwrap_or_default();
+    let format = if pretty {
+        portcullis_config::LogFormat::Pretty
+    } else {
+        logging.format
+    };
+    portcullis_gateway::telemetry::init_logging(format, &logging.level);
+
+    let Some(shared) = load(path) else {
+        return ExitCode::FAILURE;
+    };
+    let workers = workers
+        .or_else(|| shared.snapshot.load().config.server.workers.map(|w| w.0))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
+    let result = runtime.block_on(portcullis_gateway::run(shared, shutdown_signal()));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
