@@ -1,0 +1,5 @@
+//! Black-box integration tests: the real binary, real sockets, real upstreams.
+
+mod harness;
+
+mod basics;
