@@ -113,7 +113,15 @@ pub async fn forward(
     let metrics = &f.shared.metrics;
     let mut res = match result {
         Ok(Ok(res)) => res,
-        Ok(Err(err)) => return Err(classify(&err, f.route, &label, metrics)),
+        Ok(Err(err)) => {
+            let e = classify(&err, f.route, &label, metrics);
+            // A templated upstream (FnKit function) is named: the name came from the
+            // client's own path, so it reveals nothing internal.
+            if e.code == ErrorCode::UpstreamUnavailable && matches!(action.target, Target::Template { .. }) {
+                return Err(GatewayError::new(ErrorCode::UpstreamUnavailable, unreachable_message(&label)));
+            }
+            return Err(e);
+        }
         Err(_) => {
             count_error(metrics, f.route, "timeout");
             tracing::warn!(route = %f.route, upstream = %label, "upstream timed out before responding");
@@ -383,5 +391,5 @@ fn build_uri(scheme: Scheme, authority: Authority, pq: PathAndQuery) -> Result<U
 
 /// For the FnKit-style message naming the upstream a templated route tried.
 pub fn unreachable_message(label: &str) -> String {
-    format!("upstream {label:?} is not reachable")
+    format!("upstream {label:?} is not found or not running")
 }

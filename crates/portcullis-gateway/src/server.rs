@@ -8,7 +8,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -21,7 +20,8 @@ use crate::Shared;
 /// up to the configured grace period.
 pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let snapshot = shared.snapshot.load_full();
-    let graceful = Arc::new(GracefulShutdown::new());
+    // Every connection task holds a sender; when all are gone, draining is done.
+    let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut accept_loops = Vec::new();
 
@@ -49,7 +49,8 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
             name: Arc::from(spec.name.as_str()),
             tls,
             h2c: spec.h2c,
-            graceful: graceful.clone(),
+            stop: stop_rx.clone(),
+            alive: alive_tx.clone(),
         };
         accept_loops.push(tokio::spawn(accept_loop(listener, ctx, stop_rx.clone())));
     }
@@ -86,9 +87,9 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
         let _ = handle.await;
     }
     let grace = shared.snapshot.load().shutdown_grace;
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
+    drop(alive_tx);
+    match tokio::time::timeout(grace, alive_rx.recv()).await {
+        Ok(_) => tracing::info!("all connections drained"),
         Err(_) => {
             tracing::warn!(grace = ?grace, "grace period over; closing remaining connections")
         }
@@ -101,7 +102,8 @@ struct ListenerCtx {
     name: Arc<str>,
     tls: Option<TlsAcceptor>,
     h2c: bool,
-    graceful: Arc<GracefulShutdown>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    alive: tokio::sync::mpsc::Sender<()>,
 }
 
 async fn accept_loop(
@@ -137,7 +139,28 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Serves a connection; on shutdown, lets in-flight requests finish and closes it
+/// (HTTP/1: after the current response; HTTP/2: GOAWAY). A macro because the
+/// connection type is unnameable.
+macro_rules! drive {
+    ($conn:expr, $stop:expr, $peer:expr) => {{
+        let mut conn = std::pin::pin!($conn);
+        let mut stop = $stop;
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %$peer, error = %e, "connection error");
+        }
+    }};
+}
+
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+    let _alive = ctx.alive.clone();
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(a) => a,
@@ -196,10 +219,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             let shared = ctx.shared.clone();
             let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            let conn = ctx.graceful.watch(conn.into_owned());
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "connection error");
-            }
+            drive!(conn, ctx.stop.clone(), peer);
         }
         None => {
             let builder = if ctx.h2c {
@@ -215,10 +235,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             let shared = ctx.shared.clone();
             let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            let conn = ctx.graceful.watch(conn.into_owned());
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "connection error");
-            }
+            drive!(conn, ctx.stop.clone(), peer);
         }
     }
 }

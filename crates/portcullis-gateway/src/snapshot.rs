@@ -197,7 +197,9 @@ pub fn compile(
                 );
             }
             for (j, c) in tls.certificates.iter().enumerate() {
-                match crate::tls::load_certified_key(&c.value.cert_file, &c.value.key_file) {
+                let cert_file = relative_to(source, &c.value.cert_file);
+                let key_file = relative_to(source, &c.value.key_file);
+                match crate::tls::load_certified_key(&cert_file, &key_file) {
                     Ok(key) => {
                         let names: Vec<String> =
                             c.value.server_names.iter().map(|n| n.to_string()).collect();
@@ -617,7 +619,7 @@ fn compile_action(
         };
         let settings = ClientSettings {
             protocol,
-            ca_file: tls.ca_file.as_ref().map(|c| c.to_string()),
+            ca_file: tls.ca_file.as_ref().map(|c| relative_to(config_path(errors), c)),
             insecure_skip_verify: tls.insecure_skip_verify.0,
             connect_timeout: p.timeouts.connect.get(),
             pool_idle_timeout: idle.get(),
@@ -646,7 +648,7 @@ fn compile_action(
     }
 
     if let Some(s) = &route.static_files {
-        let dir = PathBuf::from(s.dir.value.as_str());
+        let dir = PathBuf::from(relative_to(config_path(errors), &s.dir.value));
         if !dir.is_dir() {
             errors.push(
                 s.dir.referenced,
@@ -752,6 +754,23 @@ fn compile_action(
         }));
     }
     None
+}
+
+fn config_path<'a>(errors: &Errors<'a>) -> &'a Path {
+    errors.file
+}
+
+/// Relative file paths in the config are relative to the config file's directory,
+/// so a config works whatever the working directory.
+fn relative_to(config: &Path, path: &str) -> String {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return path.to_owned();
+    }
+    match config.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p).display().to_string(),
+        _ => path.to_owned(),
+    }
 }
 
 pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {

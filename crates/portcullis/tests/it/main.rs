@@ -2,4 +2,6 @@
 
 mod harness;
 
+mod auth;
 mod basics;
+mod ops;
