@@ -25,6 +25,14 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut accept_loops = Vec::new();
 
+    // Reload triggers first, so a change made right after "listening" is never missed.
+    crate::reload::spawn_sighup(shared.clone());
+    let _watcher = if snapshot.config.server.watch_config.0 {
+        crate::reload::spawn_file_watch(shared.clone())
+    } else {
+        None
+    };
+
     for spec in &snapshot.listeners {
         let listener = TcpListener::bind(&spec.address).await.map_err(|e| {
             std::io::Error::new(
@@ -70,12 +78,6 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
         )));
     }
 
-    crate::reload::spawn_sighup(shared.clone());
-    let _watcher = if snapshot.config.server.watch_config.0 {
-        crate::reload::spawn_file_watch(shared.clone())
-    } else {
-        None
-    };
     shared.set_ready(true);
     drop(snapshot);
 

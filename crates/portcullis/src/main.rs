@@ -139,7 +139,11 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
         }
     };
     tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
-    let result = runtime.block_on(portcullis_gateway::run(shared, shutdown_signal()));
+    let result = runtime.block_on(async {
+        // Signal handlers are registered before any listener binds.
+        let shutdown = shutdown_signal();
+        portcullis_gateway::run(shared, shutdown).await
+    });
     match result {
         Ok(()) => {
             tracing::info!("stopped");
@@ -153,18 +157,19 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
     }
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM/SIGINT handlers now; the returned future resolves on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::warn!("cannot install signal handlers; stop the gateway with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
