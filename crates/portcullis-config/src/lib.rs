@@ -93,14 +93,35 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses YAML `text`; `path` is used in error messages.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    serde_saphyr::from_str::<Config>(text).map_err(|e| {
+    // serde_path_to_error tracks the field path (`routes[2].proxy.timeouts.connect`)
+    // that a value error (bad duration, unset variable) occurred at.
+    let mut field_path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, Config>(de).map_err(|e| {
+            field_path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
         let location = e.location().unwrap_or(Location::UNKNOWN);
         let message = plain_message(&e);
+        // `Spanned` wrappers show up as a `value` segment; hide them.
+        let cleaned = field_path
+            .split('.')
+            .filter(|s| !s.is_empty() && *s != "value")
+            .collect::<Vec<_>>()
+            .join(".")
+            .replace(".[", "[");
+        let field = if cleaned.is_empty() {
+            field_from_message(&message)
+        } else {
+            cleaned
+        };
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
             line: location.line(),
             column: location.column(),
-            field: field_from_message(&message),
+            field,
             message,
         }])
     })
@@ -170,7 +191,7 @@ mod tests {
         .unwrap_err();
         let e = &err.0[0];
         assert_eq!(e.line, 5, "{err}");
-        assert_eq!(e.field, "proxi");
+        assert!(e.field.ends_with("proxi"), "{err}");
         assert!(err.to_string().starts_with("test.yaml:5:"), "{err}");
     }
 
@@ -179,6 +200,7 @@ mod tests {
         let err = parse_str("server:\n  shutdown_grace: soon\n").unwrap_err();
         assert_eq!(err.0[0].line, 2, "{err}");
         assert!(err.0[0].message.contains("invalid duration"), "{err}");
+        assert_eq!(err.0[0].field, "server.shutdown_grace", "{err}");
     }
 
     #[test]

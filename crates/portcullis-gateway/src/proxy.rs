@@ -117,8 +117,13 @@ pub async fn forward(
             let e = classify(&err, f.route, &label, metrics);
             // A templated upstream (FnKit function) is named: the name came from the
             // client's own path, so it reveals nothing internal.
-            if e.code == ErrorCode::UpstreamUnavailable && matches!(action.target, Target::Template { .. }) {
-                return Err(GatewayError::new(ErrorCode::UpstreamUnavailable, unreachable_message(&label)));
+            if e.code == ErrorCode::UpstreamUnavailable
+                && matches!(action.target, Target::Template { .. })
+            {
+                return Err(GatewayError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    unreachable_message(&label),
+                ));
             }
             return Err(e);
         }
@@ -158,7 +163,6 @@ pub async fn forward(
     }
 
     remove_hop_by_hop(res.headers_mut());
-    let deadline = deadline;
     Ok(res
         .map(|b| Body::Upstream(IdleTimeout::new(b, action.idle_timeout).with_deadline(deadline))))
 }

@@ -161,6 +161,59 @@ macro_rules! drive {
     }};
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// HTTP/1.1, or HTTP/2 when the client starts with the h2 preface (h2c).
+    Auto,
+}
+
+/// Serves `io` with the hyper connection type for `mode`.
+macro_rules! serve {
+    ($ctx:expr, $io:expr, $info:expr, $mode:expr, $header_timeout:expr, $peer:expr) => {{
+        let shared = $ctx.shared.clone();
+        let info = $info;
+        let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
+        match $mode {
+            Protocol::Http1 => {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout($header_timeout)
+                    .keep_alive(true);
+                drive!(
+                    b.serve_connection($io, service).with_upgrades(),
+                    $ctx.stop.clone(),
+                    $peer
+                );
+            }
+            Protocol::Http2 => {
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20));
+                drive!(b.serve_connection($io, service), $ctx.stop.clone(), $peer);
+            }
+            Protocol::Auto => {
+                let mut b = auto::Builder::new(TokioExecutor::new());
+                b.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout($header_timeout)
+                    .keep_alive(true);
+                b.http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20));
+                drive!(
+                    b.serve_connection_with_upgrades($io, service),
+                    $ctx.stop.clone(),
+                    $peer
+                );
+            }
+        }
+    }};
+}
+
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
     let _alive = ctx.alive.clone();
     let _ = stream.set_nodelay(true);
@@ -185,18 +238,6 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
     let header_timeout = snapshot.header_read_timeout;
     drop(snapshot);
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-
     match &ctx.tls {
         Some(acceptor) => {
             let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -207,37 +248,32 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
                 }
                 Err(_) => return,
             };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let builder = if h2 {
-                builder.http2_only()
+            // ALPN decides the protocol; a client that negotiated http/1.1 cannot
+            // switch to HTTP/2 on the same connection.
+            let mode = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                Protocol::Http2
             } else {
-                builder.http1_only()
+                Protocol::Http1
             };
             let info = Arc::new(ConnInfo {
                 peer,
                 local,
                 scheme: "https",
             });
-            let shared = ctx.shared.clone();
-            let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            drive!(conn, ctx.stop.clone(), peer);
+            serve!(ctx, TokioIo::new(tls), info, mode, header_timeout, peer);
         }
         None => {
-            let builder = if ctx.h2c {
-                builder
+            let mode = if ctx.h2c {
+                Protocol::Auto
             } else {
-                builder.http1_only()
+                Protocol::Http1
             };
             let info = Arc::new(ConnInfo {
                 peer,
                 local,
                 scheme: "http",
             });
-            let shared = ctx.shared.clone();
-            let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            drive!(conn, ctx.stop.clone(), peer);
+            serve!(ctx, TokioIo::new(stream), info, mode, header_timeout, peer);
         }
     }
 }

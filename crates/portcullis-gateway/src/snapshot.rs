@@ -78,7 +78,7 @@ pub struct Route {
 }
 
 pub enum Action {
-    Proxy(ProxyAction),
+    Proxy(Box<ProxyAction>),
     Static(StaticAction),
     Respond(RespondAction),
     Redirect(RedirectAction),
@@ -619,7 +619,10 @@ fn compile_action(
         };
         let settings = ClientSettings {
             protocol,
-            ca_file: tls.ca_file.as_ref().map(|c| relative_to(config_path(errors), c)),
+            ca_file: tls
+                .ca_file
+                .as_ref()
+                .map(|c| relative_to(config_path(errors), c)),
             insecure_skip_verify: tls.insecure_skip_verify.0,
             connect_timeout: p.timeouts.connect.get(),
             pool_idle_timeout: idle.get(),
@@ -635,7 +638,7 @@ fn compile_action(
         if !used_clients.contains(&settings) {
             used_clients.push(settings);
         }
-        return Some(Action::Proxy(ProxyAction {
+        return Some(Action::Proxy(Box::new(ProxyAction {
             target,
             strip_prefix: p.strip_prefix.0,
             rewrite,
@@ -644,7 +647,7 @@ fn compile_action(
             idle_timeout: p.timeouts.idle.get(),
             total_timeout: p.timeouts.total.map(|d| d.get()),
             client,
-        }));
+        })));
     }
 
     if let Some(s) = &route.static_files {

@@ -39,7 +39,7 @@ pub struct ClientSettings {
 /// in a bounded cache.
 #[derive(Clone)]
 pub struct CachingResolver {
-    cache: moka::sync::Cache<String, Arc<[SocketAddr]>>,
+    cache: moka::sync::Cache<String, Arc<Vec<SocketAddr>>>,
 }
 
 impl CachingResolver {
@@ -70,7 +70,7 @@ impl tower::Service<Name> for CachingResolver {
         Box::pin(async move {
             let host = name.as_str().to_owned();
             if let Some(addrs) = cache.get(&host) {
-                return Ok(addrs.to_vec().into_iter());
+                return Ok(Vec::clone(&addrs).into_iter());
             }
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
@@ -80,7 +80,7 @@ impl tower::Service<Name> for CachingResolver {
                     format!("{host} has no addresses"),
                 ));
             }
-            cache.insert(host, Arc::from(addrs.as_slice()));
+            cache.insert(host, Arc::new(addrs.clone()));
             Ok(addrs.into_iter())
         })
     }

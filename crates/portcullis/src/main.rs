@@ -160,7 +160,10 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
 /// Registers SIGTERM/SIGINT handlers now; the returned future resolves on either.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let handlers = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     async move {
         let (Ok(mut term), Ok(mut int)) = handlers else {
             tracing::warn!("cannot install signal handlers; stop the gateway with SIGKILL");

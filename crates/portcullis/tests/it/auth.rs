@@ -47,8 +47,19 @@ async fn bearer_token_required_with_www_authenticate() {
     assert_error(res, 401, "UNAUTHORIZED").await;
 
     // Wrong case, wrong scheme, extra characters, empty: all rejected.
-    for value in ["Bearer s3cret-token", "Basic S3cret-Token", "Bearer S3cret-Token2", "Bearer ", "S3cret-Token"] {
-        let res = c.get(gw.url("/x")).header("authorization", value).send().await.unwrap();
+    for value in [
+        "Bearer s3cret-token",
+        "Basic S3cret-Token",
+        "Bearer S3cret-Token2",
+        "Bearer ",
+        "S3cret-Token",
+    ] {
+        let res = c
+            .get(gw.url("/x"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
         assert_error(res, 401, "UNAUTHORIZED").await;
     }
 
@@ -60,7 +71,12 @@ async fn bearer_token_required_with_www_authenticate() {
         assert!(body["headers"].get("authorization").is_none(), "{body}");
     }
     // The scheme is case-insensitive (RFC 7235).
-    let res = c.get(gw.url("/x")).header("authorization", "bearer S3cret-Token").send().await.unwrap();
+    let res = c
+        .get(gw.url("/x"))
+        .header("authorization", "bearer S3cret-Token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 }
 
@@ -69,7 +85,10 @@ async fn public_routes_and_builtin_health_need_no_token() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&config(&up.url(), r#"["tok"]"#));
     let c = client();
-    assert_eq!(c.get(gw.url("/public/a")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(gw.url("/public/a")).send().await.unwrap().status(),
+        200
+    );
     assert_eq!(c.get(gw.url("/health")).send().await.unwrap().status(), 200);
     // A hostile path never escapes the public route's protection.
     let res = raw_get(gw.addr(), "/public/../secret", "").await;
@@ -81,13 +100,28 @@ async fn route_tokens_replace_global_ones() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&config(&up.url(), r#"["global"]"#));
     let c = client();
-    let res = c.get(gw.url("/special/x")).bearer_auth("global").send().await.unwrap();
+    let res = c
+        .get(gw.url("/special/x"))
+        .bearer_auth("global")
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 401, "UNAUTHORIZED").await;
-    let res = c.get(gw.url("/special/x")).bearer_auth("route-token").send().await.unwrap();
+    let res = c
+        .get(gw.url("/special/x"))
+        .bearer_auth("route-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
 
     // forward_credential: the upstream sees the token.
-    let res = c.get(gw.url("/fwd/x")).bearer_auth("fwd-token").send().await.unwrap();
+    let res = c
+        .get(gw.url("/fwd/x"))
+        .bearer_auth("fwd-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["headers"]["authorization"][0], "Bearer fwd-token");
@@ -101,7 +135,12 @@ async fn empty_token_means_open_mode() {
     let res = client().get(gw.url("/anything")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     // A client's own Authorization passes through in open mode.
-    let res = client().get(gw.url("/anything")).bearer_auth("theirs").send().await.unwrap();
+    let res = client()
+        .get(gw.url("/anything"))
+        .bearer_auth("theirs")
+        .send()
+        .await
+        .unwrap();
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["headers"]["authorization"][0], "Bearer theirs");
 }
@@ -111,9 +150,23 @@ async fn tokens_never_reach_the_logs() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&config(&up.url(), r#"["LogSecret-123"]"#));
     let c = client();
-    let _ = c.get(gw.url("/x")).bearer_auth("LogSecret-123").header("cookie", "session=CookieSecret-9").send().await.unwrap();
-    let _ = c.get(gw.url("/x")).bearer_auth("WrongSecret-456").send().await.unwrap();
-    assert!(gw.wait_log("\"status\":401", std::time::Duration::from_secs(5)).await);
+    let _ = c
+        .get(gw.url("/x"))
+        .bearer_auth("LogSecret-123")
+        .header("cookie", "session=CookieSecret-9")
+        .send()
+        .await
+        .unwrap();
+    let _ = c
+        .get(gw.url("/x"))
+        .bearer_auth("WrongSecret-456")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        gw.wait_log("\"status\":401", std::time::Duration::from_secs(5))
+            .await
+    );
     let logs = gw.logs();
     for secret in ["LogSecret-123", "CookieSecret-9", "WrongSecret-456"] {
         assert!(!logs.contains(secret), "{secret} leaked into logs:\n{logs}");

@@ -4,4 +4,8 @@ mod harness;
 
 mod auth;
 mod basics;
+mod config;
 mod ops;
+mod proxy;
+mod reload;
+mod routing;

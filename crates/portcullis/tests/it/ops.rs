@@ -42,7 +42,12 @@ async fn access_log_is_json_with_the_request_fields() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert!(gw.wait_log("log-test-1", Duration::from_secs(5)).await);
-    let line = gw.logs().lines().find(|l| l.contains("log-test-1")).unwrap().to_owned();
+    let line = gw
+        .logs()
+        .lines()
+        .find(|l| l.contains("log-test-1"))
+        .unwrap()
+        .to_owned();
     let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
     assert_eq!(v["method"], "GET");
     assert_eq!(v["path"], "/echo/a/b");
@@ -60,18 +65,51 @@ async fn metrics_by_route_never_by_raw_path() {
     let gw = Gateway::start(&config(&up.url()));
     let c = client();
     for i in 0..3 {
-        let res = c.get(gw.url(&format!("/echo/unique-{i}"))).bearer_auth("api-S3cret").send().await.unwrap();
+        let res = c
+            .get(gw.url(&format!("/echo/unique-{i}")))
+            .bearer_auth("api-S3cret")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
         res.bytes().await.unwrap();
     }
-    c.get(gw.url("/hello")).send().await.unwrap().bytes().await.unwrap();
+    c.get(gw.url("/hello"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = c.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains(r#"portcullis_requests_total{route="echo",method="GET",status="200"} 3"#), "{text}");
-    assert!(text.contains(r#"portcullis_requests_total{route="hello",method="GET",status="200"} 1"#), "{text}");
-    assert!(text.contains("portcullis_request_duration_seconds_bucket{"), "{text}");
-    assert!(text.contains(r#"portcullis_upstream_duration_seconds_count{route="echo"} 3"#), "{text}");
-    assert!(text.contains("portcullis_open_connections{listener=\"main\"}"), "{text}");
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"portcullis_requests_total{route="echo",method="GET",status="200"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portcullis_requests_total{route="hello",method="GET",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_request_duration_seconds_bucket{"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"portcullis_upstream_duration_seconds_count{route="echo"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_open_connections{listener=\"main\"}"),
+        "{text}"
+    );
     assert!(text.contains("portcullis_config_generation 1"), "{text}");
     assert!(!text.contains("unique-"), "raw paths must never be labels");
     // Metrics are not on the main listener by default.
@@ -81,23 +119,48 @@ async fn metrics_by_route_never_by_raw_path() {
 
 #[tokio::test]
 async fn upstream_errors_are_counted() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let gw = Gateway::start(&config(&format!("http://{dead}")));
     let c = client();
-    let res = c.get(gw.url("/echo/x")).bearer_auth("api-S3cret").send().await.unwrap();
+    let res = c
+        .get(gw.url("/echo/x"))
+        .bearer_auth("api-S3cret")
+        .send()
+        .await
+        .unwrap();
     assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
-    let text = c.get(gw.admin_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains(r#"portcullis_upstream_errors_total{route="echo",kind="connect"} 1"#), "{text}");
+    let text = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(r#"portcullis_upstream_errors_total{route="echo",kind="connect"} 1"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn metrics_on_the_main_listener_when_configured() {
     let up = Upstream::echo().await;
-    let yaml = config(&up.url()).replace("routes:", "metrics:\n  listener: main\n  path: /_metrics\nroutes:");
+    let yaml = config(&up.url()).replace(
+        "routes:",
+        "metrics:\n  listener: main\n  path: /_metrics\nroutes:",
+    );
     let gw = Gateway::start(&yaml);
     let res = client().get(gw.url("/_metrics")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    assert!(res.text().await.unwrap().contains("portcullis_open_connections{listener=\"main\"} 1"));
+    assert!(res
+        .text()
+        .await
+        .unwrap()
+        .contains("portcullis_open_connections{listener=\"main\"} 1"));
 }
 
 #[tokio::test]
@@ -108,10 +171,20 @@ async fn admin_api_needs_its_token_and_redacts_secrets() {
     let res = c.get(gw.admin_url("/admin/config")).send().await.unwrap();
     assert_error_no_id(res, 401, "UNAUTHORIZED").await;
     // The data-plane token is not an admin token.
-    let res = c.get(gw.admin_url("/admin/config")).bearer_auth("api-S3cret").send().await.unwrap();
+    let res = c
+        .get(gw.admin_url("/admin/config"))
+        .bearer_auth("api-S3cret")
+        .send()
+        .await
+        .unwrap();
     assert_error_no_id(res, 401, "UNAUTHORIZED").await;
 
-    let res = c.get(gw.admin_url("/admin/config")).bearer_auth("admin-S3cret").send().await.unwrap();
+    let res = c
+        .get(gw.admin_url("/admin/config"))
+        .bearer_auth("admin-S3cret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let text = res.text().await.unwrap();
     assert!(!text.contains("S3cret"), "secrets must be redacted: {text}");
@@ -119,37 +192,83 @@ async fn admin_api_needs_its_token_and_redacts_secrets() {
     assert_eq!(v["config"]["routes"][0]["name"], "echo");
     assert_eq!(v["config"]["auth"]["tokens"][0], "<redacted>");
 
-    let res = c.get(gw.admin_url("/admin/routes")).bearer_auth("admin-S3cret").send().await.unwrap();
+    let res = c
+        .get(gw.admin_url("/admin/routes"))
+        .bearer_auth("admin-S3cret")
+        .send()
+        .await
+        .unwrap();
     let v: serde_json::Value = res.json().await.unwrap();
-    let names: Vec<&str> = v["routes"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["hello", "echo"], "match order: exact before prefix");
 
     // Health on the admin listener needs no token.
-    assert_eq!(c.get(gw.admin_url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(gw.admin_url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(gw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(gw.admin_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
 async fn admin_endpoints_disabled_without_a_token() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&config(&up.url()).replace("token: \"admin-S3cret\"", "token: \"\""));
-    let res = client().get(gw.admin_url("/admin/config")).send().await.unwrap();
+    let res = client()
+        .get(gw.admin_url("/admin/config"))
+        .send()
+        .await
+        .unwrap();
     assert_error_no_id(res, 403, "FORBIDDEN").await;
 }
 
 #[tokio::test]
 async fn five_xx_bodies_carry_no_internal_detail() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let gw = Gateway::start(&config(&format!("http://{dead}")));
-    let res = client().get(gw.url("/echo/x")).bearer_auth("api-S3cret").send().await.unwrap();
+    let res = client()
+        .get(gw.url("/echo/x"))
+        .bearer_auth("api-S3cret")
+        .send()
+        .await
+        .unwrap();
     let body = assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
     let text = body.to_string().to_lowercase();
-    for leak in ["refused", "os error", "tcp", &dead.port().to_string(), "127.0.0.1", "hyper"] {
+    for leak in [
+        "refused",
+        "os error",
+        "tcp",
+        &dead.port().to_string(),
+        "127.0.0.1",
+        "hyper",
+    ] {
         assert!(!text.contains(leak), "{leak} leaked: {text}");
     }
     assert_eq!(body["error"]["retryable"], true);
     // ...but the log says what happened.
-    assert!(gw.wait_log("upstream request failed", Duration::from_secs(5)).await);
+    assert!(
+        gw.wait_log("upstream request failed", Duration::from_secs(5))
+            .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,12 +276,18 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let up = Upstream::echo().await;
     let mut gw = Gateway::start(&config(&up.url()));
     let url = gw.url("/echo/slow?delay_ms=1000");
-    let inflight = tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
+    let inflight =
+        tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let addr = gw.addr();
-    let status = tokio::task::spawn_blocking(move || gw.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status}");
-    let res = inflight.await.unwrap().expect("in-flight request completed");
+    let res = inflight
+        .await
+        .unwrap()
+        .expect("in-flight request completed");
     assert_eq!(res.status(), 200);
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());

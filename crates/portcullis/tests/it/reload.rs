@@ -27,7 +27,14 @@ routes:
 }
 
 async fn body_of(url: &str) -> String {
-    client().get(url).send().await.unwrap().text().await.unwrap()
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 async fn eventually(url: &str, expected: &str) -> bool {
@@ -58,7 +65,12 @@ async fn admin_reload_and_invalid_config_keeps_the_old_one() {
     let gw = Gateway::start(&config("one", false, ""));
     let c = client();
     gw.rewrite_config(&config("two", false, ""));
-    let res = c.post(gw.admin_url("/admin/reload")).bearer_auth("adm").send().await.unwrap();
+    let res = c
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let v: serde_json::Value = res.json().await.unwrap();
     assert_eq!(v["generation"], 2);
@@ -70,28 +82,52 @@ async fn admin_reload_and_invalid_config_keeps_the_old_one() {
 
     // A broken config is rejected with its errors, and the running one stays.
     gw.rewrite_config(&config("three", false, "  - path: /bad\n    proxi: {}\n"));
-    let res = c.post(gw.admin_url("/admin/reload")).bearer_auth("adm").send().await.unwrap();
+    let res = c
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 400);
     let v: serde_json::Value = res.json().await.unwrap();
     assert_eq!(v["error"]["code"], "INVALID_CONFIG");
     let details = v["error"]["details"][0].as_str().unwrap();
-    assert!(details.contains("proxi") && details.contains("portcullis.yaml:"), "{details}");
+    assert!(
+        details.contains("proxi") && details.contains("portcullis.yaml:"),
+        "{details}"
+    );
     assert_eq!(body_of(&gw.url("/version")).await, "two");
 
     let metrics = body_of(&gw.admin_url("/metrics")).await;
-    assert!(metrics.contains(r#"portcullis_config_reloads_total{result="success"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"portcullis_config_reloads_total{result="failure"} 1"#), "{metrics}");
-    assert!(metrics.contains("portcullis_config_generation 2"), "{metrics}");
+    assert!(
+        metrics.contains(r#"portcullis_config_reloads_total{result="success"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"portcullis_config_reloads_total{result="failure"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_config_generation 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
 async fn file_change_reloads_even_when_saved_by_rename() {
     let gw = Gateway::start(&config("one", true, ""));
     gw.rewrite_config(&config("two", true, ""));
-    assert!(eventually(&gw.url("/version"), "two").await, "{}", gw.logs());
+    assert!(
+        eventually(&gw.url("/version"), "two").await,
+        "{}",
+        gw.logs()
+    );
     // An invalid save is logged and ignored.
     gw.rewrite_config("routes: [oops");
-    assert!(gw.wait_log("config reload rejected", Duration::from_secs(10)).await);
+    assert!(
+        gw.wait_log("config reload rejected", Duration::from_secs(10))
+            .await
+    );
     assert_eq!(body_of(&gw.url("/version")).await, "two");
     // In-place write (no rename) is seen too.
     std::fs::write(&gw.config_path, config("three", true, "")).unwrap();
@@ -133,16 +169,34 @@ async fn open_streams_keep_their_snapshot_across_reload() {
     let res = client().get(gw.url("/events")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     let mut stream = res.bytes_stream();
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())).await.unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr()))
+        .await
+        .unwrap();
 
     // Remove both routes while the stream and the socket are open.
     gw.rewrite_config(&config("two", false, ""));
-    let res = client().post(gw.admin_url("/admin/reload")).bearer_auth("adm").send().await.unwrap();
+    let res = client()
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(client().get(gw.url("/events")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        client()
+            .get(gw.url("/events"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 
     let mut received = String::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap() {
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+    {
         received.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
     assert_eq!(received.matches("data: ").count(), 8, "{received}");
@@ -150,14 +204,20 @@ async fn open_streams_keep_their_snapshot_across_reload() {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     socket.send(Message::text("still here")).await.unwrap();
-    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.unwrap().unwrap().unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "still here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_loses_no_request() {
     let up = Upstream::echo().await;
-    let route = |tag: &str| format!("  - name: api\n    path_prefix: /api\n    proxy:\n      upstream: {}\n      rewrite: /{tag}\n", up.url());
+    let route = |tag: &str| {
+        format!("  - name: api\n    path_prefix: /api\n    proxy:\n      upstream: {}\n      rewrite: /{tag}\n", up.url())
+    };
     let gw = Arc::new(Gateway::start(&config("one", false, &route("a"))));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -183,8 +243,17 @@ async fn reload_under_load_loses_no_request() {
     let c = client();
     for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        gw.rewrite_config(&config("x", false, &route(if i % 2 == 0 { "b" } else { "a" })));
-        let res = c.post(gw.admin_url("/admin/reload")).bearer_auth("adm").send().await.unwrap();
+        gw.rewrite_config(&config(
+            "x",
+            false,
+            &route(if i % 2 == 0 { "b" } else { "a" }),
+        ));
+        let res = c
+            .post(gw.admin_url("/admin/reload"))
+            .bearer_auth("adm")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
     }
     for w in workers {
@@ -192,5 +261,10 @@ async fn reload_under_load_loses_no_request() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 100, "too few requests: {ok}");
-    assert_eq!(failed, 0, "{failed} of {} requests failed during reloads", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during reloads",
+        ok + failed
+    );
 }
