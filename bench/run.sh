@@ -12,8 +12,9 @@
 #   BENCH_CONNECTIONS=50   wrk -c
 #   BENCH_THREADS=1        wrk -t
 #   BENCH_CONTENDERS="direct nginx portcullis routes"   subset to run
-#   BENCH_SUT_CPUS=0       taskset list for the system under test: proxy + upstream
-#   BENCH_WRK_CPUS=1       taskset list for the load generator (wrk) alone
+#   BENCH_LAYOUT=isolated  isolated: proxy alone on SUT CPUs, upstream with wrk; shared: proxy+upstream
+#   BENCH_SUT_CPUS=0       taskset list for the proxy (and, with shared, the upstream)
+#   BENCH_WRK_CPUS=1       taskset list for the load generator (and, with isolated, the upstream)
 #   BENCH_PIN=1            set to 0 to disable CPU pinning
 #   BENCH_NO_BUILD=1       do not run cargo build (use existing binaries)
 #   BENCH_NO_INSTALL=1     do not apt-get install missing tools
@@ -99,17 +100,26 @@ if [[ $PIN == 1 && $NCPU -lt 2 ]]; then
     log "only $NCPU CPU: disabling pinning"
     PIN=0
 fi
-# CPU layout (2 cores): wrk gets a core of its own so that the load generator
-# is never the bottleneck; the proxy and the upstream share the other core, for
-# every contender alike (for "direct" the upstream has it alone). A proxy that
-# needs less CPU per request leaves more of that core to the upstream and so
-# shows more req/s; CPU us/req is measured per process and does not depend on it.
-# Command prefixes are arrays, not functions, so that `$!` is the real process id.
+# CPU layout (2 cores), BENCH_LAYOUT:
+#   isolated (default): the proxy alone on CPU $SUT_CPUS; the upstream and wrk share
+#     CPU $WRK_CPUS. The proxy is never preempted by a neighbour on every loopback
+#     wake-up, so CPU us/req measures the proxy's own work; the flags say when the
+#     load core saturates (then req/s understates the proxy).
+#   shared: the proxy and the upstream share CPU $SUT_CPUS, wrk alone on the other.
+# The same layout applies to every contender. Command prefixes are arrays, not
+# functions, so that `$!` is the real process id.
+LAYOUT=${BENCH_LAYOUT:-isolated}
 PIN_SUT=()
 PIN_WRK=()
+PIN_UP=()
 if [[ $PIN == 1 ]]; then
     PIN_SUT=(taskset -c "$SUT_CPUS")
     PIN_WRK=(taskset -c "$WRK_CPUS")
+    case $LAYOUT in
+    isolated) PIN_UP=(taskset -c "$WRK_CPUS") ;;
+    shared) PIN_UP=(taskset -c "$SUT_CPUS") ;;
+    *) die "BENCH_LAYOUT must be isolated or shared" ;;
+    esac
 fi
 
 # ---------------------------------------------------------------------------
@@ -191,7 +201,7 @@ children_of() {
 # ---------------------------------------------------------------------------
 free_port UPORT
 UPSTREAM_URL="http://127.0.0.1:$UPORT"
-"${PIN_SUT[@]}" "$UPSTREAM_BIN" --listen "127.0.0.1:$UPORT" >"$TMP/upstream.log" 2>&1 &
+"${PIN_UP[@]}" "$UPSTREAM_BIN" --listen "127.0.0.1:$UPORT" >"$TMP/upstream.log" 2>&1 &
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
 wait_http upstream "$UPSTREAM_PID" "$UPSTREAM_URL/" 10 "$TMP/upstream.log"
@@ -512,7 +522,11 @@ verdict() { # verdict RATIO OP LIMIT  (INVALID=1: the compared rows had errors)
 }
 
 if [[ $PIN == 1 ]]; then
-    layout="proxy and upstream on CPU $SUT_CPUS, wrk alone on CPU $WRK_CPUS"
+    if [[ $LAYOUT == isolated ]]; then
+        layout="proxy alone on CPU $SUT_CPUS, upstream and wrk on CPU $WRK_CPUS"
+    else
+        layout="proxy and upstream on CPU $SUT_CPUS, wrk alone on CPU $WRK_CPUS"
+    fi
 else
     layout="no CPU pinning"
 fi

@@ -43,6 +43,31 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> Ip
     client
 }
 
+/// Header values that depend only on the connection's peer, built once per
+/// connection instead of once per request.
+pub struct PeerHeaders {
+    ip: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl PeerHeaders {
+    pub fn new(peer: SocketAddr, scheme: &'static str) -> Option<Self> {
+        let ip = peer.ip().to_canonical();
+        Some(PeerHeaders {
+            ip: HeaderValue::from_str(&ip.to_string()).ok()?,
+            forwarded: HeaderValue::from_str(&forwarded_element(ip, scheme)).ok()?,
+        })
+    }
+}
+
+/// RFC 7239 element for one hop. IPv6 addresses are quoted and bracketed.
+fn forwarded_element(ip: IpAddr, scheme: &str) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("for={v4};proto={scheme}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={scheme}"),
+    }
+}
+
 /// Rewrites the forwarding headers of a request about to go upstream.
 pub fn set_forwarding_headers(
     headers: &mut HeaderMap,
@@ -51,9 +76,23 @@ pub fn set_forwarding_headers(
     scheme: &'static str,
     host: Option<&HeaderValue>,
     proxies: &[IpNet],
+    precomputed: Option<&PeerHeaders>,
 ) {
     let peer_ip = peer.ip().to_canonical();
     let from_trusted = !proxies.is_empty() && trusted(peer_ip, proxies);
+
+    // The common case: an untrusted peer, whose headers are all replaced.
+    if let (false, Some(p)) = (from_trusted, precomputed) {
+        headers.insert(X_FORWARDED_FOR.clone(), p.ip.clone());
+        headers.insert(X_REAL_IP.clone(), p.ip.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+        match host {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+        headers.insert(FORWARDED, p.forwarded.clone());
+        return;
+    }
 
     let prior_xff = if from_trusted {
         let joined: Vec<&str> = headers
@@ -148,7 +187,7 @@ mod tests {
             client_ip(p, &h, &proxies),
             "1.2.3.4".parse::<IpAddr>().unwrap()
         );
-        set_forwarding_headers(&mut h, p, p.ip(), "http", None, &proxies);
+        set_forwarding_headers(&mut h, p, p.ip(), "http", None, &proxies, None);
         assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_REAL_IP], "1.2.3.4");
@@ -165,7 +204,7 @@ mod tests {
         let p = peer("10.0.0.1");
         let client = client_ip(p, &h, &proxies);
         assert_eq!(client, "9.9.9.9".parse::<IpAddr>().unwrap());
-        set_forwarding_headers(&mut h, p, client, "https", None, &proxies);
+        set_forwarding_headers(&mut h, p, client, "https", None, &proxies, None);
         assert_eq!(h[&X_FORWARDED_FOR], "9.9.9.9, 10.0.0.2, 10.0.0.1");
         assert_eq!(h[&X_REAL_IP], "9.9.9.9");
     }

@@ -33,6 +33,7 @@ pub struct Forward<'a> {
     pub peer: SocketAddr,
     pub client_ip: IpAddr,
     pub scheme: &'static str,
+    pub peer_headers: Option<&'a forwarded::PeerHeaders>,
     pub trusted_proxies: &'a [IpNet],
     pub request_id_header: &'a HeaderName,
     pub request_id: &'a HeaderValue,
@@ -80,6 +81,7 @@ pub async fn forward(
         f.scheme,
         original_host.as_ref(),
         f.trusted_proxies,
+        f.peer_headers,
     );
     headers.insert(f.request_id_header.clone(), f.request_id.clone());
     if action.preserve_host {
@@ -261,6 +263,26 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
 /// `Connection`. `TE: trailers` survives: gRPC needs it.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        remove_connection_named(headers);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        let trailers = te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+fn remove_connection_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

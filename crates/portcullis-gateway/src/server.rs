@@ -255,11 +255,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             } else {
                 Protocol::Http1
             };
-            let info = Arc::new(ConnInfo {
-                peer,
-                local,
-                scheme: "https",
-            });
+            let info = Arc::new(ConnInfo::new(peer, local, "https"));
             serve!(ctx, TokioIo::new(tls), info, mode, header_timeout, peer);
         }
         None => {
@@ -268,11 +264,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             } else {
                 Protocol::Http1
             };
-            let info = Arc::new(ConnInfo {
-                peer,
-                local,
-                scheme: "http",
-            });
+            let info = Arc::new(ConnInfo::new(peer, local, "http"));
             serve!(ctx, TokioIo::new(stream), info, mode, header_timeout, peer);
         }
     }

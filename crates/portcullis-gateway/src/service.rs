@@ -27,6 +27,18 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub scheme: &'static str,
+    pub peer_headers: Option<crate::forwarded::PeerHeaders>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, scheme: &'static str) -> Self {
+        ConnInfo {
+            peer,
+            local,
+            scheme,
+            peer_headers: crate::forwarded::PeerHeaders::new(peer, scheme),
+        }
+    }
 }
 
 /// The response body as sent: counts bytes and completes the access record.
@@ -234,6 +246,7 @@ async fn dispatch(
                 peer: conn.peer,
                 client_ip,
                 scheme: conn.scheme,
+                peer_headers: conn.peer_headers.as_ref(),
                 trusted_proxies: &snapshot.trusted_proxies,
                 request_id_header: &snapshot.request_id_header,
                 request_id,

@@ -127,11 +127,19 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
         .or_else(|| shared.snapshot.load().config.server.workers.map(|w| w.0))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One worker: a current-thread runtime avoids the work-stealing scheduler's
+    // cross-thread bookkeeping entirely.
+    let built = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

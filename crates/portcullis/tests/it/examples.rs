@@ -1,0 +1,183 @@
+//! The shipped examples run as documented.
+
+use std::path::PathBuf;
+
+use crate::harness::*;
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+}
+
+const LOCAL: &[(&str, &str)] = &[
+    ("PORTCULLIS_LISTEN", "127.0.0.1:0"),
+    ("PORTCULLIS_ADMIN_LISTEN", "127.0.0.1:0"),
+    ("PORTCULLIS_ADMIN_TOKEN", "adm"),
+];
+
+#[test]
+fn every_example_passes_check() {
+    for entry in std::fs::read_dir(example("")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, out, err) = run_cli(
+                &["check", "-c", path.to_str().unwrap()],
+                &[("UPSTREAM_URL", "http://127.0.0.1:1")],
+            );
+            assert_eq!(code, 0, "{}: {out}{err}", path.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn quickstart_needs_no_other_service() {
+    let gw = Gateway::start_file(&example("quickstart.yaml"), LOCAL);
+    let c = client();
+    let res = c.get(gw.url("/hello")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "Hello from Portcullis\n");
+    let res = c.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.text().await.unwrap().contains("Portcullis is running"));
+    // SPA fallback: an unknown page gets the index.
+    let res = c.get(gw.url("/some/page")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = c.get(gw.url("/docs")).send().await.unwrap();
+    assert_eq!(res.status(), 301);
+    assert_eq!(
+        c.get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn proxy_example_forwards_everything() {
+    let up = Upstream::echo().await;
+    let url = up.url();
+    let mut env = LOCAL.to_vec();
+    env.push(("UPSTREAM_URL", &url));
+    let gw = Gateway::start_file(&example("proxy.yaml"), &env);
+    let res = client().get(gw.url("/any/path?x=1")).send().await.unwrap();
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["uri"], "/any/path?x=1");
+}
+
+/// FnKit: functions by DNS name (`localhost` stands in for a container name).
+#[tokio::test]
+async fn fnkit_example_token_mode() {
+    let up = Upstream::echo().await;
+    let port = up.addr.port().to_string();
+    let mut env = LOCAL.to_vec();
+    env.push(("FN_PORT", &port));
+    env.push(("FNKIT_AUTH_TOKEN", "fn-secret"));
+    let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
+    let c = client();
+
+    // /health without auth: text OK.
+    let res = c.get(gw.url("/health")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "OK");
+    // / without auth: usage JSON.
+    let res = c.get(gw.url("/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let usage: serde_json::Value = res.json().await.unwrap();
+    assert!(usage["usage"]
+        .as_str()
+        .unwrap()
+        .contains("/<container-name>"));
+
+    // Functions need the token (case-sensitive), with WWW-Authenticate.
+    let res = c
+        .get(gw.url("/localhost/api/users?page=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    assert_error(res, 401, "UNAUTHORIZED").await;
+    let res = c
+        .get(gw.url("/localhost/api/users?page=2"))
+        .bearer_auth("FN-SECRET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+
+    let res = c
+        .get(gw.url("/localhost/api/users?page=2"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["uri"], "/api/users?page=2");
+    assert!(body["headers"].get("authorization").is_none());
+    for bare in ["/localhost", "/localhost/"] {
+        let res = c
+            .get(gw.url(bare))
+            .bearer_auth("fn-secret")
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["path"], "/", "{bare}");
+    }
+    let res = c
+        .get(gw.url("/localhost?x=1"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["uri"], "/?x=1");
+
+    // An unknown (or stopped) function: 502 naming it.
+    let res = c
+        .get(gw.url("/no-such-function/x"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-function"),
+        "{body}"
+    );
+    // A function's own 503 passes through untouched.
+    let res = c
+        .get(gw.url("/localhost/x?status=503"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-upstream"], "echo");
+    // `/hello.txt` is not a function name: 404, not a 500.
+    let res = c
+        .get(gw.url("/hello.txt"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "NOT_FOUND").await;
+}
+
+#[tokio::test]
+async fn fnkit_example_open_mode() {
+    let up = Upstream::echo().await;
+    let port = up.addr.port().to_string();
+    let mut env = LOCAL.to_vec();
+    env.push(("FN_PORT", &port));
+    env.push(("FNKIT_AUTH_TOKEN", ""));
+    let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
+    let res = client().get(gw.url("/localhost/hi")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
