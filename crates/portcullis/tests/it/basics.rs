@@ -87,3 +87,36 @@ async fn health_endpoints() {
     let res = c.get(gw.url("/readyz")).send().await.unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// One worker runs on a current-thread runtime; it must serve, stream and reload alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn single_worker_mode() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start_with_env(&proxy_config(&up.url()), &[("PORTCULLIS_WORKERS", "1")]);
+    assert!(gw.logs().contains("\"workers\":1"), "{}", gw.logs());
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (c, url) = (c.clone(), gw.url(&format!("/api/{i}?download=300000")));
+        tasks.push(tokio::spawn(async move {
+            c.get(url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .len()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 300000);
+    }
+    let res = c
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("admintoken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}

@@ -298,3 +298,26 @@ async fn assert_error_no_id(res: reqwest::Response, status: u16, code: &str) {
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], code, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_grace_bounds_the_drain() {
+    let up = Upstream::echo().await;
+    let yaml = config(&up.url()).replace("routes:", "server:\n  shutdown_grace: 500ms\nroutes:");
+    let mut gw = Gateway::start(&yaml);
+    let url = gw.url("/echo/slow?delay_ms=10000");
+    let inflight =
+        tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || gw.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The request that outlived the grace period was cut.
+    assert!(inflight.await.unwrap().is_err());
+}

@@ -903,3 +903,88 @@ async fn gateway_credential_is_stripped_unless_forwarded() {
     let echo = echo_json(res).await;
     assert_eq!(seen(&echo, "authorization"), ["Bearer t0ken"], "{echo}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_certificates_are_reloaded_with_the_config() {
+    let up = Upstream::echo().await;
+    let certs = tempfile::tempdir().unwrap();
+    let old = write_cert(certs.path(), "a.test");
+    let d = certs.path().display();
+    let yaml = format!(
+        r#"listeners:
+  - address: 127.0.0.1:0
+    tls:
+      certificates:
+        - cert_file: {d}/a.test.crt
+          key_file: {d}/a.test.key
+          server_names: [a.test]
+admin:
+  address: 127.0.0.1:0
+  token: adm
+server:
+  watch_config: false
+routes:
+  - path_prefix: /
+    proxy:
+      upstream: {}
+"#,
+        up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let url = format!("https://a.test:{}/x", gw.addr().port());
+    assert_eq!(
+        tls_client(&old, gw.addr())
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Rotate the certificate on disk and reload: new handshakes get the new one.
+    let new = write_cert(certs.path(), "a.test");
+    let res = client()
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        tls_client(&new, gw.addr())
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(tls_client(&old, gw.addr()).get(&url).send().await.is_err());
+}
+
+/// A client that stops sending its body gets 408 once the route's idle timeout passes.
+#[tokio::test]
+async fn stalled_request_body_is_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo().await;
+    let yaml = format!(
+        "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - path_prefix: /\n    proxy:\n      upstream: {}\n      timeouts: {{idle: 300ms}}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
