@@ -1,0 +1,7 @@
+//! Request authentication for Portcullis.
+//!
+//! Currently provides [`jwt`]: verification of JSON Web Tokens (JWS compact
+//! serialisation) against an HMAC secret, static PEM public keys, or a remote
+//! JWKS document that is cached and refreshed in the background.
+
+pub mod jwt;

@@ -1,0 +1,164 @@
+//! Test harness: a real `redis-server` on a free loopback port (never the machine's own
+//! Redis on 6379), killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of `redis-server`: `which redis-server`, then the usual locations, else install
+/// it with `apt-get update && apt-get install -y redis-server` (needs root, as in CI).
+pub fn redis_server_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = find_redis_server() {
+            return p;
+        }
+        eprintln!("redis-server not found; installing it with apt-get");
+        let update = Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        eprintln!("apt-get update: {update:?}");
+        let install = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "redis-server"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        eprintln!("apt-get install redis-server: {install:?}");
+        find_redis_server()
+            .expect("redis-server is not on PATH and could not be installed with apt-get")
+    })
+    .clone()
+}
+
+fn find_redis_server() -> Option<PathBuf> {
+    if let Ok(out) = Command::new("which").arg("redis-server").output() {
+        if out.status.success() {
+            let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !p.is_empty() {
+                return Some(PathBuf::from(p));
+            }
+        }
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|d| d.join("redis-server"))
+        .find(|p| p.is_file())
+}
+
+/// A free TCP port on 127.0.0.1 (never 6379).
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        if port != 6379 {
+            return port;
+        }
+    }
+}
+
+/// A `redis-server` child process; killed when dropped.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Start on a free port.
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    /// Start on `port` and wait until it answers PING.
+    pub fn start_on(port: u16) -> Self {
+        assert_ne!(port, 6379, "never use the machine's own Redis port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(redis_server_binary())
+            .args(["--port", &port.to_string()])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--daemonize", "no"])
+            .args(["--dir", &dir.path().to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        server.wait_ready(Duration::from_secs(10));
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("redis-server exited early on port {}: {status}", self.port);
+            }
+            if raw_ping(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not become ready", self.port);
+    }
+
+    /// Send a signal (e.g. "STOP", "CONT") to the server process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Kill the server and wait until the port is closed.
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn raw_ping(port: u16) -> bool {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Fresh temporary data directory.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
