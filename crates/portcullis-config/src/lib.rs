@@ -5,12 +5,14 @@
 //! the runtime (route conflicts, certificates) happen when the gateway compiles the
 //! config, and report positions through [`ConfigError::at`].
 
+mod identity;
 mod interp;
 mod types;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use identity::*;
 pub use interp::{
     interpolate, parse_size, ByteSize, Duration, EnvSource, Flag, ProcessEnv, Scalar, Secret, Text,
 };

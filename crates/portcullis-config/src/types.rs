@@ -28,6 +28,12 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Shared state: embedded (default) or Valkey/Redis.
+    #[serde(default)]
+    pub store: crate::StoreConfig,
+    /// Named authenticators that routes refer to.
+    #[serde(default)]
+    pub authenticators: BTreeMap<String, Spanned<crate::AuthenticatorConfig>>,
     /// Named upstreams that routes may reference by name instead of a URL.
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
@@ -287,6 +293,13 @@ pub struct AuthConfig {
     /// Pass the gateway's own credential (`Authorization`) to the upstream.
     #[serde(default)]
     pub forward_credential: Flag,
+    /// Authenticators applied to routes that have no `auth` of their own.
+    #[serde(default)]
+    pub default: Vec<Spanned<Text>>,
+    /// Extra identity headers removed from every incoming request (the ones the
+    /// configured authenticators set are always removed).
+    #[serde(default)]
+    pub identity_headers: Vec<Text>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -384,6 +397,15 @@ pub struct RouteAuthConfig {
     pub tokens: Vec<Secret>,
     #[serde(default)]
     pub forward_credential: Option<Flag>,
+    /// Named authenticators; a request passes if any of them accepts it.
+    #[serde(default)]
+    pub authenticators: Vec<Spanned<Text>>,
+    /// Verify a credential if one is sent; otherwise continue anonymously.
+    #[serde(default)]
+    pub optional: Flag,
+    /// Scopes the credential must carry (all of them).
+    #[serde(default)]
+    pub scopes: Vec<Text>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

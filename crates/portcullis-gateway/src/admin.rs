@@ -49,7 +49,11 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     match (req.method(), path) {
         (&Method::GET, "/health" | "/healthz") => return text(StatusCode::OK, "OK"),
-        (&Method::GET, "/readyz") => return readiness(shared),
+        (&Method::GET, "/readyz") => {
+            return readiness(shared)
+                .await
+                .unwrap_or_else(|e| e.into_response(""))
+        }
         (&Method::GET, p)
             if snapshot.metrics_path.as_deref() == Some(p) && !snapshot.metrics_on_main =>
         {
@@ -83,23 +87,19 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 .collect();
             json(StatusCode::OK, &serde_json::json!({ "routes": routes }))
         }
-        (&Method::POST, "/admin/reload") => {
-            let s = shared.clone();
-            match tokio::task::spawn_blocking(move || s.reload(false)).await {
-                Ok(Ok(generation)) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({"status": "reloaded", "generation": generation}),
-                ),
-                Ok(Err(errors)) => {
-                    let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
-                    json(
-                        StatusCode::BAD_REQUEST,
-                        &serde_json::json!({"error": {"code": "INVALID_CONFIG", "message": "the new config is invalid; the running config was kept", "details": list, "retryable": false}}),
-                    )
-                }
-                Err(_) => GatewayError::server(ErrorCode::InternalError).into_response(""),
+        (&Method::POST, "/admin/reload") => match shared.reload(false).await {
+            Ok(generation) => json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "reloaded", "generation": generation}),
+            ),
+            Err(errors) => {
+                let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+                json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": {"code": "INVALID_CONFIG", "message": "the new config is invalid; the running config was kept", "details": list, "retryable": false}}),
+                )
             }
-        }
+        },
         (_, "/admin/config" | "/admin/routes" | "/admin/reload") => {
             GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response("")
         }

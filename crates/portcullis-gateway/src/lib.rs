@@ -22,7 +22,7 @@ pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use portcullis_config::ConfigErrors;
@@ -43,7 +43,9 @@ pub struct Shared {
     generation: Generation,
     ready: AtomicBool,
     /// Serialises reloads; also remembers the last loaded file content.
-    reload_lock: Mutex<Option<u64>>,
+    reload_lock: tokio::sync::Mutex<Option<u64>>,
+    /// Shared state; opened by [`Shared::open_store`] when the gateway starts.
+    store: OnceLock<Arc<dyn portcullis_store::Store>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -56,14 +58,14 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// Loads and compiles the config at `path`.
-    pub fn load(path: &Path) -> Result<Arc<Shared>, ConfigErrors> {
+    pub async fn load(path: &Path) -> Result<Arc<Shared>, ConfigErrors> {
         let config = portcullis_config::load(path)?;
         let resolver = CachingResolver::new(
             config.server.dns_cache_ttl.get(),
             config.server.dns_cache_size.0,
         );
         let clients = ClientRegistry::new(resolver);
-        let snapshot = snapshot::compile(config, path, &clients)?;
+        let snapshot = snapshot::compile(config, path, &clients).await?;
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
@@ -71,15 +73,53 @@ impl Shared {
             config_path: path.to_owned(),
             generation: Generation::new(),
             ready: AtomicBool::new(false),
-            reload_lock: Mutex::new(file_hash(path)),
+            reload_lock: tokio::sync::Mutex::new(file_hash(path)),
+            store: OnceLock::new(),
         };
         let generation = shared.generation.next();
         shared.metrics.config_generation.set(generation as i64);
         Ok(Arc::new(shared))
     }
 
+    /// Opens the configured store (embedded file or Redis). A Redis that is down does
+    /// not stop the gateway: it starts, reports not-ready and reconnects.
+    pub async fn open_store(&self) -> Result<(), portcullis_store::StoreError> {
+        let snapshot = self.snapshot.load();
+        let cfg = &snapshot.config.store;
+        let data_dir = std::path::PathBuf::from(cfg.data_dir.as_str());
+        let store =
+            portcullis_store::open(cfg.url.expose(), &data_dir, cfg.key_prefix.as_str()).await?;
+        tracing::info!(backend = store.backend_name(), "store opened");
+        let _ = self.store.set(store);
+        Ok(())
+    }
+
+    pub fn store(&self) -> Option<&Arc<dyn portcullis_store::Store>> {
+        self.store.get()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Ready: serving, and the store (if opened) answers.
+    pub async fn check_ready(&self) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        match self.store.get() {
+            Some(store) => {
+                match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "readiness: store unavailable");
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+            None => true,
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -89,14 +129,16 @@ impl Shared {
     /// Validates and compiles the config file again, then swaps it in. On any error
     /// the running config stays. `only_if_changed` skips a file whose content is the
     /// same as last time (file-watch events for unrelated files).
-    pub fn reload(&self, only_if_changed: bool) -> Result<Option<u64>, ConfigErrors> {
-        let mut last = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+    pub async fn reload(&self, only_if_changed: bool) -> Result<Option<u64>, ConfigErrors> {
+        let mut last = self.reload_lock.lock().await;
         let hash = file_hash(&self.config_path);
         if only_if_changed && hash.is_some() && hash == *last {
             return Ok(None);
         }
-        let result = portcullis_config::load(&self.config_path)
-            .and_then(|config| snapshot::compile(config, &self.config_path, &self.clients));
+        let result = match portcullis_config::load(&self.config_path) {
+            Ok(config) => snapshot::compile(config, &self.config_path, &self.clients).await,
+            Err(e) => Err(e),
+        };
         match result {
             Ok(new) => {
                 let old = self.snapshot.load();

@@ -37,7 +37,6 @@ pub struct Forward<'a> {
     pub trusted_proxies: &'a [IpNet],
     pub request_id_header: &'a HeaderName,
     pub request_id: &'a HeaderValue,
-    pub strip_credential: bool,
     pub max_body: u64,
 }
 
@@ -70,9 +69,6 @@ pub async fn forward(
     if let Some(protocol) = &upgrade {
         headers.insert(header::UPGRADE, protocol.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    if f.strip_credential {
-        headers.remove(header::AUTHORIZATION);
     }
     forwarded::set_forwarding_headers(
         headers,

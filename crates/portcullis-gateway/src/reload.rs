@@ -21,8 +21,7 @@ pub fn spawn_sighup(shared: Arc<Shared>) {
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading config");
-            let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.reload(false)).await;
+            let _ = shared.reload(false).await;
         }
     });
 }
@@ -62,8 +61,7 @@ pub fn spawn_file_watch(shared: Arc<Shared>) -> Option<notify::RecommendedWatche
                     Err(_) => break,
                 }
             }
-            let s = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || s.reload(true)).await;
+            let _ = shared.reload(true).await;
         }
     });
     Some(watcher)

@@ -107,6 +107,7 @@ pub async fn handle(
         status: 0,
         upstream: None,
         request_id: String::new(),
+        principal: None,
         client: client_ip,
         log: snapshot.access_log,
         bytes: 0,
@@ -171,11 +172,16 @@ async fn dispatch(
     shared: &Arc<Shared>,
     snapshot: &Snapshot,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &HeaderValue,
     client_ip: std::net::IpAddr,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
+    // Identity headers are ours to set: a client's copies never get through, on any
+    // route, authenticated or not.
+    if !snapshot.identity_headers.is_empty() {
+        crate::auth::strip_identity_headers(req.headers_mut(), &snapshot.identity_headers);
+    }
     // The URI is cheap to clone (shared bytes) and lets the path borrow outlive `req`.
     let uri = req.uri().clone();
     let path = normalize_path(uri.path(), snapshot.normalize)
@@ -184,9 +190,9 @@ async fn dispatch(
         record.path = path.to_string();
     }
 
-    if let Some(res) = builtin(shared, snapshot, &path) {
+    if let Some(res) = builtin(shared, snapshot, &path).await {
         record.route = Some(Arc::from("(builtin)"));
-        return Ok(res);
+        return res;
     }
 
     let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
@@ -231,7 +237,21 @@ async fn dispatch(
     let route = found.value;
     record.route = Some(route.name.clone());
 
-    let strip = route.auth.check(req.headers())?;
+    let authenticated = route.auth.check(req.headers(), uri.query()).await?;
+    let mut query = uri.query().map(std::borrow::Cow::Borrowed);
+    if let Some(identity) = &authenticated.identity {
+        record.principal = Some(identity.principal.clone());
+        if authenticated.strip_credential {
+            if let Some(param) = crate::auth::remove_credential(req.headers_mut(), &identity.source)
+            {
+                query =
+                    query.map(|q| std::borrow::Cow::Owned(crate::auth::query_without(&q, &param)));
+            }
+        }
+        for (name, value) in &identity.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
 
     match &route.action {
         Action::Proxy(action) => {
@@ -241,8 +261,9 @@ async fn dispatch(
                 params: &found.params,
                 rest: found.rest,
                 path: &path,
-                path_changed: matches!(path, std::borrow::Cow::Owned(_)),
-                query: uri.query(),
+                path_changed: matches!(path, std::borrow::Cow::Owned(_))
+                    || matches!(query, Some(std::borrow::Cow::Owned(_))),
+                query: query.as_deref(),
                 peer: conn.peer,
                 client_ip,
                 scheme: conn.scheme,
@@ -250,7 +271,6 @@ async fn dispatch(
                 trusted_proxies: &snapshot.trusted_proxies,
                 request_id_header: &snapshot.request_id_header,
                 request_id,
-                strip_credential: strip.0,
                 max_body: route.max_body,
             };
             proxy::forward(action, forward, req, &mut record.upstream).await
@@ -262,26 +282,30 @@ async fn dispatch(
 }
 
 /// Health, liveness, readiness and (when configured on the main listener) metrics.
-fn builtin(shared: &Shared, snapshot: &Snapshot, path: &str) -> Option<Response<Body>> {
+async fn builtin(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    path: &str,
+) -> Option<Result<Response<Body>, GatewayError>> {
     if let Some(h) = &snapshot.health {
         if path == h.health || path == h.liveness {
-            return Some(text(StatusCode::OK, "OK"));
+            return Some(Ok(text(StatusCode::OK, "OK")));
         }
         if path == h.readiness {
-            return Some(readiness(shared));
+            return Some(readiness(shared).await);
         }
     }
     if snapshot.metrics_on_main && snapshot.metrics_path.as_deref() == Some(path) {
-        return Some(metrics(shared));
+        return Some(Ok(metrics(shared)));
     }
     None
 }
 
-pub fn readiness(shared: &Shared) -> Response<Body> {
-    if shared.is_ready() {
-        text(StatusCode::OK, "ready")
+pub async fn readiness(shared: &Shared) -> Result<Response<Body>, GatewayError> {
+    if shared.check_ready().await {
+        Ok(text(StatusCode::OK, "ready"))
     } else {
-        GatewayError::server(ErrorCode::ServiceUnavailable).into_response("")
+        Err(GatewayError::server(ErrorCode::ServiceUnavailable))
     }
 }
 

@@ -22,7 +22,7 @@ use portcullis_routing::{
     RouteTableBuilder,
 };
 
-use crate::auth::AuthPolicy;
+use crate::auth::{AuthPolicy, Authenticator, TokenSources};
 use crate::template::Template;
 use crate::tls::CertStore;
 use crate::upstream::{ClientRegistry, ClientSettings, UpstreamClient};
@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub header_read_timeout: Duration,
     pub client_idle_timeout: Duration,
     pub used_clients: Vec<ClientSettings>,
+    /// Headers any authenticator sets: removed from every incoming request.
+    pub identity_headers: std::collections::HashSet<HeaderName>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +150,7 @@ impl Errors<'_> {
     }
 }
 
-pub fn compile(
+pub async fn compile(
     config: Config,
     source: &Path,
     clients: &ClientRegistry,
@@ -281,8 +283,35 @@ pub fn compile(
     }
 
     // Routes.
-    let global_auth =
-        AuthPolicy::from_tokens(&config.auth.tokens, config.auth.forward_credential.0);
+    let authenticators = compile_authenticators(&config, source, &mut errors).await;
+    let mut identity_headers: HashSet<HeaderName> = authenticators
+        .values()
+        .flat_map(|a| a.identity_headers())
+        .collect();
+    for h in &config.auth.identity_headers {
+        match HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => {
+                identity_headers.insert(name);
+            }
+            Err(_) => errors.push(
+                Location::UNKNOWN,
+                "auth.identity_headers",
+                format!("{:?} is not a header name", h.as_str()),
+            ),
+        }
+    }
+    let global_static = static_authenticator("auth.tokens", &config.auth.tokens);
+    let mut global_set: Vec<Arc<Authenticator>> = global_static.into_iter().collect();
+    for (i, name) in config.auth.default.iter().enumerate() {
+        match authenticators.get(name.value.as_str()) {
+            Some(a) => global_set.push(a.clone()),
+            None => errors.push(
+                name.referenced,
+                format!("auth.default[{i}]"),
+                format!("no authenticator named {:?}", name.value.as_str()),
+            ),
+        }
+    }
     let mut table = RouteTableBuilder::new();
     let mut used_clients = Vec::new();
     let mut route_names = HashSet::new();
@@ -308,17 +337,15 @@ pub fn compile(
             Some(m) => m,
             None => continue,
         };
-        let auth = if route.public.0 {
-            AuthPolicy::Public
-        } else if let Some(a) = &route.auth {
-            AuthPolicy::from_tokens(
-                &a.tokens,
-                a.forward_credential
-                    .map_or(config.auth.forward_credential.0, |f| f.0),
-            )
-        } else {
-            global_auth.clone()
-        };
+        let auth = route_policy(
+            &config,
+            route,
+            r.referenced,
+            &field,
+            &authenticators,
+            &global_set,
+            &mut errors,
+        );
         let is_prefix = matches!(pattern, PathPattern::Prefix(_));
         let Some(action) = compile_action(
             &config,
@@ -407,9 +434,284 @@ pub fn compile(
         header_read_timeout: config.server.header_read_timeout.get(),
         client_idle_timeout: config.server.client_idle_timeout.get(),
         used_clients,
+        identity_headers,
         source: source.to_owned(),
         config,
     })
+}
+
+/// The implicit authenticator of a `tokens:` list; None when every token is empty.
+fn static_authenticator(
+    name: &str,
+    tokens: &[portcullis_config::Secret],
+) -> Option<Arc<Authenticator>> {
+    let tokens: Vec<Box<[u8]>> = tokens
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| t.expose().as_bytes().into())
+        .collect();
+    (!tokens.is_empty()).then(|| {
+        Arc::new(Authenticator::StaticToken {
+            name: Arc::from(name),
+            tokens,
+            principal: "token".to_owned(),
+            principal_header: None,
+        })
+    })
+}
+
+fn header_name(
+    value: &str,
+    at: Location,
+    field: String,
+    errors: &mut Errors<'_>,
+) -> Option<HeaderName> {
+    match HeaderName::from_bytes(value.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            errors.push(at, field, format!("{value:?} is not a header name"));
+            None
+        }
+    }
+}
+
+async fn compile_authenticators(
+    config: &Config,
+    source: &Path,
+    errors: &mut Errors<'_>,
+) -> HashMap<String, Arc<Authenticator>> {
+    use portcullis_config::AuthenticatorConfig;
+    let mut out = HashMap::new();
+    for (name, spec) in &config.authenticators {
+        let field = format!("authenticators.{name}");
+        let at = spec.referenced;
+        let compiled = match &spec.value {
+            AuthenticatorConfig::StaticToken(t) => {
+                let tokens: Vec<Box<[u8]>> = t
+                    .tokens
+                    .iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.expose().as_bytes().into())
+                    .collect();
+                if tokens.is_empty() {
+                    // Open mode for this authenticator's routes would be a surprise: say so.
+                    errors.push(
+                        at,
+                        format!("{field}.static_token.tokens"),
+                        "no non-empty token",
+                    );
+                    continue;
+                }
+                let principal_header = match &t.principal_header {
+                    Some(h) => header_name(
+                        h,
+                        at,
+                        format!("{field}.static_token.principal_header"),
+                        errors,
+                    ),
+                    None => None,
+                };
+                Authenticator::StaticToken {
+                    name: Arc::from(name.as_str()),
+                    tokens,
+                    principal: t.principal.to_string(),
+                    principal_header,
+                }
+            }
+            AuthenticatorConfig::Jwt(j) => {
+                match compile_jwt(name, j, at, &field, source, errors).await {
+                    Some(a) => a,
+                    None => continue,
+                }
+            }
+        };
+        out.insert(name.clone(), Arc::new(compiled));
+    }
+    out
+}
+
+async fn compile_jwt(
+    name: &str,
+    j: &portcullis_config::JwtConfig,
+    at: Location,
+    field: &str,
+    source: &Path,
+    errors: &mut Errors<'_>,
+) -> Option<Authenticator> {
+    use portcullis_auth::jwt::{Algorithm, JwtConfig, KeySource};
+    let field = format!("{field}.jwt");
+    let mut algorithms = Vec::new();
+    for (i, a) in j.algorithms.iter().enumerate() {
+        match a.value.parse::<Algorithm>() {
+            Ok(alg) => algorithms.push(alg),
+            Err(_) => {
+                errors.push(
+                    a.referenced,
+                    format!("{field}.algorithms[{i}]"),
+                    format!("unsupported algorithm {:?}", a.value.as_str()),
+                );
+                return None;
+            }
+        }
+    }
+    let key_sources = [
+        j.secret.is_some(),
+        !j.public_keys.is_empty(),
+        j.jwks_url.is_some(),
+    ];
+    if key_sources.iter().filter(|x| **x).count() != 1 {
+        errors.push(
+            at,
+            field,
+            "set exactly one of `secret`, `public_keys`, `jwks_url`",
+        );
+        return None;
+    }
+    let keys = if let Some(secret) = &j.secret {
+        KeySource::Secret(secret.expose().as_bytes().to_vec())
+    } else if let Some(url) = &j.jwks_url {
+        KeySource::Jwks {
+            url: url.value.to_string(),
+            refresh_interval: j.jwks_refresh.get(),
+            min_refetch_interval: j.jwks_min_refetch.get(),
+            timeout: std::time::Duration::from_secs(5),
+            ca_file: None,
+        }
+    } else {
+        let mut pems = Vec::new();
+        for (i, p) in j.public_keys.iter().enumerate() {
+            let path = relative_to(source, p);
+            match std::fs::read(&path) {
+                Ok(bytes) => pems.push(bytes),
+                Err(e) => {
+                    errors.push(
+                        at,
+                        format!("{field}.public_keys[{i}]"),
+                        format!("{path}: {e}"),
+                    );
+                    return None;
+                }
+            }
+        }
+        KeySource::Pem(pems)
+    };
+    let mut config = JwtConfig::new(algorithms, keys);
+    config.issuer =
+        (!j.issuer.is_empty()).then(|| j.issuer.iter().map(|s| s.to_string()).collect());
+    config.audience =
+        (!j.audience.is_empty()).then(|| j.audience.iter().map(|s| s.to_string()).collect());
+    config.leeway = j.leeway.get();
+    config.cache_max_entries = j.cache_size.0;
+    let verifier = match portcullis_auth::jwt::JwtVerifier::new(config).await {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(at, field, e.to_string());
+            return None;
+        }
+    };
+    verifier.spawn_refresh();
+    let mut claim_headers = Vec::new();
+    for (claim, header) in &j.claim_headers {
+        claim_headers.push((
+            claim.clone(),
+            header_name(header, at, format!("{field}.claim_headers.{claim}"), errors)?,
+        ));
+    }
+    let principal_header = match &j.principal_header {
+        Some(h) => Some(header_name(
+            h,
+            at,
+            format!("{field}.principal_header"),
+            errors,
+        )?),
+        None => None,
+    };
+    Some(Authenticator::Jwt {
+        name: Arc::from(name),
+        verifier,
+        sources: TokenSources {
+            header: j.token_sources.header.0,
+            cookie: j.token_sources.cookie.as_ref().map(|c| c.to_string()),
+            query: j.token_sources.query.as_ref().map(|q| q.to_string()),
+        },
+        claim_headers,
+        principal_header,
+    })
+}
+
+/// A route's policy: `public`, its own `auth`, or the gateway-wide default.
+fn route_policy(
+    config: &Config,
+    route: &RouteConfig,
+    at: Location,
+    field: &str,
+    authenticators: &HashMap<String, Arc<Authenticator>>,
+    global_set: &[Arc<Authenticator>],
+    errors: &mut Errors<'_>,
+) -> AuthPolicy {
+    if route.public.0 {
+        if route.auth.is_some() {
+            errors.push(
+                at,
+                format!("{field}.auth"),
+                "a `public` route cannot have `auth`",
+            );
+        }
+        return AuthPolicy::Public;
+    }
+    let (set, optional, scopes, forward) = match &route.auth {
+        Some(a) => {
+            let mut set: Vec<Arc<Authenticator>> =
+                static_authenticator(&format!("{field}.auth.tokens"), &a.tokens)
+                    .into_iter()
+                    .collect();
+            for (i, name) in a.authenticators.iter().enumerate() {
+                match authenticators.get(name.value.as_str()) {
+                    Some(auth) => set.push(auth.clone()),
+                    None => errors.push(
+                        name.referenced,
+                        format!("{field}.auth.authenticators[{i}]"),
+                        format!("no authenticator named {:?}", name.value.as_str()),
+                    ),
+                }
+            }
+            // Only `optional`/`scopes` given: the gateway-wide authenticators apply.
+            if set.is_empty() && a.tokens.is_empty() && a.authenticators.is_empty() {
+                set = global_set.to_vec();
+            }
+            let forward = a
+                .forward_credential
+                .map_or(config.auth.forward_credential.0, |f| f.0);
+            (
+                set,
+                a.optional.0,
+                a.scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                forward,
+            )
+        }
+        None => (
+            global_set.to_vec(),
+            false,
+            Vec::new(),
+            config.auth.forward_credential.0,
+        ),
+    };
+    if set.is_empty() {
+        if !scopes.is_empty() {
+            errors.push(
+                at,
+                format!("{field}.auth.scopes"),
+                "scopes need an authenticator",
+            );
+        }
+        return AuthPolicy::Open;
+    }
+    AuthPolicy::Required {
+        authenticators: set.into(),
+        optional,
+        scopes: scopes.into(),
+        forward_credential: forward,
+    }
 }
 
 /// The route's path pattern and the names of its params.
@@ -843,7 +1145,10 @@ pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 5]> {
 }
 
 /// Used by tests and `check`.
-pub fn load_and_compile(path: &Path, clients: &ClientRegistry) -> Result<Snapshot, ConfigErrors> {
+pub async fn load_and_compile(
+    path: &Path,
+    clients: &ClientRegistry,
+) -> Result<Snapshot, ConfigErrors> {
     let config = portcullis_config::load(path)?;
-    compile(config, path, clients)
+    compile(config, path, clients).await
 }

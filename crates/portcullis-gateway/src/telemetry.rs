@@ -172,6 +172,8 @@ pub struct AccessRecord {
     pub status: u16,
     pub upstream: Option<Arc<str>>,
     pub request_id: String,
+    /// The authenticated principal (a name, never a credential).
+    pub principal: Option<String>,
     pub client: IpAddr,
     pub log: bool,
     pub bytes: u64,
@@ -213,6 +215,7 @@ impl Drop for AccessRecord {
                 bytes = self.bytes,
                 complete = self.completed,
                 client = %self.client,
+                principal = self.principal.as_deref().unwrap_or(""),
                 request_id = %self.request_id,
             );
         }

@@ -110,6 +110,9 @@ impl RedisStore {
         })?;
         // Keep retrying in the background if Redis is down at start.
         config.fail_fast = false;
+        // fred builds its TLS config from rustls' process default; make sure there is
+        // one (two providers compiled in — ring and aws-lc — would leave it ambiguous).
+        let _ = rustls::crypto::ring::default_provider().install_default();
 
         let connect_timeout = non_zero(opts.connect_timeout, Duration::from_secs(5));
         let command_timeout = non_zero(opts.command_timeout, Duration::from_secs(2));

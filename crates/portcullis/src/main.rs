@@ -38,6 +38,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the whole process (ring), whatever else is linked in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let Some(config) = cli.config else {
         eprintln!("error: a config file is required (-c FILE)");
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match load(path) {
+    match load_blocking(path) {
         Some(shared) => {
             let snapshot = shared.snapshot.load();
             println!(
@@ -72,7 +74,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn routes(path: &std::path::Path) -> ExitCode {
-    let Some(shared) = load(path) else {
+    let Some(shared) = load_blocking(path) else {
         return ExitCode::FAILURE;
     };
     let rows = portcullis_gateway::snapshot::describe_routes(&shared.snapshot.load());
@@ -94,10 +96,18 @@ fn routes(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `load` on a small runtime of its own, for the commands that do not serve.
+fn load_blocking(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    runtime.block_on(load(path))
+}
+
 /// Loads and compiles; prints every error to stderr.
-fn load(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
-    // Compiling needs a runtime only for timers inside clients; build a small one.
-    match Shared::load(path) {
+async fn load(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
+    match Shared::load(path).await {
         Ok(shared) => Some(shared),
         Err(errors) => {
             for e in &errors.0 {
@@ -120,11 +130,11 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
     };
     portcullis_gateway::telemetry::init_logging(format, &logging.level);
 
-    let Some(shared) = load(path) else {
-        return ExitCode::FAILURE;
-    };
+    let raw_workers = portcullis_config::load(path)
+        .ok()
+        .and_then(|c| c.server.workers.map(|w| w.0));
     let workers = workers
-        .or_else(|| shared.snapshot.load().config.server.workers.map(|w| w.0))
+        .or(raw_workers)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
     // One worker: a current-thread runtime avoids the work-stealing scheduler's
@@ -145,6 +155,10 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // Compiled inside the serving runtime: background tasks (JWKS refresh) live there.
+    let Some(shared) = runtime.block_on(load(path)) else {
+        return ExitCode::FAILURE;
     };
     tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
     let result = runtime.block_on(async {

@@ -61,9 +61,12 @@ impl Gateway {
 
     fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
         let mut cmd = Command::new(BIN);
+        // Each gateway works in its own directory, so its embedded store (`./data`)
+        // is its own.
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
+            .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .env_remove("PORTCULLIS_WORKERS")
             .stdout(Stdio::piped())

@@ -1,6 +1,9 @@
 //! Black-box integration tests: the real binary, real sockets, real upstreams.
 
 mod harness;
+mod identity;
+#[path = "../../../portcullis-store/tests/common/mod.rs"]
+mod redis_harness;
 
 mod auth;
 mod basics;
@@ -10,4 +13,5 @@ mod ops;
 mod proxy;
 mod reload;
 mod routing;
+mod store;
 mod tls_upstream;

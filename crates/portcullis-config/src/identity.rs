@@ -1,0 +1,155 @@
+//! Identity configuration: the store, named authenticators, and the token issuer.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::interp::{Duration, Flag, Scalar, Secret, Text};
+
+/// Where shared state lives (API keys, quota counters, users, sessions).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Empty: the embedded store (SQLite under `data_dir`). `redis://[:password@]host:port[/db]`
+    /// or `rediss://…` (TLS): Valkey/Redis.
+    #[serde(default)]
+    pub url: Secret,
+    /// Directory of the embedded store.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: Text,
+    /// Prefix of every Redis key.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: Text,
+    /// Per-command timeout (Redis).
+    #[serde(default = "default_store_timeout")]
+    pub timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: Secret::default(),
+            data_dir: default_data_dir(),
+            key_prefix: default_key_prefix(),
+            timeout: default_store_timeout(),
+        }
+    }
+}
+
+fn default_data_dir() -> Text {
+    Text::from("./data")
+}
+fn default_key_prefix() -> Text {
+    Text::from("portcullis:")
+}
+fn default_store_timeout() -> Duration {
+    Duration::secs(2)
+}
+
+/// One named authenticator; written as a map with one key naming its kind:
+/// `users: {jwt: {...}}`, `admin: {static_token: {...}}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthenticatorConfig {
+    Jwt(Box<JwtConfig>),
+    StaticToken(StaticTokenConfig),
+}
+
+/// Where a credential is read from. The `Authorization: Bearer` header is always tried
+/// first unless `header: false`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSources {
+    #[serde(default = "yes")]
+    pub header: Flag,
+    /// Cookie name holding the token.
+    #[serde(default)]
+    pub cookie: Option<Text>,
+    /// Query parameter holding the token (for WebSockets); removed before proxying.
+    #[serde(default)]
+    pub query: Option<Text>,
+}
+
+impl Default for TokenSources {
+    fn default() -> Self {
+        TokenSources {
+            header: yes(),
+            cookie: None,
+            query: None,
+        }
+    }
+}
+
+fn yes() -> Flag {
+    Flag(true)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Accepted algorithms: HS256/384/512, RS256/384/512, PS256, ES256/384, EdDSA.
+    pub algorithms: Vec<Spanned<Text>>,
+    /// HMAC secret (HS*).
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// PEM public key files (RS*, PS*, ES*, EdDSA).
+    #[serde(default)]
+    pub public_keys: Vec<Text>,
+    /// JWKS URL (cached, refreshed in the background, refetched on an unknown `kid`).
+    #[serde(default)]
+    pub jwks_url: Option<Spanned<Text>>,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh: Duration,
+    /// At most one refetch per this interval for unknown `kid`s.
+    #[serde(default = "default_jwks_min_refetch")]
+    pub jwks_min_refetch: Duration,
+    /// Accepted issuers (any of); empty = not checked.
+    #[serde(default)]
+    pub issuer: Vec<Text>,
+    /// Accepted audiences (any of); empty = not checked.
+    #[serde(default)]
+    pub audience: Vec<Text>,
+    #[serde(default = "default_leeway")]
+    pub leeway: Duration,
+    #[serde(default)]
+    pub token_sources: TokenSources,
+    /// Claim → request header sent upstream (`org_id: X-Org-ID`).
+    #[serde(default)]
+    pub claim_headers: BTreeMap<String, Text>,
+    /// Header carrying the principal (`sub`) upstream.
+    #[serde(default)]
+    pub principal_header: Option<Text>,
+    /// Verified tokens cached (bounded, until `exp`); 0 disables.
+    #[serde(default = "default_jwt_cache")]
+    pub cache_size: Scalar<u64>,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::secs(300)
+}
+fn default_jwks_min_refetch() -> Duration {
+    Duration::secs(10)
+}
+fn default_leeway() -> Duration {
+    Duration::secs(30)
+}
+fn default_jwt_cache() -> Scalar<u64> {
+    Scalar(10_000)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticTokenConfig {
+    /// Accepted bearer tokens; empty strings ignored.
+    pub tokens: Vec<Secret>,
+    /// Principal reported for these tokens.
+    #[serde(default = "default_static_principal")]
+    pub principal: Text,
+    #[serde(default)]
+    pub principal_header: Option<Text>,
+}
+
+fn default_static_principal() -> Text {
+    Text::from("admin")
+}
