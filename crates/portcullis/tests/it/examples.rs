@@ -23,7 +23,11 @@ fn every_example_passes_check() {
         if path.extension().is_some_and(|e| e == "yaml") {
             let (code, out, err) = run_cli(
                 &["check", "-c", path.to_str().unwrap()],
-                &[("UPSTREAM_URL", "http://127.0.0.1:1")],
+                &[
+                    ("UPSTREAM_URL", "http://127.0.0.1:1"),
+                    ("JWT_SECRET", "x"),
+                    ("AGENTS_SERVICE_URL", "http://127.0.0.1:1"),
+                ],
             );
             assert_eq!(code, 0, "{}: {out}{err}", path.display());
         }
@@ -180,4 +184,114 @@ async fn fnkit_example_open_mode() {
     let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
     let res = client().get(gw.url("/localhost/hi")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+}
+
+/// Eloquent (seed 004): HS256 with issuer/audience, scopes per method, claim headers,
+/// public paths, env upstreams.
+#[tokio::test]
+async fn eloquent_example() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let up = Upstream::echo().await;
+    let url = up.url();
+    let mut env = LOCAL.to_vec();
+    env.push(("JWT_SECRET", "eloquent-secret"));
+    env.push(("AGENTS_SERVICE_URL", &url));
+    let gw = Gateway::start_file(&example("eloquent.yaml"), &env);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |scopes: &[&str]| {
+        let claims = serde_json::json!({
+            "org_id": "org-uuid", "user_id": "user-uuid", "email": "user@example.com", "role": "user",
+            "scopes": scopes, "product": "eloquent", "iss": "eloquent-gateway", "aud": "eloquent-api",
+            "iat": now, "exp": now + 3600,
+        });
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"eloquent-secret"),
+        )
+        .unwrap()
+    };
+    let c = client();
+    for public in [
+        "/health",
+        "/ready",
+        "/api/v1/docs",
+        "/api/v1/docs/openapi.json",
+    ] {
+        assert_eq!(
+            c.get(gw.url(public)).send().await.unwrap().status(),
+            200,
+            "{public}"
+        );
+    }
+    assert_error(
+        c.get(gw.url("/api/v1/agents")).send().await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    )
+    .await;
+
+    let reader = token(&["read"]);
+    let res = c
+        .get(gw.url("/api/v1/agents"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["headers"]["x-org-id"][0], "org-uuid");
+    assert_eq!(body["headers"]["x-user-id"][0], "user-uuid");
+    assert_eq!(body["headers"]["x-user-email"][0], "user@example.com");
+    assert_eq!(body["headers"]["x-user-role"][0], "user");
+    let res = c
+        .post(gw.url("/api/v1/agents"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 403, "INSUFFICIENT_SCOPE").await;
+    let res = c
+        .put(gw.url("/api/v1/agents/42"))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 403, "INSUFFICIENT_SCOPE").await;
+
+    let writer = token(&["read", "write", "write:agents"]);
+    assert_eq!(
+        c.post(gw.url("/api/v1/agents"))
+            .bearer_auth(&writer)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = c
+        .put(gw.url("/api/v1/agents/42"))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["path"], "/api/v1/agents/42");
+    assert_eq!(body["method"], "PUT");
+    let res = c
+        .delete(gw.url("/api/v1/agents/42"))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = c
+        .patch(gw.url("/api/v1/agents/42"))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
 }
