@@ -4,4 +4,7 @@
 //! serialisation) against an HMAC secret, static PEM public keys, or a remote
 //! JWKS document that is cached and refreshed in the background.
 
+pub mod apikey;
+pub mod issuer;
 pub mod jwt;
+pub mod users;
