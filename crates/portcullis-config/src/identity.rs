@@ -48,11 +48,12 @@ fn default_store_timeout() -> Duration {
 }
 
 /// One named authenticator; written as a map with one key naming its kind:
-/// `users: {jwt: {...}}`, `admin: {static_token: {...}}`.
+/// `users: {jwt: {...}}`, `keys: {api_key: {...}}`, `admin: {static_token: {...}}`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthenticatorConfig {
     Jwt(Box<JwtConfig>),
+    ApiKey(ApiKeyConfig),
     StaticToken(StaticTokenConfig),
 }
 
@@ -136,6 +137,107 @@ fn default_leeway() -> Duration {
 }
 fn default_jwt_cache() -> Scalar<u64> {
     Scalar(10_000)
+}
+
+/// Per-user API keys kept (hashed) in the store, with optional quotas.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Turn the authenticator off without removing it (`${API_KEYS_ENABLED:-false}`).
+    #[serde(default = "yes")]
+    pub enabled: Flag,
+    /// Verified keys are cached this long: the bound on revocation latency.
+    #[serde(default = "default_key_cache_ttl")]
+    pub cache_ttl: Duration,
+    #[serde(default = "default_key_cache_size")]
+    pub cache_size: Scalar<u64>,
+    #[serde(default)]
+    pub token_sources: TokenSources,
+    /// Header carrying the key's principal upstream (FoldForge: `ff-principal`).
+    #[serde(default)]
+    pub principal_header: Option<Text>,
+    /// When the store cannot be reached to count a quota: `false` (default) answers 503,
+    /// `true` lets the request through uncounted.
+    #[serde(default)]
+    pub quota_fail_open: Flag,
+}
+
+fn default_key_cache_ttl() -> Duration {
+    Duration::secs(30)
+}
+fn default_key_cache_size() -> Scalar<u64> {
+    Scalar(10_000)
+}
+
+/// The gateway issues its own JWTs: `POST /auth/login` (users in the store) and
+/// `POST /auth/guest`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenIssuerConfig {
+    /// Signing algorithm (HS256/384/512 with `secret`; RS*/PS*/ES*/EdDSA with `private_key`).
+    #[serde(default = "default_issuer_alg")]
+    pub algorithm: Text,
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// PEM private key file.
+    #[serde(default)]
+    pub private_key: Option<Text>,
+    #[serde(default)]
+    pub issuer: Option<Text>,
+    #[serde(default)]
+    pub audience: Option<Text>,
+    #[serde(default = "default_login_path")]
+    pub login_path: Text,
+    /// Empty disables guest tokens.
+    #[serde(default = "default_guest_path")]
+    pub guest_path: Text,
+    #[serde(default = "default_token_ttl")]
+    pub ttl: Duration,
+    #[serde(default = "default_guest_ttl")]
+    pub guest_ttl: Duration,
+    #[serde(default = "default_guest_role")]
+    pub guest_role: Text,
+    /// Scopes granted per role (the `scope` claim).
+    #[serde(default)]
+    pub role_scopes: BTreeMap<String, Vec<Text>>,
+    /// Static claims added to every issued token.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Text>,
+    /// Login attempts allowed per client IP and per username in `login_window`.
+    #[serde(default = "default_login_per_ip")]
+    pub login_per_ip: Scalar<u64>,
+    #[serde(default = "default_login_per_user")]
+    pub login_per_username: Scalar<u64>,
+    #[serde(default = "default_login_window")]
+    pub login_window: Duration,
+}
+
+fn default_issuer_alg() -> Text {
+    Text::from("HS256")
+}
+fn default_login_path() -> Text {
+    Text::from("/auth/login")
+}
+fn default_guest_path() -> Text {
+    Text::from("/auth/guest")
+}
+fn default_token_ttl() -> Duration {
+    Duration::secs(3600)
+}
+fn default_guest_ttl() -> Duration {
+    Duration::secs(900)
+}
+fn default_guest_role() -> Text {
+    Text::from("guest")
+}
+fn default_login_per_ip() -> Scalar<u64> {
+    Scalar(20)
+}
+fn default_login_per_user() -> Scalar<u64> {
+    Scalar(5)
+}
+fn default_login_window() -> Duration {
+    Duration::secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -34,6 +34,9 @@ pub struct Config {
     /// Named authenticators that routes refer to.
     #[serde(default)]
     pub authenticators: BTreeMap<String, Spanned<crate::AuthenticatorConfig>>,
+    /// Tokens the gateway issues itself (`/auth/login`, `/auth/guest`).
+    #[serde(default)]
+    pub token_issuer: Option<Spanned<crate::TokenIssuerConfig>>,
     /// Named upstreams that routes may reference by name instead of a URL.
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
@@ -406,6 +409,9 @@ pub struct RouteAuthConfig {
     /// Scopes the credential must carry (all of them).
     #[serde(default)]
     pub scopes: Vec<Text>,
+    /// Count requests against the API key's quota (429 `QUOTA_EXCEEDED` beyond it).
+    #[serde(default)]
+    pub quota: Flag,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -100,7 +100,25 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 )
             }
         },
-        (_, "/admin/config" | "/admin/routes" | "/admin/reload") => {
+        (&Method::GET, "/admin/apikeys") => match api_keys(shared).list().await {
+            Ok(list) => json(StatusCode::OK, &serde_json::json!({ "keys": list })),
+            Err(e) => store_error(e),
+        },
+        (&Method::POST, "/admin/apikeys") => create_key(shared, req).await,
+        (&Method::DELETE, p) if p.starts_with("/admin/apikeys/") => {
+            let id = &p["/admin/apikeys/".len()..];
+            match api_keys(shared).revoke(id).await {
+                Ok(true) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "revoked", "id": id}),
+                ),
+                Ok(false) | Err(portcullis_auth::apikey::ApiKeyError::InvalidFormat) => {
+                    GatewayError::new(ErrorCode::NotFound, "no such key").into_response("")
+                }
+                Err(e) => store_error(e),
+            }
+        }
+        (_, "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys") => {
             GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response("")
         }
         _ => GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response(""),
@@ -142,4 +160,85 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     res
+}
+
+fn api_keys(shared: &Shared) -> portcullis_auth::apikey::ApiKeys {
+    // No cache: the admin API reads and writes the store directly.
+    portcullis_auth::apikey::ApiKeys::new(shared.store().clone(), std::time::Duration::ZERO, 0)
+}
+
+fn store_error(e: portcullis_auth::apikey::ApiKeyError) -> Response<Body> {
+    tracing::warn!(error = %e, "admin: API key store operation failed");
+    GatewayError::server(ErrorCode::ServiceUnavailable).into_response("")
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    principal: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    /// Unix timestamp.
+    #[serde(default)]
+    expires_at: Option<u64>,
+    #[serde(default)]
+    limit: Option<u64>,
+    /// Seconds.
+    #[serde(default)]
+    window: Option<u64>,
+}
+
+/// `POST /admin/apikeys` `{principal, name?, scopes?, expires_at?, limit?, window?}` →
+/// 201 `{key, record}`; the raw key is in this response only.
+async fn create_key(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let bytes = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return GatewayError::new(ErrorCode::BadRequest, "body too large or incomplete")
+                .into_response("")
+        }
+    };
+    let body: CreateKey = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            return GatewayError::new(ErrorCode::BadRequest, format!("invalid request: {e}"))
+                .into_response("")
+        }
+    };
+    let quota = match (body.limit, body.window) {
+        (Some(limit), Some(window_secs)) => {
+            Some(portcullis_auth::apikey::Quota { limit, window_secs })
+        }
+        (None, None) => None,
+        _ => {
+            return GatewayError::new(
+                ErrorCode::BadRequest,
+                "set both `limit` and `window`, or neither",
+            )
+            .into_response("")
+        }
+    };
+    let new = portcullis_auth::apikey::NewKey {
+        principal: body.principal,
+        name: body.name,
+        scopes: body.scopes,
+        expires_at: body.expires_at,
+        quota,
+    };
+    match api_keys(shared).create(new).await {
+        Ok((key, record)) => json(
+            StatusCode::CREATED,
+            &serde_json::json!({"key": key, "record": record}),
+        ),
+        Err(portcullis_auth::apikey::ApiKeyError::Invalid(m)) => {
+            GatewayError::new(ErrorCode::BadRequest, m).into_response("")
+        }
+        Err(e) => store_error(e),
+    }
 }

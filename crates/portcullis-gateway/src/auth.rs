@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
+use portcullis_auth::apikey::{ApiKeyRecord, ApiKeys};
 use portcullis_auth::jwt::{JwtError, JwtVerifier, VerifiedToken};
 use subtle::ConstantTimeEq;
 
@@ -54,19 +55,31 @@ pub enum Authenticator {
         claim_headers: Vec<(String, HeaderName)>,
         principal_header: Option<HeaderName>,
     },
+    ApiKey {
+        name: Arc<str>,
+        enabled: bool,
+        keys: ApiKeys,
+        sources: TokenSources,
+        principal_header: Option<HeaderName>,
+        quota_fail_open: bool,
+    },
 }
 
 impl Authenticator {
     pub fn name(&self) -> &str {
         match self {
-            Authenticator::StaticToken { name, .. } | Authenticator::Jwt { name, .. } => name,
+            Authenticator::StaticToken { name, .. }
+            | Authenticator::Jwt { name, .. }
+            | Authenticator::ApiKey { name, .. } => name,
         }
     }
 
     fn sources(&self) -> TokenSources {
         match self {
             Authenticator::StaticToken { .. } => TokenSources::default(),
-            Authenticator::Jwt { sources, .. } => sources.clone(),
+            Authenticator::Jwt { sources, .. } | Authenticator::ApiKey { sources, .. } => {
+                sources.clone()
+            }
         }
     }
 
@@ -74,6 +87,9 @@ impl Authenticator {
     pub fn identity_headers(&self) -> Vec<HeaderName> {
         match self {
             Authenticator::StaticToken {
+                principal_header, ..
+            }
+            | Authenticator::ApiKey {
                 principal_header, ..
             } => principal_header.iter().cloned().collect(),
             Authenticator::Jwt {
@@ -113,7 +129,46 @@ impl Authenticator {
                     scopes: Vec::new(),
                     headers,
                     source: CredentialSource::Header,
+                    api_key: None,
                 })
+            }
+            Authenticator::ApiKey {
+                enabled,
+                keys,
+                principal_header,
+                quota_fail_open,
+                ..
+            } => {
+                // Other credentials (JWTs, static tokens) never cost a store lookup.
+                if !*enabled || !portcullis_auth::apikey::looks_like_api_key(credential) {
+                    return Err(Failure::Invalid);
+                }
+                match keys.verify(credential).await {
+                    Ok(Some(record)) => {
+                        let mut headers = Vec::new();
+                        if let (Some(h), Ok(v)) =
+                            (principal_header, HeaderValue::from_str(&record.principal))
+                        {
+                            headers.push((h.clone(), v));
+                        }
+                        Ok(Identity {
+                            principal: record.principal.clone(),
+                            scopes: record.scopes.clone(),
+                            headers,
+                            source: CredentialSource::Header,
+                            api_key: Some(ApiKeyUse {
+                                keys: keys.clone(),
+                                record,
+                                fail_open: *quota_fail_open,
+                            }),
+                        })
+                    }
+                    Ok(None) => Err(Failure::Invalid),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "API key lookup failed");
+                        Err(Failure::StoreUnavailable)
+                    }
+                }
             }
             Authenticator::Jwt {
                 verifier,
@@ -169,6 +224,7 @@ fn jwt_identity(
         scopes: token.scopes.clone(),
         headers,
         source: CredentialSource::Header,
+        api_key: None,
     }
 }
 
@@ -176,6 +232,23 @@ enum Failure {
     Invalid,
     Expired,
     KeysUnavailable,
+    StoreUnavailable,
+}
+
+/// The API key a request authenticated with, for quota accounting.
+#[derive(Clone)]
+pub struct ApiKeyUse {
+    pub keys: ApiKeys,
+    pub record: Arc<ApiKeyRecord>,
+    pub fail_open: bool,
+}
+
+impl std::fmt::Debug for ApiKeyUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyUse")
+            .field("id", &self.record.id)
+            .finish()
+    }
 }
 
 /// Who the request is, once authenticated.
@@ -186,6 +259,7 @@ pub struct Identity {
     /// Headers to set upstream (claims, principal).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub source: CredentialSource,
+    pub api_key: Option<ApiKeyUse>,
 }
 
 /// A route's authentication rule.
@@ -203,6 +277,8 @@ pub enum AuthPolicy {
         /// All of these must be granted.
         scopes: Arc<[String]>,
         forward_credential: bool,
+        /// Count requests against the API key's quota.
+        quota: bool,
     },
 }
 
@@ -211,6 +287,8 @@ pub struct Authenticated {
     pub identity: Option<Identity>,
     /// Remove the credential from where it was found before proxying.
     pub strip_credential: bool,
+    /// Headers for the response (quota state).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl AuthPolicy {
@@ -224,16 +302,19 @@ impl AuthPolicy {
             optional,
             scopes,
             forward_credential,
+            quota,
         } = self
         else {
             return Ok(Authenticated {
                 identity: None,
                 strip_credential: false,
+                response_headers: Vec::new(),
             });
         };
         let mut presented = false;
         let mut expired = false;
         let mut unavailable = false;
+        let mut store_down = false;
         for authenticator in authenticators.iter() {
             let Some((credential, source)) =
                 find_credential(&authenticator.sources(), headers, query)
@@ -247,13 +328,19 @@ impl AuthPolicy {
                     if let Some(missing) = scopes.iter().find(|s| !identity.scopes.contains(s)) {
                         return Err(insufficient_scope(scopes, missing));
                     }
+                    let response_headers = match (&identity.api_key, quota) {
+                        (Some(key), true) => consume_quota(key).await?,
+                        _ => Vec::new(),
+                    };
                     return Ok(Authenticated {
                         identity: Some(identity),
                         strip_credential: !forward_credential,
+                        response_headers,
                     });
                 }
                 Err(Failure::Expired) => expired = true,
                 Err(Failure::KeysUnavailable) => unavailable = true,
+                Err(Failure::StoreUnavailable) => store_down = true,
                 Err(Failure::Invalid) => {}
             }
         }
@@ -262,6 +349,7 @@ impl AuthPolicy {
                 return Ok(Authenticated {
                     identity: None,
                     strip_credential: false,
+                    response_headers: Vec::new(),
                 });
             }
             return Err(unauthorized(
@@ -277,8 +365,9 @@ impl AuthPolicy {
                 "Bearer error=\"invalid_token\", error_description=\"the token has expired\"",
             ));
         }
-        if unavailable {
-            tracing::warn!("JWT keys unavailable (JWKS not fetched yet); rejecting the token");
+        if unavailable || store_down {
+            // A credential we could not check is neither accepted nor called invalid.
+            tracing::warn!("credential could not be verified (JWKS or store unavailable)");
             return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
         }
         Err(unauthorized(
@@ -287,6 +376,50 @@ impl AuthPolicy {
             "Bearer error=\"invalid_token\"",
         ))
     }
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Counts one request against the key's quota; the store does it atomically, so
+/// instances sharing a Redis never admit more than the limit together.
+async fn consume_quota(key: &ApiKeyUse) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
+    if key.record.quota.is_none() {
+        return Ok(Vec::new());
+    }
+    let window = match key.keys.consume_quota(&key.record, 1).await {
+        Ok(w) => w,
+        Err(e) => {
+            if key.fail_open {
+                tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; letting the request through uncounted");
+                return Ok(Vec::new());
+            }
+            tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; refusing the request");
+            return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
+        }
+    };
+    let reset = window.reset_after.as_secs_f64().ceil() as u64;
+    let headers = vec![
+        (RATELIMIT_LIMIT.clone(), HeaderValue::from(window.limit)),
+        (
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(window.limit.saturating_sub(window.count)),
+        ),
+        (RATELIMIT_RESET.clone(), HeaderValue::from(reset)),
+    ];
+    if window.allowed {
+        return Ok(headers);
+    }
+    let mut e = GatewayError::new(
+        ErrorCode::QuotaExceeded,
+        "the API key's quota is used up for this window",
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from(reset.max(1)));
+    for (k, v) in headers {
+        e = e.with_header(k, v);
+    }
+    Err(e)
 }
 
 fn unauthorized(code: ErrorCode, message: &str, challenge: &'static str) -> GatewayError {

@@ -21,6 +21,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    QuotaExceeded,
+    RateLimited,
     UpstreamUnavailable,
     UpstreamTimeout,
     ServiceUnavailable,
@@ -40,6 +42,8 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
+            ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
@@ -56,6 +60,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::QuotaExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -70,6 +75,8 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable
                 | ErrorCode::UpstreamTimeout
                 | ErrorCode::ServiceUnavailable
+                | ErrorCode::QuotaExceeded
+                | ErrorCode::RateLimited
         )
     }
 

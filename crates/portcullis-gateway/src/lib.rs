@@ -10,11 +10,13 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod forwarded;
+pub mod login;
 pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod store;
 pub mod telemetry;
 pub mod template;
 pub mod tls;
@@ -22,7 +24,7 @@ pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use portcullis_config::ConfigErrors;
@@ -44,8 +46,49 @@ pub struct Shared {
     ready: AtomicBool,
     /// Serialises reloads; also remembers the last loaded file content.
     reload_lock: tokio::sync::Mutex<Option<u64>>,
-    /// Shared state; opened by [`Shared::open_store`] when the gateway starts.
-    store: OnceLock<Arc<dyn portcullis_store::Store>>,
+    /// Shared state (API keys, counters, users).
+    store: Arc<dyn portcullis_store::Store>,
+}
+
+/// Why the gateway could not load.
+#[derive(Debug)]
+pub enum LoadError {
+    Config(ConfigErrors),
+    Store(portcullis_store::StoreError),
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Config(e) => e.fmt(f),
+            LoadError::Store(e) => write!(f, "cannot open the store: {e}"),
+        }
+    }
+}
+
+impl From<ConfigErrors> for LoadError {
+    fn from(e: ConfigErrors) -> Self {
+        LoadError::Config(e)
+    }
+}
+
+/// Opens the store a config names: `""` embedded under `data_dir`, `redis://…` Redis.
+pub async fn open_store(
+    config: &portcullis_config::StoreConfig,
+) -> Result<Arc<dyn portcullis_store::Store>, portcullis_store::StoreError> {
+    let data_dir = std::path::PathBuf::from(config.data_dir.as_str());
+    let url = config.url.expose();
+    if url.is_empty() {
+        return Ok(Arc::new(portcullis_store::EmbeddedStore::open(&data_dir)?));
+    }
+    let store = portcullis_store::RedisStore::connect(portcullis_store::RedisOptions {
+        url: url.to_owned(),
+        key_prefix: config.key_prefix.to_string(),
+        connect_timeout: std::time::Duration::from_secs(5),
+        command_timeout: config.timeout.get(),
+    })
+    .await?;
+    Ok(Arc::new(store))
 }
 
 impl std::fmt::Debug for Shared {
@@ -58,14 +101,25 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// Loads and compiles the config at `path`.
-    pub async fn load(path: &Path) -> Result<Arc<Shared>, ConfigErrors> {
+    /// `open_store: false` (for `check` and `routes`) validates without touching the
+    /// store: features that need it fail until a real one is opened.
+    pub async fn load(path: &Path, open_store: bool) -> Result<Arc<Shared>, LoadError> {
         let config = portcullis_config::load(path)?;
+        let store: Arc<dyn portcullis_store::Store> = if open_store {
+            let store = crate::open_store(&config.store)
+                .await
+                .map_err(LoadError::Store)?;
+            tracing::info!(backend = store.backend_name(), "store opened");
+            store
+        } else {
+            Arc::new(store::Unopened)
+        };
         let resolver = CachingResolver::new(
             config.server.dns_cache_ttl.get(),
             config.server.dns_cache_size.0,
         );
         let clients = ClientRegistry::new(resolver);
-        let snapshot = snapshot::compile(config, path, &clients).await?;
+        let snapshot = snapshot::compile(config, path, &clients, &store).await?;
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
@@ -74,28 +128,15 @@ impl Shared {
             generation: Generation::new(),
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(file_hash(path)),
-            store: OnceLock::new(),
+            store,
         };
         let generation = shared.generation.next();
         shared.metrics.config_generation.set(generation as i64);
         Ok(Arc::new(shared))
     }
 
-    /// Opens the configured store (embedded file or Redis). A Redis that is down does
-    /// not stop the gateway: it starts, reports not-ready and reconnects.
-    pub async fn open_store(&self) -> Result<(), portcullis_store::StoreError> {
-        let snapshot = self.snapshot.load();
-        let cfg = &snapshot.config.store;
-        let data_dir = std::path::PathBuf::from(cfg.data_dir.as_str());
-        let store =
-            portcullis_store::open(cfg.url.expose(), &data_dir, cfg.key_prefix.as_str()).await?;
-        tracing::info!(backend = store.backend_name(), "store opened");
-        let _ = self.store.set(store);
-        Ok(())
-    }
-
-    pub fn store(&self) -> Option<&Arc<dyn portcullis_store::Store>> {
-        self.store.get()
+    pub fn store(&self) -> &Arc<dyn portcullis_store::Store> {
+        &self.store
     }
 
     pub fn is_ready(&self) -> bool {
@@ -107,18 +148,13 @@ impl Shared {
         if !self.is_ready() {
             return false;
         }
-        match self.store.get() {
-            Some(store) => {
-                match tokio::time::timeout(std::time::Duration::from_secs(2), store.ping()).await {
-                    Ok(Ok(())) => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "readiness: store unavailable");
-                        false
-                    }
-                    Err(_) => false,
-                }
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "readiness: store unavailable");
+                false
             }
-            None => true,
+            Err(_) => false,
         }
     }
 
@@ -136,7 +172,9 @@ impl Shared {
             return Ok(None);
         }
         let result = match portcullis_config::load(&self.config_path) {
-            Ok(config) => snapshot::compile(config, &self.config_path, &self.clients).await,
+            Ok(config) => {
+                snapshot::compile(config, &self.config_path, &self.clients, &self.store).await
+            }
             Err(e) => Err(e),
         };
         match result {

@@ -19,10 +19,6 @@ use crate::Shared;
 /// Runs every listener until `shutdown` resolves, then drains in-flight requests for
 /// up to the configured grace period.
 pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    shared
-        .open_store()
-        .await
-        .map_err(|e| std::io::Error::other(format!("cannot open the store: {e}")))?;
     let snapshot = shared.snapshot.load_full();
     // Every connection task holds a sender; when all are gone, draining is done.
     let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);

@@ -195,6 +195,13 @@ async fn dispatch(
         return res;
     }
 
+    if let Some(login) = &snapshot.login {
+        if login.handles(&path) {
+            record.route = Some(Arc::from("(login)"));
+            return login.handle(&path, req, client_ip).await;
+        }
+    }
+
     let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(header::HOST)
@@ -253,7 +260,7 @@ async fn dispatch(
         }
     }
 
-    match &route.action {
+    let result = match &route.action {
         Action::Proxy(action) => {
             let forward = Forward {
                 shared,
@@ -278,7 +285,13 @@ async fn dispatch(
         Action::Static(action) => serve_static(action, found.rest.unwrap_or(&path), req).await,
         Action::Respond(action) => Ok(respond(action, req.method())),
         Action::Redirect(action) => Ok(redirect(action, &found.params, found.rest, uri.query())),
-    }
+    };
+    result.map(|mut res| {
+        for (name, value) in authenticated.response_headers {
+            res.headers_mut().insert(name, value);
+        }
+        res
+    })
 }
 
 /// Health, liveness, readiness and (when configured on the main listener) metrics.

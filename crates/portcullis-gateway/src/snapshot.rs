@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub used_clients: Vec<ClientSettings>,
     /// Headers any authenticator sets: removed from every incoming request.
     pub identity_headers: std::collections::HashSet<HeaderName>,
+    /// `/auth/login` and `/auth/guest`, when `token_issuer` is configured.
+    pub login: Option<crate::login::LoginService>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +156,7 @@ pub async fn compile(
     config: Config,
     source: &Path,
     clients: &ClientRegistry,
+    store: &Arc<dyn portcullis_store::Store>,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Errors {
         file: source,
@@ -283,7 +286,7 @@ pub async fn compile(
     }
 
     // Routes.
-    let authenticators = compile_authenticators(&config, source, &mut errors).await;
+    let authenticators = compile_authenticators(&config, source, store, &mut errors).await;
     let mut identity_headers: HashSet<HeaderName> = authenticators
         .values()
         .flat_map(|a| a.identity_headers())
@@ -398,6 +401,11 @@ pub async fn compile(
         }
     }
 
+    let login = config
+        .token_issuer
+        .as_ref()
+        .and_then(|t| compile_login(&t.value, t.referenced, source, store, &mut errors));
+
     if !errors.list.is_empty() {
         return Err(ConfigErrors(errors.list));
     }
@@ -435,6 +443,7 @@ pub async fn compile(
         client_idle_timeout: config.server.client_idle_timeout.get(),
         used_clients,
         identity_headers,
+        login,
         source: source.to_owned(),
         config,
     })
@@ -478,6 +487,7 @@ fn header_name(
 async fn compile_authenticators(
     config: &Config,
     source: &Path,
+    store: &Arc<dyn portcullis_store::Store>,
     errors: &mut Errors<'_>,
 ) -> HashMap<String, Arc<Authenticator>> {
     use portcullis_config::AuthenticatorConfig;
@@ -522,6 +532,36 @@ async fn compile_authenticators(
                 match compile_jwt(name, j, at, &field, source, errors).await {
                     Some(a) => a,
                     None => continue,
+                }
+            }
+            AuthenticatorConfig::ApiKey(k) => {
+                let principal_header = match &k.principal_header {
+                    Some(h) => match header_name(
+                        h,
+                        at,
+                        format!("{field}.api_key.principal_header"),
+                        errors,
+                    ) {
+                        Some(h) => Some(h),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                Authenticator::ApiKey {
+                    name: Arc::from(name.as_str()),
+                    enabled: k.enabled.0,
+                    keys: portcullis_auth::apikey::ApiKeys::new(
+                        store.clone(),
+                        k.cache_ttl.get(),
+                        k.cache_size.0,
+                    ),
+                    sources: TokenSources {
+                        header: k.token_sources.header.0,
+                        cookie: k.token_sources.cookie.as_ref().map(|c| c.to_string()),
+                        query: k.token_sources.query.as_ref().map(|q| q.to_string()),
+                    },
+                    principal_header,
+                    quota_fail_open: k.quota_fail_open.0,
                 }
             }
         };
@@ -639,6 +679,86 @@ async fn compile_jwt(
     })
 }
 
+fn compile_login(
+    t: &portcullis_config::TokenIssuerConfig,
+    at: Location,
+    source: &Path,
+    store: &Arc<dyn portcullis_store::Store>,
+    errors: &mut Errors<'_>,
+) -> Option<crate::login::LoginService> {
+    use portcullis_auth::issuer::{IssuerConfig, SigningKey, TokenIssuer};
+    let field = "token_issuer";
+    let algorithm = match t.algorithm.parse::<portcullis_auth::jwt::Algorithm>() {
+        Ok(a) => a,
+        Err(_) => {
+            errors.push(
+                at,
+                format!("{field}.algorithm"),
+                format!("unsupported algorithm {:?}", t.algorithm.as_str()),
+            );
+            return None;
+        }
+    };
+    let key = match (&t.secret, &t.private_key) {
+        (Some(secret), None) => SigningKey::Secret(secret.expose().as_bytes().to_vec()),
+        (None, Some(file)) => {
+            let path = relative_to(source, file);
+            match std::fs::read(&path) {
+                Ok(pem) => SigningKey::PrivatePem(pem),
+                Err(e) => {
+                    errors.push(at, format!("{field}.private_key"), format!("{path}: {e}"));
+                    return None;
+                }
+            }
+        }
+        _ => {
+            errors.push(at, field, "set exactly one of `secret`, `private_key`");
+            return None;
+        }
+    };
+    let issuer = match TokenIssuer::new(IssuerConfig {
+        algorithm,
+        key,
+        issuer: t.issuer.as_ref().map(|s| s.to_string()),
+        audience: t.audience.as_ref().map(|s| s.to_string()),
+        kid: None,
+    }) {
+        Ok(i) => i,
+        Err(e) => {
+            errors.push(at, field, e.to_string());
+            return None;
+        }
+    };
+    for (name, path) in [("login_path", &t.login_path), ("guest_path", &t.guest_path)] {
+        if !path.is_empty() && !path.starts_with('/') {
+            errors.push(at, format!("{field}.{name}"), "must start with `/`");
+        }
+    }
+    Some(crate::login::LoginService {
+        issuer,
+        users: portcullis_auth::users::Users::new(store.clone()),
+        store: store.clone(),
+        login_path: t.login_path.to_string(),
+        guest_path: (!t.guest_path.is_empty()).then(|| t.guest_path.to_string()),
+        ttl: t.ttl.get(),
+        guest_ttl: t.guest_ttl.get(),
+        guest_role: t.guest_role.to_string(),
+        role_scopes: t
+            .role_scopes
+            .iter()
+            .map(|(role, scopes)| (role.clone(), scopes.iter().map(|s| s.to_string()).collect()))
+            .collect(),
+        claims: t
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+            .collect(),
+        per_ip: t.login_per_ip.0,
+        per_username: t.login_per_username.0,
+        window: t.login_window.get(),
+    })
+}
+
 /// A route's policy: `public`, its own `auth`, or the gateway-wide default.
 fn route_policy(
     config: &Config,
@@ -659,6 +779,7 @@ fn route_policy(
         }
         return AuthPolicy::Public;
     }
+    let quota = route.auth.as_ref().is_some_and(|a| a.quota.0);
     let (set, optional, scopes, forward) = match &route.auth {
         Some(a) => {
             let mut set: Vec<Arc<Authenticator>> =
@@ -706,11 +827,23 @@ fn route_policy(
         }
         return AuthPolicy::Open;
     }
+    if quota
+        && !set
+            .iter()
+            .any(|a| matches!(**a, Authenticator::ApiKey { .. }))
+    {
+        errors.push(
+            at,
+            format!("{field}.auth.quota"),
+            "quotas need an `api_key` authenticator on the route",
+        );
+    }
     AuthPolicy::Required {
         authenticators: set.into(),
         optional,
         scopes: scopes.into(),
         forward_credential: forward,
+        quota,
     }
 }
 
@@ -1142,13 +1275,4 @@ pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 5]> {
             ]
         })
         .collect()
-}
-
-/// Used by tests and `check`.
-pub async fn load_and_compile(
-    path: &Path,
-    clients: &ClientRegistry,
-) -> Result<Snapshot, ConfigErrors> {
-    let config = portcullis_config::load(path)?;
-    compile(config, path, clients).await
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod cli;
 use portcullis_gateway::Shared;
 
 #[derive(Parser)]
@@ -35,6 +37,12 @@ enum Command {
     Check,
     /// Print the compiled route table in match order.
     Routes,
+    /// Manage API keys in the store FILE configures.
+    #[command(subcommand)]
+    Apikey(cli::ApiKeyCommand),
+    /// Manage login users in the store FILE configures.
+    #[command(subcommand)]
+    User(cli::UserCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +61,8 @@ fn main() -> ExitCode {
     }) {
         Command::Check => check(&config),
         Command::Routes => routes(&config),
+        Command::Apikey(cmd) => cli::run_blocking(&config, |store| cli::apikey(store, cmd)),
+        Command::User(cmd) => cli::run_blocking(&config, |store| cli::user(store, cmd)),
         Command::Run { workers, pretty } => run(&config, workers, pretty),
     }
 }
@@ -102,17 +112,22 @@ fn load_blocking(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
         .enable_all()
         .build()
         .ok()?;
-    runtime.block_on(load(path))
+    runtime.block_on(load(path, false))
 }
 
 /// Loads and compiles; prints every error to stderr.
-async fn load(path: &std::path::Path) -> Option<std::sync::Arc<Shared>> {
-    match Shared::load(path).await {
+async fn load(path: &std::path::Path, open_store: bool) -> Option<std::sync::Arc<Shared>> {
+    match Shared::load(path, open_store).await {
         Ok(shared) => Some(shared),
-        Err(errors) => {
+        Err(portcullis_gateway::LoadError::Config(errors)) => {
             for e in &errors.0 {
                 eprintln!("error: {e}");
             }
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("error: {e}");
             None
         }
     }
@@ -157,7 +172,7 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
         }
     };
     // Compiled inside the serving runtime: background tasks (JWKS refresh) live there.
-    let Some(shared) = runtime.block_on(load(path)) else {
+    let Some(shared) = runtime.block_on(load(path, true)) else {
         return ExitCode::FAILURE;
     };
     tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting");

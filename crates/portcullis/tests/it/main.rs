@@ -2,6 +2,7 @@
 
 mod harness;
 mod identity;
+mod keys;
 #[path = "../../../portcullis-store/tests/common/mod.rs"]
 mod redis_harness;
 
