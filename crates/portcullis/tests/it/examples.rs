@@ -27,6 +27,12 @@ fn every_example_passes_check() {
                     ("UPSTREAM_URL", "http://127.0.0.1:1"),
                     ("JWT_SECRET", "x"),
                     ("AGENTS_SERVICE_URL", "http://127.0.0.1:1"),
+                    ("FOLDFORGE_GATEWAY__API_TOKEN", "t"),
+                    ("ORCHESTRATOR_URL", "http://127.0.0.1:1"),
+                    ("GATEWAY_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                    ("BUILD_SERVICE_URL", "http://127.0.0.1:1"),
+                    ("KV_SERVICE_URL", "http://127.0.0.1:1"),
+                    ("CORE_SERVICE_URL", "http://127.0.0.1:1"),
                 ],
             );
             assert_eq!(code, 0, "{}: {out}{err}", path.display());

@@ -3,6 +3,7 @@
 mod harness;
 mod identity;
 mod keys;
+mod login;
 #[path = "../../../portcullis-store/tests/common/mod.rs"]
 mod redis_harness;
 

@@ -1,0 +1,224 @@
+//! Tokens the gateway issues (Metacogna): login against users in the store, guest
+//! tokens, legacy salted-SHA-256 import upgraded to argon2id, login rate limits.
+
+use std::path::PathBuf;
+
+use crate::harness::*;
+
+const SECRET: &str = "metacogna-secret-0123456789abcdef";
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/metacogna.yaml")
+}
+
+struct Env {
+    vars: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(build: &str, kv: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![
+            ("PORTCULLIS_LISTEN", "127.0.0.1:0".to_owned()),
+            ("PORTCULLIS_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+            ("GATEWAY_JWT_SECRET", SECRET.to_owned()),
+            ("BUILD_SERVICE_URL", build.to_owned()),
+            ("KV_SERVICE_URL", kv.to_owned()),
+            ("CORE_SERVICE_URL", kv.to_owned()),
+            (
+                "PORTCULLIS_DATA_DIR",
+                dir.path().join("data").display().to_string(),
+            ),
+        ];
+        Env {
+            vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            dir,
+        }
+    }
+
+    fn pairs(&self) -> Vec<(&str, &str)> {
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    fn cli(&self, args: &[&str], stdin: &str) -> (i32, String, String) {
+        let cfg = example();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["-c", cfg.to_str().unwrap()]);
+        run_cli_stdin(&full, &self.pairs(), stdin)
+    }
+}
+
+async fn login(gw: &Gateway, user: &str, password: &str) -> reqwest::Response {
+    client()
+        .post(gw.url("/auth/login"))
+        .json(&serde_json::json!({"username": user, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_issues_tokens_the_gateway_accepts() {
+    let build = Upstream::echo().await;
+    let kv = Upstream::echo().await;
+    let env = Env::new(&build.url(), &kv.url());
+    let (code, out, err) = env.cli(
+        &["user", "add", "alice", "--role", "admin"],
+        "correct horse battery\n",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let gw = Gateway::start_file(&example(), &env.pairs());
+    let c = client();
+
+    let res = login(&gw, "alice", "correct horse battery").await;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 86400);
+    let token = body["token"].as_str().unwrap().to_owned();
+
+    // /build needs the token; the prefix is stripped; identity travels as headers.
+    assert_error(
+        c.get(gw.url("/build/jobs")).send().await.unwrap(),
+        401,
+        "UNAUTHORIZED",
+    )
+    .await;
+    let res = c
+        .get(gw.url("/build/jobs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let echo: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(echo["path"], "/jobs");
+    assert_eq!(echo["headers"]["x-user"][0], "alice");
+    assert_eq!(echo["headers"]["x-user-role"][0], "admin");
+
+    // /kv: optional — anonymous is fine, a bad token is not.
+    assert_eq!(c.get(gw.url("/kv/k1")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(gw.url("/kv/k1"))
+            .bearer_auth("forged.token.value")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    // Wrong password and unknown user: the same answer.
+    let wrong = login(&gw, "alice", "wrong password!").await;
+    let wrong_body = assert_error(wrong, 401, "UNAUTHORIZED").await;
+    let unknown = login(&gw, "nobody", "wrong password!").await;
+    let unknown_body = assert_error(unknown, 401, "UNAUTHORIZED").await;
+    assert_eq!(
+        wrong_body["error"]["message"],
+        unknown_body["error"]["message"]
+    );
+
+    // Malformed bodies: 400; GET: 405.
+    let res = c
+        .post(gw.url("/auth/login"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 400, "BAD_REQUEST").await;
+    let res = c.get(gw.url("/auth/login")).send().await.unwrap();
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+
+    // Guest tokens: short-lived, accepted by the gateway's own JWT authenticator.
+    let res = c.post(gw.url("/auth/guest")).send().await.unwrap();
+    let guest: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(guest["expires_in"], 3600);
+    let res = c
+        .get(gw.url("/core/x"))
+        .bearer_auth(guest["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let echo: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-user-role"][0], "guest");
+    assert!(echo["headers"]["x-user"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("guest-"));
+
+    // Passwords and tokens never reach the logs.
+    let logs = gw.logs();
+    assert!(!logs.contains("correct horse battery") && !logs.contains(&token));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_records_are_imported_and_upgraded() {
+    use sha2_for_tests::legacy_hash;
+    let up = Upstream::echo().await;
+    let env = Env::new(&up.url(), &up.url());
+    let records = serde_json::json!([
+        {"username": "olduser", "salt": "s4lt", "hash": legacy_hash("s4lt", "legacy-pass"), "role": "user"}
+    ]);
+    let file = env.dir.path().join("admins.json");
+    std::fs::write(&file, records.to_string()).unwrap();
+    let (code, out, err) = env.cli(&["user", "import", file.to_str().unwrap()], "");
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, out, _) = env.cli(&["user", "list"], "");
+    assert!(
+        out.contains("olduser") && out.contains("legacy-sha256"),
+        "{out}"
+    );
+
+    let gw = Gateway::start_file(&example(), &env.pairs());
+    assert_eq!(login(&gw, "olduser", "legacy-pass").await.status(), 200);
+    let (_, out, _) = env.cli(&["user", "list"], "");
+    assert!(
+        out.contains("argon2id") && !out.contains("legacy-sha256"),
+        "upgraded at first login: {out}"
+    );
+    assert_eq!(login(&gw, "olduser", "legacy-pass").await.status(), 200);
+    assert_eq!(login(&gw, "olduser", "other").await.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_attempts_are_rate_limited_per_username() {
+    let up = Upstream::echo().await;
+    let env = Env::new(&up.url(), &up.url());
+    let gw = Gateway::start_file(&example(), &env.pairs());
+    // The default allows 5 attempts per username per minute.
+    for _ in 0..5 {
+        assert_eq!(login(&gw, "victim", "guess").await.status(), 401);
+    }
+    let res = login(&gw, "victim", "guess").await;
+    assert!(res.headers().contains_key("retry-after"));
+    assert_error(res, 429, "RATE_LIMITED").await;
+}
+
+#[test]
+fn user_cli_rejects_weak_passwords_and_duplicates() {
+    let env = Env::new("http://127.0.0.1:1", "http://127.0.0.1:1");
+    let (code, _, err) = env.cli(&["user", "add", "bob"], "short\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("too short"), "{err}");
+    assert_eq!(env.cli(&["user", "add", "bob"], "long enough pass\n").0, 0);
+    let (code, _, err) = env.cli(&["user", "add", "bob"], "long enough pass\n");
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        env.cli(&["user", "passwd", "bob"], "another long one\n").0,
+        0
+    );
+    assert_eq!(env.cli(&["user", "remove", "bob"], "").0, 0);
+    assert_eq!(env.cli(&["user", "remove", "bob"], "").0, 1);
+}
+
+mod sha2_for_tests {
+    /// Metacogna's salted SHA-256: hex(SHA-256(salt ‖ password)).
+    pub fn legacy_hash(salt: &str, password: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{salt}{password}").as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
