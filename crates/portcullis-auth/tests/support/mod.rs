@@ -17,10 +17,16 @@ use tokio::net::TcpListener;
 
 pub const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test-secret";
 
+/// Fixtures live in this crate; other crates' tests include this module too.
 pub fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let own = here.join("tests/fixtures");
+    let dir = if own.is_dir() {
+        own
+    } else {
+        here.join("../portcullis-auth/tests/fixtures")
+    };
+    dir.join(name)
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {

@@ -399,3 +399,87 @@ fn unknown_authenticator_and_bad_algorithm_fail_check() {
         "{err}"
     );
 }
+
+/// JWKS at the gateway: a rotated key is accepted at once (refetch on unknown `kid`),
+/// and a token for a key the IdP dropped is refused after the next fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_rotation_through_the_gateway() {
+    use crate::jwt_support::{jwk, jwks, sign_with, signing_key, JwksServer};
+    use portcullis_auth::jwt::Algorithm as A;
+    let up = Upstream::echo().await;
+    let server = JwksServer::start(jwks(vec![jwk(A::RS256, "rsa1", "k1")])).await;
+    let yaml = format!(
+        "listeners:\n  - address: 127.0.0.1:0\nauthenticators:\n  idp:\n    jwt:\n      algorithms: [RS256]\n      jwks_url: \"{}\"\n      jwks_min_refetch: 200ms\nauth:\n  default: [idp]\nroutes:\n  - path_prefix: /\n    proxy: {{upstream: {}}}\n",
+        server.url,
+        up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    let claims = json!({"sub": "svc", "exp": now() + 600});
+    let k1 = sign_with(
+        A::RS256,
+        &signing_key(A::RS256, "rsa1"),
+        Some("k1"),
+        &claims,
+    );
+    let k2 = sign_with(
+        A::RS256,
+        &signing_key(A::RS256, "rsa2"),
+        Some("k2"),
+        &claims,
+    );
+    assert_eq!(
+        c.get(gw.url("/x"))
+            .bearer_auth(&k1)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(gw.url("/x"))
+            .bearer_auth(&k2)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    // The IdP rotates: k2 published, k1 retired.
+    server.set(200, jwks(vec![jwk(A::RS256, "rsa2", "k2")]));
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        c.get(gw.url("/x"))
+            .bearer_auth(&k2)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let res = c.get(gw.url("/x")).bearer_auth(&k1).send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        401,
+        "a retired key must not keep working from the cache"
+    );
+
+    // A token for an algorithm the authenticator does not allow is refused.
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"whatever"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.get(gw.url("/x"))
+            .bearer_auth(&hs)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}

@@ -366,3 +366,29 @@ async fn redis_outage_fails_closed_for_keys() {
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_keys_are_refused() {
+    let up = Upstream::echo().await;
+    let env = Env::new(&up.url(), true, None);
+    let gw = env.gateway();
+    let key = env.create_key(&["frank", "--expires", "2s"]);
+    assert_eq!(
+        client()
+            .get(gw.url("/v1/x"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let res = client()
+        .get(gw.url("/v1/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 401, "UNAUTHORIZED").await;
+}

@@ -2,6 +2,7 @@
 //! tokens, legacy salted-SHA-256 import upgraded to argon2id, login rate limits.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -221,4 +222,43 @@ mod sha2_for_tests {
         let digest = Sha256::digest(format!("{salt}{password}").as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// Redis down: logins cannot be checked or counted, so they answer 503 (fail-closed);
+/// the gateway keeps serving and recovers with Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_with_redis_down_is_a_503() {
+    use crate::redis_harness::RedisServer;
+    let up = Upstream::echo().await;
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let mut env = Env::new(&up.url(), &up.url());
+    env.vars.push((
+        "PORTCULLIS_STORE".into(),
+        format!("redis://127.0.0.1:{port}"),
+    ));
+    let (code, out, err) = env.cli(&["user", "add", "gina"], "a good password\n");
+    assert_eq!(code, 0, "{out}{err}");
+    let gw = Gateway::start_file(&example(), &env.pairs());
+    assert_eq!(login(&gw, "gina", "a good password").await.status(), 200);
+    drop(redis);
+    let res = login(&gw, "gina", "a good password").await;
+    assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
+    assert_eq!(
+        client().get(gw.url("/kv/x")).send().await.unwrap().status(),
+        200
+    );
+    let _redis = RedisServer::start_on(port);
+    // The test Redis keeps nothing on disk: add the user again.
+    let (code, out, err) = env.cli(&["user", "add", "gina"], "a good password\n");
+    assert_eq!(code, 0, "{out}{err}");
+    let mut ok = false;
+    for _ in 0..50 {
+        if login(&gw, "gina", "a good password").await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "logins work again once Redis is back");
 }

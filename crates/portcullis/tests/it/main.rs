@@ -2,6 +2,8 @@
 
 mod harness;
 mod identity;
+#[path = "../../../portcullis-auth/tests/support/mod.rs"]
+mod jwt_support;
 mod keys;
 mod login;
 #[path = "../../../portcullis-store/tests/common/mod.rs"]
