@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Portcullis benchmark: Portcullis vs nginx vs the bare upstream, on loopback.
+# Portcullis benchmark: Portcullis vs nginx vs the bare upstream, on loopback, plus
+# Portcullis-only groups: route-table size (routes) and authentication cost (auth).
 #
 # Usage (from anywhere; needs root or sudo-less apt for the first run):
-#   bench/run.sh                                 # full run, ~7 minutes
+#   bench/run.sh                                 # full run, ~9 minutes
 #   BENCH_DURATION=5 BENCH_ROUNDS=1 bench/run.sh # quick smoke run
 #
 # Knobs (environment):
@@ -11,7 +12,7 @@
 #   BENCH_ROUNDS=3         interleaved rounds; the table shows the median per metric
 #   BENCH_CONNECTIONS=50   wrk -c
 #   BENCH_THREADS=1        wrk -t
-#   BENCH_CONTENDERS="direct nginx portcullis routes"   subset to run
+#   BENCH_CONTENDERS="direct nginx portcullis routes auth"   subset to run
 #   BENCH_LAYOUT=isolated  isolated: proxy alone on SUT CPUs, upstream with wrk; shared: proxy+upstream
 #   BENCH_SUT_CPUS=0       taskset list for the proxy (and, with shared, the upstream)
 #   BENCH_WRK_CPUS=1       taskset list for the load generator (and, with isolated, the upstream)
@@ -38,7 +39,7 @@ WARMUP=${BENCH_WARMUP:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-1}
-CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes}
+CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth}
 SUT_CPUS=${BENCH_SUT_CPUS:-0}
 WRK_CPUS=${BENCH_WRK_CPUS:-1}
 PIN=${BENCH_PIN:-1}
@@ -51,13 +52,14 @@ BIG_BYTES=65536
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 want() { [[ " $CONTENDERS " == *" $1 "* ]]; }
+want_gateway() { want portcullis || want routes || want auth; }
 
 for v in DURATION WARMUP ROUNDS CONNECTIONS THREADS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "BENCH_$v must be a non-negative integer (got '${!v}')"
 done
 ((ROUNDS >= 1 && DURATION >= 1)) || die "BENCH_ROUNDS and BENCH_DURATION must be >= 1"
 for c in $CONTENDERS; do
-    case $c in direct | nginx | portcullis | routes) ;; *) die "unknown contender '$c'" ;; esac
+    case $c in direct | nginx | portcullis | routes | auth) ;; *) die "unknown contender '$c'" ;; esac
 done
 
 # ---------------------------------------------------------------------------
@@ -93,6 +95,10 @@ fi
 command -v wrk >/dev/null || apt_install wrk wrk
 command -v curl >/dev/null || apt_install curl curl
 command -v taskset >/dev/null || apt_install taskset util-linux
+if want auth; then # test tokens: python3 standard library + openssl for RS256
+    command -v python3 >/dev/null || apt_install python3 python3-minimal python3
+    command -v openssl >/dev/null || apt_install openssl openssl
+fi
 CLK_TCK=$(getconf CLK_TCK)
 NCPU=$(nproc)
 
@@ -127,12 +133,12 @@ fi
 # ---------------------------------------------------------------------------
 if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
     pkgs=(-p portcullis-bench-upstream)
-    if want portcullis || want routes; then pkgs+=(-p portcullis); fi
+    if want_gateway; then pkgs+=(-p portcullis); fi
     log "cargo build --release ${pkgs[*]}"
     (cd "$ROOT" && cargo build --release "${pkgs[@]}" >&2)
 fi
 [[ -x $UPSTREAM_BIN ]] || die "upstream binary not found: $UPSTREAM_BIN"
-if want portcullis || want routes; then
+if want_gateway; then
     [[ -x $PORTCULLIS_BIN ]] || die "portcullis binary not found: $PORTCULLIS_BIN (set BENCH_CONTENDERS=\"direct nginx\" to skip it)"
 fi
 
@@ -175,15 +181,17 @@ free_port() {
     die "no free loopback port found"
 }
 
-# wait_http NAME PID URL TIMEOUT_S LOG: wait until URL answers 200.
+# wait_http NAME PID URL TIMEOUT_S LOG [HEADER]: wait until URL answers 200
+# (with HEADER, e.g. "Authorization: Bearer ...", sent on every try).
 wait_http() {
-    local name=$1 pid=$2 url=$3 tries=$(($4 * 10)) logf=$5
+    local name=$1 pid=$2 url=$3 tries=$(($4 * 10)) logf=$5 hdr=()
+    [[ -n ${6:-} ]] && hdr=(-H "$6")
     for _ in $(seq 1 "$tries"); do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -20 "$logf" >&2 || true
             die "$name exited during start-up (log above, from $logf)"
         fi
-        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+        if curl -fsS -o /dev/null --max-time 1 "${hdr[@]}" "$url" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
     tail -20 "$logf" >&2 || true
@@ -209,6 +217,9 @@ grep -q "listening on" "$TMP/upstream.log" || die "upstream did not print 'liste
 log "upstream pid $UPSTREAM_PID on $UPSTREAM_URL"
 
 declare -A PORT=() PROC_PIDS=()
+# Per-contender request header (auth group: "Authorization: Bearer ..."), sent by
+# the sanity check and by wrk.
+declare -A C_HEADER=()
 PORT[direct]=$UPORT
 PROC_PIDS[direct]=$UPSTREAM_PID
 
@@ -280,21 +291,28 @@ fi
 # ---------------------------------------------------------------------------
 # Portcullis
 # ---------------------------------------------------------------------------
-# start_portcullis NAME CONFIG TIMEOUT
+# assign_port NAME CONFIG: pick NAME's port and write it into CONFIG. Generated
+# configs carry a __PORT__ placeholder; examples/proxy.yaml reads PORTCULLIS_LISTEN.
+assign_port() {
+    local port
+    free_port port
+    sed -i "s/__PORT__/$port/g" "$2" 2>/dev/null || true
+    PORT[$1]=$port
+}
+
+# start_portcullis NAME CONFIG TIMEOUT: start it and wait until it answers 200 on
+# / (with C_HEADER[NAME] if set). Access logging is off, as for nginx.
 start_portcullis() {
     local name=$1 config=$2 timeout=$3 port aport pid
-    free_port port
+    [[ -n ${PORT[$name]:-} ]] || assign_port "$name" "$config"
+    port=${PORT[$name]}
     free_port aport
-    # Generated configs carry a __PORT__ placeholder; examples/proxy.yaml reads
-    # PORTCULLIS_LISTEN. Access logging is off, as for nginx.
-    sed -i "s/__PORT__/$port/g" "$config" 2>/dev/null || true
     PORTCULLIS_LISTEN="127.0.0.1:$port" UPSTREAM_URL="$UPSTREAM_URL" \
         PORTCULLIS_ADMIN_LISTEN="127.0.0.1:$aport" PORTCULLIS_WORKERS=1 PORTCULLIS_ACCESS_LOG=false \
         "${PIN_SUT[@]}" "$PORTCULLIS_BIN" run -c "$config" >"$TMP/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
-    wait_http "$name" "$pid" "http://127.0.0.1:$port/" "$timeout" "$TMP/$name.log"
-    PORT[$name]=$port
+    wait_http "$name" "$pid" "http://127.0.0.1:$port/" "$timeout" "$TMP/$name.log" "${C_HEADER[$name]:-}"
     PROC_PIDS[$name]=$pid
     log "$name pid $pid on 127.0.0.1:$port (admin $aport, config $config)"
 }
@@ -325,6 +343,78 @@ if want routes; then
     start_portcullis routes-10000 "$TMP/routes-10000.yaml" 60
 fi
 
+# Auth group: the small GET through four gateways that differ only in the route's
+# `auth` (none, JWT HS256, JWT RS256, API key). Each has its own embedded store.
+AUTH_FIXTURES="$ROOT/crates/portcullis-auth/tests/fixtures"
+AUTH_HS_SECRET="bench-secret-0123456789abcdef0123"
+# gen_auth NAME AUTHENTICATOR FILE (AUTHENTICATOR empty: no `auth` on the route)
+gen_auth() {
+    local name=$1 authn=$2 file=$3 auth_line=""
+    [[ -z $authn ]] || auth_line="    auth: {authenticators: [$authn]}"
+    cat >"$file" <<EOF
+listeners: [{address: "127.0.0.1:__PORT__"}]
+logging: {access_log: false}
+store: {data_dir: "$TMP/data-$name"}
+authenticators:
+  hs: {jwt: {algorithms: [HS256], secret: "$AUTH_HS_SECRET"}}
+  rs: {jwt: {algorithms: [RS256], public_keys: ["$AUTH_FIXTURES/rsa1.pub.pem"]}}
+  keys: {api_key: {cache_ttl: 60s}}
+routes:
+  - path_prefix: /
+$auth_line
+    proxy: {upstream: "$UPSTREAM_URL"}
+EOF
+}
+# make_jwt ALG: a compact JWT {"sub":"bench","exp":now+1 day}; HS256 with
+# $AUTH_HS_SECRET, RS256 with rsa1.key.pem (signed by openssl).
+make_jwt() {
+    local alg=$1 input sig
+    input=$(python3 -c '
+import base64, json, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+enc = lambda o: b64(json.dumps(o, separators=(",", ":")).encode())
+print(enc({"alg": sys.argv[1], "typ": "JWT"}) + "." + enc({"sub": "bench", "exp": int(time.time()) + 86400}))
+' "$alg") || die "python3 failed to build the $alg token"
+    case $alg in
+    HS256)
+        sig=$(python3 -c '
+import base64, hashlib, hmac, sys
+mac = hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), hashlib.sha256).digest()
+print(base64.urlsafe_b64encode(mac).rstrip(b"=").decode())
+' "$AUTH_HS_SECRET" "$input") || die "python3 failed to sign the HS256 token"
+        ;;
+    RS256)
+        sig=$(printf '%s' "$input" | openssl dgst -sha256 -sign "$AUTH_FIXTURES/rsa1.key.pem" -binary |
+            python3 -c 'import base64, sys; print(base64.urlsafe_b64encode(sys.stdin.buffer.read()).rstrip(b"=").decode())') ||
+            die "openssl failed to sign the RS256 token"
+        ;;
+    esac
+    [[ -n $sig ]] || die "empty $alg signature"
+    echo "$input.$sig"
+}
+
+if want auth; then
+    for f in rsa1.pub.pem rsa1.key.pem; do
+        [[ -f $AUTH_FIXTURES/$f ]] || die "auth fixture not found: $AUTH_FIXTURES/$f"
+    done
+    gen_auth auth-plain "" "$TMP/auth-plain.yaml"
+    gen_auth auth-hs256 hs "$TMP/auth-hs256.yaml"
+    gen_auth auth-rs256 rs "$TMP/auth-rs256.yaml"
+    gen_auth auth-apikey keys "$TMP/auth-apikey.yaml"
+    C_HEADER[auth-hs256]="Authorization: Bearer $(make_jwt HS256)"
+    C_HEADER[auth-rs256]="Authorization: Bearer $(make_jwt RS256)"
+    # The key goes into the embedded store before that gateway opens it.
+    assign_port auth-apikey "$TMP/auth-apikey.yaml"
+    "$PORTCULLIS_BIN" apikey create bench -c "$TMP/auth-apikey.yaml" >"$TMP/apikey.out" 2>"$TMP/apikey.err" ||
+        die "portcullis apikey create failed: $(cat "$TMP/apikey.err")"
+    api_key=$(tail -1 "$TMP/apikey.out")
+    [[ -n $api_key && $api_key != *" "* ]] || die "unexpected 'apikey create' output: $(cat "$TMP/apikey.out")"
+    C_HEADER[auth-apikey]="Authorization: Bearer $api_key"
+    for c in auth-plain auth-hs256 auth-rs256 auth-apikey; do
+        start_portcullis "$c" "$TMP/$c.yaml" 20
+    done
+fi
+
 # ---------------------------------------------------------------------------
 # Scenarios
 # ---------------------------------------------------------------------------
@@ -343,34 +433,44 @@ EOF
     cat "$TMP/report.lua"
 } >"$TMP/post.lua"
 
-SCENARIOS=(small big post routes)
-declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42)
-declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua)
-declare -A S_TITLE=([small]="small GET /" [big]="64 KiB GET /64k" [post]="16 KiB POST" [routes]="routes GET /svc5/items/42")
+SCENARIOS=(small big post routes auth)
+declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42 [auth]=/)
+declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua [auth]=report.lua)
+declare -A S_TITLE=([small]="small GET /" [big]="64 KiB GET /64k" [post]="16 KiB POST" [routes]="routes GET /svc5/items/42"
+    [auth]="auth small GET /")
 
 contenders_for() {
     local c out=()
     if [[ $1 == routes ]]; then
         for c in routes-10 routes-10000; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
+    elif [[ $1 == auth ]]; then
+        for c in auth-plain auth-hs256 auth-rs256 auth-apikey; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
     else
         for c in direct nginx portcullis; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
     fi
     echo "${out[@]}"
 }
 
-# Sanity: every contender answers every scenario correctly before we measure.
+# Sanity: every contender answers every scenario correctly before we measure;
+# contenders that need a credential answer 200 with it and 401 without.
 head -c "$POST_BYTES" /dev/zero | tr '\0' 'a' >"$TMP/post.body"
 for s in "${SCENARIOS[@]}"; do
     for c in $(contenders_for "$s"); do
         url="http://127.0.0.1:${PORT[$c]}${S_PATH[$s]}"
+        hdr=()
+        [[ -n ${C_HEADER[$c]:-} ]] && hdr=(-H "${C_HEADER[$c]}")
         if [[ $s == post ]]; then
-            out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 \
+            out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 "${hdr[@]}" \
                 -H 'Content-Type: application/octet-stream' --data-binary "@$TMP/post.body" "$url") || true
         else
-            out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 "$url") || true
+            out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 "${hdr[@]}" "$url") || true
         fi
         [[ ${out%% *} == 200 ]] || die "$c: ${S_TITLE[$s]} answered '$out' (want 200)"
         [[ $s != big || ${out##* } == "$BIG_BYTES" ]] || die "$c: /64k returned ${out##* } bytes"
+        if ((${#hdr[@]} > 0)); then
+            out=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$url") || true
+            [[ $out == 401 ]] || die "$c: ${S_TITLE[$s]} without credential answered '$out' (want 401)"
+        fi
     done
 done
 log "sanity checks passed"
@@ -415,15 +515,16 @@ printf 'round\tscenario\tcontender\treq_s\tp50_ms\tp99_ms\tnon2xx\tsocket_err\tc
 
 # run_wrk ROUND SCENARIO CONTENDER DURATION  (ROUND=warmup: not recorded)
 run_wrk() {
-    local round=$1 s=$2 c=$3 d=$4 pids t0 t1 w0 w1 a0 at0 a1 at1 b0 bt0 b1 bt1 out line
+    local round=$1 s=$2 c=$3 d=$4 pids t0 t1 w0 w1 a0 at0 a1 at1 b0 bt0 b1 bt1 out line hdr=()
     local url="http://127.0.0.1:${PORT[$c]}${S_PATH[$s]}"
+    [[ -n ${C_HEADER[$c]:-} ]] && hdr=(-H "${C_HEADER[$c]}")
     pids=$(measured_pids "$c")
     t0=$(proc_ticks "$pids")
     read -r a0 at0 < <(core_ticks "$SUT_CPU0")
     read -r b0 bt0 < <(core_ticks "$WRK_CPU0")
     w0=$(date +%s%N)
     out="$RAW/$round-$s-$c.txt"
-    "${PIN_WRK[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" --timeout 5s --latency \
+    "${PIN_WRK[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${d}s" --timeout 5s --latency "${hdr[@]}" \
         -s "$TMP/${S_SCRIPT[$s]}" "$url" >"$out" 2>&1 || die "wrk failed for $c/$s: $(tail -3 "$out")"
     w1=$(date +%s%N)
     read -r a1 at1 < <(core_ticks "$SUT_CPU0")
@@ -498,6 +599,10 @@ label() {
     portcullis) echo "Portcullis" ;;
     routes-10) echo "Portcullis, 10 routes" ;;
     routes-10000) echo "Portcullis, 10,000 routes" ;;
+    auth-plain) echo "Portcullis, plain proxy (no auth)" ;;
+    auth-hs256) echo "Portcullis, JWT HS256" ;;
+    auth-rs256) echo "Portcullis, JWT RS256 (cached token)" ;;
+    auth-apikey) echo "Portcullis, API key" ;;
     esac
 }
 get() { awk -F'\t' -v s="$1" -v c="$2" -v col="$3" '$1 == s && $2 == c { print $col }' "$MED"; }
@@ -603,6 +708,23 @@ REPORT="$TMP/report.md"
         echo "| req/s | $rr | $(verdict "$rr" '>=' 0.95) |"
         echo "| CPU µs/req | $cr | $(verdict "$cr" '<=' 1.05) |"
         echo "| p99 | $pr | - |"
+        echo
+    fi
+    if want auth; then
+        echo "## auth / plain proxy CPU per request"
+        echo
+        echo "Target: each within 1.1× the plain proxy's CPU per request."
+        echo
+        echo "| config | CPU/req ratio | req/s ratio | p99 ratio | CPU target |"
+        echo "|---|---:|---:|---:|---|"
+        for c in auth-hs256 auth-rs256 auth-apikey; do
+            cr=$(ratio "$(get auth "$c" 8)" "$(get auth auth-plain 8)")
+            rr=$(ratio "$(get auth "$c" 3)" "$(get auth auth-plain 3)")
+            pr=$(ratio "$(get auth "$c" 5)" "$(get auth auth-plain 5)")
+            INVALID=0
+            had_errors auth auth-plain "$c" && INVALID=1
+            echo "| $(label "$c") | $cr | $rr | $pr | $(verdict "$cr" '<=' 1.1) |"
+        done
         echo
     fi
     if ((any_errors > 0)); then
