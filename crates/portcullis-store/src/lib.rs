@@ -96,7 +96,11 @@ pub async fn open(url: &str, data_dir: &Path, key_prefix: &str) -> Result<Arc<dy
             .map_err(|e| StoreError::Backend(format!("open task failed: {e}")))??;
         return Ok(Arc::new(store));
     }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
+    if url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis-sentinel://")
+        || url.starts_with("rediss-sentinel://")
+    {
         let store = RedisStore::connect(RedisOptions {
             url: url.to_string(),
             key_prefix: key_prefix.to_string(),
@@ -106,7 +110,7 @@ pub async fn open(url: &str, data_dir: &Path, key_prefix: &str) -> Result<Arc<dy
         return Ok(Arc::new(store));
     }
     Err(StoreError::Backend(format!(
-        "unsupported store url scheme (expected empty, redis:// or rediss://): {}",
+        "unsupported store url scheme (expected empty, redis://, rediss://, redis-sentinel:// or rediss-sentinel://): {}",
         redact_url(url)
     )))
 }

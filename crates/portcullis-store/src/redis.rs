@@ -70,6 +70,14 @@ end
 return {1, current + cost, ttl}
 "#;
 
+/// Accepted URL schemes. Cluster is not: `scan_prefix` would only see one node.
+const SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis-sentinel://",
+    "rediss-sentinel://",
+];
+
 /// Redis/Valkey-backed [`Store`].
 pub struct RedisStore {
     client: fred::clients::Client,
@@ -95,13 +103,15 @@ impl RedisStore {
     /// [`StoreError::Unavailable`] meanwhile). Invalid URLs are an error.
     pub async fn connect(opts: RedisOptions) -> Result<Self> {
         let url = opts.url.trim();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        if !SCHEMES.iter().any(|s| url.starts_with(s)) {
             return Err(StoreError::Backend(format!(
-                "redis url must start with redis:// or rediss://: {}",
+                "redis url must start with redis://, rediss://, redis-sentinel:// or rediss-sentinel://: {}",
                 redact_url(url)
             )));
         }
-        let mut config = Config::from_url_centralized(url).map_err(|e| {
+        // `redis-sentinel://host:26379/db?sentinelServiceName=NAME`: fred asks the
+        // sentinels for the current primary and follows fail-overs.
+        let mut config = Config::from_url(url).map_err(|e| {
             StoreError::Backend(format!(
                 "invalid redis url {}: {}",
                 redact_url(url),

@@ -104,6 +104,49 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Start `redis-server` with `args` (which must include the listening port
+    /// options) and wait until `port` accepts TCP connections. For variants such as
+    /// `--requirepass`, TLS and `--sentinel` that a plain PING cannot probe.
+    pub fn start_with(port: u16, args: &[String]) -> Self {
+        assert_ne!(port, 6379, "never use the machine's own Redis port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new(redis_server_binary())
+            .args(args)
+            .args(["--dir", &dir.path().to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("redis-server exited early on port {port}: {status}");
+            }
+            if TcpStream::connect_timeout(
+                &([127, 0, 0, 1], port).into(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Give a sentinel or TLS listener a moment past accept().
+        std::thread::sleep(Duration::from_millis(200));
+        server
+    }
+
     fn wait_ready(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
