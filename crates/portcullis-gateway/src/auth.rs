@@ -33,6 +33,16 @@ impl Default for TokenSources {
     }
 }
 
+impl From<&portcullis_config::TokenSources> for TokenSources {
+    fn from(c: &portcullis_config::TokenSources) -> Self {
+        TokenSources {
+            header: c.header.0,
+            cookie: c.cookie.as_ref().map(|v| v.to_string()),
+            query: c.query.as_ref().map(|v| v.to_string()),
+        }
+    }
+}
+
 /// Where a credential was found: it is removed from there before proxying.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialSource {

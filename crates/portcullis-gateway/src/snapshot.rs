@@ -555,11 +555,7 @@ async fn compile_authenticators(
                         k.cache_ttl.get(),
                         k.cache_size.0,
                     ),
-                    sources: TokenSources {
-                        header: k.token_sources.header.0,
-                        cookie: k.token_sources.cookie.as_ref().map(|c| c.to_string()),
-                        query: k.token_sources.query.as_ref().map(|q| q.to_string()),
-                    },
+                    sources: TokenSources::from(&k.token_sources),
                     principal_header,
                     quota_fail_open: k.quota_fail_open.0,
                 }
@@ -669,11 +665,7 @@ async fn compile_jwt(
     Some(Authenticator::Jwt {
         name: Arc::from(name),
         verifier,
-        sources: TokenSources {
-            header: j.token_sources.header.0,
-            cookie: j.token_sources.cookie.as_ref().map(|c| c.to_string()),
-            query: j.token_sources.query.as_ref().map(|q| q.to_string()),
-        },
+        sources: TokenSources::from(&j.token_sources),
         claim_headers,
         principal_header,
     })

@@ -262,3 +262,19 @@ async fn login_with_redis_down_is_a_503() {
     }
     assert!(ok, "logins work again once Redis is back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_and_login_attempts_are_rate_limited_per_ip() {
+    let up = Upstream::echo().await;
+    let env = Env::new(&up.url(), &up.url());
+    let gw = Gateway::start_file(&example(), &env.pairs());
+    // The default allows 20 attempts per client IP per minute, guests included.
+    for i in 0..20 {
+        let res = client().post(gw.url("/auth/guest")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "attempt {i}");
+    }
+    let res = client().post(gw.url("/auth/guest")).send().await.unwrap();
+    assert_error(res, 429, "RATE_LIMITED").await;
+    let res = login(&gw, "someone-new", "whatever").await;
+    assert_error(res, 429, "RATE_LIMITED").await;
+}
