@@ -11,7 +11,8 @@ use crate::interp::{Duration, Flag, Scalar, Secret, Text};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Empty: the embedded store (SQLite under `data_dir`). `redis://[:password@]host:port[/db]`
+    /// Empty: the embedded store (SQLite under `data_dir`). `redis://[:password@]host:port[/db]`,
+    /// `redis-sentinel://…?sentinelServiceName=NAME`, `redis-cluster://host:port[,host:port]`
     /// or `rediss://…` (TLS): Valkey/Redis.
     #[serde(default)]
     pub url: Secret,

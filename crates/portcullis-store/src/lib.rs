@@ -84,9 +84,10 @@ pub trait Store: Send + Sync + 'static {
     fn backend_name(&self) -> &'static str;
 }
 
-/// Picks the backend: `""` → [`EmbeddedStore`] under `data_dir`; `redis://…` or
-/// `rediss://…` → [`RedisStore`] with `key_prefix` (default timeouts: connect 5 s,
-/// command 2 s).
+/// Picks the backend: `""` → [`EmbeddedStore`] under `data_dir`; `redis://…`,
+/// `rediss://…`, `redis-sentinel://…`, `rediss-sentinel://…`, `redis-cluster://…` or
+/// `rediss-cluster://…` → [`RedisStore`] with `key_prefix` (default timeouts:
+/// connect 5 s, command 2 s).
 pub async fn open(url: &str, data_dir: &Path, key_prefix: &str) -> Result<Arc<dyn Store>> {
     let url = url.trim();
     if url.is_empty() {
@@ -100,6 +101,8 @@ pub async fn open(url: &str, data_dir: &Path, key_prefix: &str) -> Result<Arc<dy
         || url.starts_with("rediss://")
         || url.starts_with("redis-sentinel://")
         || url.starts_with("rediss-sentinel://")
+        || url.starts_with("redis-cluster://")
+        || url.starts_with("rediss-cluster://")
     {
         let store = RedisStore::connect(RedisOptions {
             url: url.to_string(),
@@ -110,7 +113,7 @@ pub async fn open(url: &str, data_dir: &Path, key_prefix: &str) -> Result<Arc<dy
         return Ok(Arc::new(store));
     }
     Err(StoreError::Backend(format!(
-        "unsupported store url scheme (expected empty, redis://, rediss://, redis-sentinel:// or rediss-sentinel://): {}",
+        "unsupported store url scheme (expected empty, redis://, rediss://, redis-sentinel://, rediss-sentinel://, redis-cluster:// or rediss-cluster://): {}",
         redact_url(url)
     )))
 }

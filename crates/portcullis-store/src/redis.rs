@@ -1,11 +1,18 @@
 //! Redis/Valkey backend via `fred`. Everything that must be exact across gateway
 //! instances is one command (SET NX PX, GETDEL) or one Lua script (window counter).
+//!
+//! Redis Cluster (`redis-cluster://host:port[,host:port]`): every command and the
+//! window script touch exactly one key and are routed by that key's hash slot;
+//! `scan_prefix` scans every primary node and reads values per hash slot; `ping`
+//! requires every primary node to answer.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::{
-    ClientLike, Config, Error as FredError, ErrorKind, Options, ReconnectPolicy, Value,
+    ClientLike, ClusterInterface, Config, Error as FredError, ErrorKind, Options, ReconnectPolicy,
+    Server, Value,
 };
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
@@ -15,7 +22,11 @@ use crate::{redact_url, ttl_millis, Result, Store, StoreError, WindowCount};
 /// Options for [`RedisStore::connect`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://[[user:]password@]host[:port][/db]` or `rediss://…` (TLS).
+    /// `redis://[[user:]password@]host[:port][/db]` or `rediss://…` (TLS);
+    /// `redis-sentinel://…` / `rediss-sentinel://…`; or
+    /// `redis-cluster://[[user:]password@]host:port[,host:port]` /
+    /// `rediss-cluster://…` (Redis Cluster; any reachable node is enough to discover
+    /// the others).
     pub url: String,
     /// Prepended to every key.
     pub key_prefix: String,
@@ -70,12 +81,14 @@ end
 return {1, current + cost, ttl}
 "#;
 
-/// Accepted URL schemes. Cluster is not: `scan_prefix` would only see one node.
-const SCHEMES: [&str; 4] = [
+/// Accepted URL schemes.
+const SCHEMES: [&str; 6] = [
     "redis://",
     "rediss://",
     "redis-sentinel://",
     "rediss-sentinel://",
+    "redis-cluster://",
+    "rediss-cluster://",
 ];
 
 /// Redis/Valkey-backed [`Store`].
@@ -85,6 +98,8 @@ pub struct RedisStore {
     options: Options,
     command_timeout: Duration,
     window_script: Script,
+    /// Redis Cluster deployment (commands routed by hash slot, scans per node).
+    clustered: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -105,7 +120,7 @@ impl RedisStore {
         let url = opts.url.trim();
         if !SCHEMES.iter().any(|s| url.starts_with(s)) {
             return Err(StoreError::Backend(format!(
-                "redis url must start with redis://, rediss://, redis-sentinel:// or rediss-sentinel://: {}",
+                "redis url must start with redis://, rediss://, redis-sentinel://, rediss-sentinel://, redis-cluster:// or rediss-cluster://: {}",
                 redact_url(url)
             )));
         }
@@ -118,6 +133,7 @@ impl RedisStore {
                 e.details()
             ))
         })?;
+        let clustered = config.server.is_clustered();
         // Keep retrying in the background if Redis is down at start.
         config.fail_fast = false;
         // fred builds its TLS config from rustls' process default; make sure there is
@@ -170,6 +186,7 @@ impl RedisStore {
             options,
             command_timeout,
             window_script: Script::from_lua(WINDOW_LUA),
+            clustered,
         })
     }
 
@@ -185,9 +202,34 @@ impl RedisStore {
         Value::from(k)
     }
 
+    /// Cluster hash slot of `key` (with the store prefix).
+    fn slot(&self, key: &str) -> u16 {
+        let mut k = Vec::with_capacity(self.prefix.len() + key.len());
+        k.extend_from_slice(self.prefix.as_bytes());
+        k.extend_from_slice(key.as_bytes());
+        fred::util::redis_keyslot(&k)
+    }
+
+    /// Run `name` with `args`, routed (in a cluster) by the hash slot of the first
+    /// string argument, which must be the key.
     async fn cmd(&self, name: &'static str, args: Vec<Value>) -> Result<Value> {
-        let command = CustomCommand::new_static(name, ClusterHash::FirstKey, false);
-        let client = self.client.with_options(&self.options);
+        self.run(name, ClusterHash::FirstKey, None, args).await
+    }
+
+    /// Run a command with an explicit cluster routing: on `node` if set, else by `hash`
+    /// (for custom commands fred honours only `ClusterHash::Custom`; anything else
+    /// routes by the first string argument).
+    async fn run(
+        &self,
+        name: &'static str,
+        hash: ClusterHash,
+        node: Option<&Server>,
+        args: Vec<Value>,
+    ) -> Result<Value> {
+        let command = CustomCommand::new_static(name, hash, false);
+        let mut options = self.options.clone();
+        options.cluster_node = node.cloned();
+        let client = self.client.with_options(&options);
         let fut = client.custom::<Value, Value>(command, args);
         // fred enforces the timeout itself; this is a safety net so nothing ever hangs.
         match tokio::time::timeout(self.command_timeout + Duration::from_millis(250), fut).await {
@@ -195,6 +237,118 @@ impl RedisStore {
             Ok(Err(e)) => Err(map_fred(name, &e)),
             Err(_) => Err(StoreError::Unavailable(format!("redis {name}: timed out"))),
         }
+    }
+
+    /// Nodes to scan or ping: every primary of a cluster (from fred's cached cluster
+    /// state), or `[None]` (the one server) otherwise.
+    fn nodes(&self) -> Result<Vec<Option<Server>>> {
+        if !self.clustered {
+            return Ok(vec![None]);
+        }
+        let primaries = self
+            .client
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        if primaries.is_empty() {
+            return Err(StoreError::Unavailable(
+                "redis cluster: cluster state not known yet".into(),
+            ));
+        }
+        Ok(primaries.into_iter().map(Some).collect())
+    }
+
+    /// Keys (without the store prefix) on `node` matching `prefix`.
+    async fn scan_node(
+        &self,
+        node: Option<&Server>,
+        pattern: &str,
+        prefix: &str,
+        keys: &mut Vec<String>,
+    ) -> Result<()> {
+        let mut cursor = String::from("0");
+        loop {
+            let reply = self
+                .run(
+                    "SCAN",
+                    ClusterHash::Random,
+                    node,
+                    vec![
+                        Value::from(cursor.clone()),
+                        Value::from("MATCH"),
+                        Value::from(pattern.to_string()),
+                        Value::from("COUNT"),
+                        Value::from(1000_i64),
+                    ],
+                )
+                .await?;
+            let mut parts = match reply {
+                Value::Array(parts) if parts.len() == 2 => parts,
+                other => {
+                    return Err(StoreError::Backend(format!(
+                        "unexpected SCAN reply: {:?}",
+                        other.kind()
+                    )))
+                }
+            };
+            let batch = parts.pop().unwrap_or(Value::Null);
+            let next = parts.pop().unwrap_or(Value::Null);
+            for k in batch.into_array() {
+                if let Some(Ok(s)) = value_bytes(k).ok().flatten().map(String::from_utf8) {
+                    if let Some(stripped) = s.strip_prefix(&self.prefix) {
+                        if stripped.starts_with(prefix) {
+                            keys.push(stripped.to_string());
+                        }
+                    }
+                }
+            }
+            cursor = next
+                .into_string()
+                .ok_or_else(|| StoreError::Backend("SCAN cursor is not a string".into()))?;
+            if cursor == "0" {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Values of `keys` (without the store prefix), in order; `None` for missing keys.
+    /// In a cluster, one MGET per hash slot (MGET across slots fails with CROSSSLOT).
+    async fn mget(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        if !self.clustered {
+            let args = keys.iter().map(|k| self.key(k)).collect();
+            let values = self.cmd("MGET", args).await?.into_array();
+            if values.len() != keys.len() {
+                return Err(StoreError::Backend(format!(
+                    "MGET returned {} values for {} keys",
+                    values.len(),
+                    keys.len()
+                )));
+            }
+            return values.into_iter().map(value_bytes).collect();
+        }
+        let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_slot.entry(self.slot(k)).or_default().push(i);
+        }
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        for (slot, idxs) in by_slot {
+            let args = idxs.iter().map(|&i| self.key(&keys[i])).collect();
+            let values = self
+                .run("MGET", ClusterHash::Custom(slot), None, args)
+                .await?
+                .into_array();
+            if values.len() != idxs.len() {
+                return Err(StoreError::Backend(format!(
+                    "MGET returned {} values for {} keys",
+                    values.len(),
+                    idxs.len()
+                )));
+            }
+            for (i, v) in idxs.into_iter().zip(values) {
+                out[i] = value_bytes(v)?;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -339,47 +493,11 @@ impl Store for RedisStore {
         let pattern = format!("{}*", glob_escape(&format!("{}{}", self.prefix, prefix)));
         // SCAN returns keys in no particular order, so collect every match, sort, and
         // keep the first `limit`.
+        // In a cluster every primary holds its own part of the keyspace.
         let mut keys: Vec<String> = Vec::new();
-        let mut cursor = String::from("0");
-        loop {
-            let reply = self
-                .cmd(
-                    "SCAN",
-                    vec![
-                        Value::from(cursor.clone()),
-                        Value::from("MATCH"),
-                        Value::from(pattern.clone()),
-                        Value::from("COUNT"),
-                        Value::from(1000_i64),
-                    ],
-                )
+        for node in self.nodes()? {
+            self.scan_node(node.as_ref(), &pattern, prefix, &mut keys)
                 .await?;
-            let mut parts = match reply {
-                Value::Array(parts) if parts.len() == 2 => parts,
-                other => {
-                    return Err(StoreError::Backend(format!(
-                        "unexpected SCAN reply: {:?}",
-                        other.kind()
-                    )))
-                }
-            };
-            let batch = parts.pop().unwrap_or(Value::Null);
-            let next = parts.pop().unwrap_or(Value::Null);
-            for k in batch.into_array() {
-                if let Some(Ok(s)) = value_bytes(k).ok().flatten().map(String::from_utf8) {
-                    if let Some(stripped) = s.strip_prefix(&self.prefix) {
-                        if stripped.starts_with(prefix) {
-                            keys.push(stripped.to_string());
-                        }
-                    }
-                }
-            }
-            cursor = next
-                .into_string()
-                .ok_or_else(|| StoreError::Backend("SCAN cursor is not a string".into()))?;
-            if cursor == "0" {
-                break;
-            }
         }
         keys.sort_unstable();
         keys.dedup();
@@ -387,10 +505,9 @@ impl Store for RedisStore {
         // Keys may expire or be deleted between SCAN and MGET: fetch in chunks and skip
         // missing values until `limit` live entries are collected.
         for chunk in keys.chunks(limit.clamp(1, 500)) {
-            let args = chunk.iter().map(|k| self.key(k)).collect();
-            let values = self.cmd("MGET", args).await?.into_array();
+            let values = self.mget(chunk).await?;
             for (k, v) in chunk.iter().zip(values) {
-                if let Some(v) = value_bytes(v)? {
+                if let Some(v) = v {
                     out.push((k.clone(), v));
                     if out.len() >= limit {
                         return Ok(out);
@@ -416,11 +533,15 @@ impl Store for RedisStore {
             Value::from(limit.to_string()),
             Value::from(to_i64(ttl_millis(window))),
         ];
-        let reply = match self.cmd("EVALSHA", args.clone()).await {
+        // Route by the key's slot, not the script/SHA in args[0]. (fred applies only
+        // `ClusterHash::Custom` to custom commands; other variants fall back to the
+        // first string argument.)
+        let hash = ClusterHash::Custom(self.slot(key));
+        let reply = match self.run("EVALSHA", hash.clone(), None, args.clone()).await {
             Err(StoreError::Backend(msg)) if msg.contains("NOSCRIPT") => {
-                // EVAL caches the script, so later EVALSHA calls hit.
+                // EVAL caches the script (on that node), so later EVALSHA calls hit.
                 args[0] = Value::from(WINDOW_LUA);
-                self.cmd("EVAL", args).await?
+                self.run("EVAL", hash, None, args).await?
             }
             other => other?,
         };
@@ -442,15 +563,20 @@ impl Store for RedisStore {
         })
     }
 
+    /// In a cluster, every primary node must answer (each owns part of the keys).
     async fn ping(&self) -> Result<()> {
-        let v = self.cmd("PING", Vec::new()).await?;
-        match v.as_str().as_deref() {
-            Some("PONG") => Ok(()),
-            _ => Err(StoreError::Backend(format!(
-                "unexpected PING reply: {:?}",
-                v.kind()
-            ))),
+        for node in self.nodes()? {
+            let v = self
+                .run("PING", ClusterHash::Random, node.as_ref(), Vec::new())
+                .await?;
+            if v.as_str().as_deref() != Some("PONG") {
+                return Err(StoreError::Backend(format!(
+                    "unexpected PING reply: {:?}",
+                    v.kind()
+                )));
+            }
         }
+        Ok(())
     }
 
     fn backend_name(&self) -> &'static str {

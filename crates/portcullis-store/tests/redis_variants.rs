@@ -1,9 +1,12 @@
-//! Redis deployments beyond a plain server: password, TLS (`rediss://`), Sentinel.
-//! Each against a real `redis-server` started here.
+//! Redis deployments beyond a plain server: password, TLS (`rediss://`), Sentinel,
+//! Cluster. Each against real `redis-server` processes started here.
 
 mod common;
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{free_port, RedisServer};
 use portcullis_store::{RedisOptions, RedisStore, Store, StoreError};
@@ -115,4 +118,182 @@ async fn sentinel_finds_the_primary() {
     let url = format!("redis-sentinel://127.0.0.1:{sentinel_port}/0?sentinelServiceName=mymaster");
     let store = RedisStore::connect(options(url)).await.unwrap();
     round_trip(&store).await;
+}
+
+/// `redis-cli` next to the harness's `redis-server` (Debian: package `redis-tools`,
+/// installed with `redis-server`).
+fn redis_cli() -> PathBuf {
+    let server = common::redis_server_binary();
+    let sibling = server.with_file_name("redis-cli");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("redis-cli")
+}
+
+fn cluster_node_args(port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &format!("nodes-{port}.conf"),
+        "--cluster-node-timeout",
+        "2000",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--bind",
+        "127.0.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test]
+async fn redis_cluster_routes_by_slot_and_scans_every_node() {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            let port = free_port();
+            RedisServer::start_with(port, &cluster_node_args(port))
+        })
+        .collect();
+    let cli = redis_cli();
+    let mut create = Command::new(&cli);
+    create.arg("--cluster").arg("create");
+    for n in &nodes {
+        create.arg(format!("127.0.0.1:{}", n.port));
+    }
+    let out = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every node must see the full slot map before clients connect.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        loop {
+            let info = Command::new(&cli)
+                .args(["-p", &n.port.to_string(), "cluster", "info"])
+                .output()
+                .expect("run redis-cli cluster info");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    let url = format!("redis-cluster://127.0.0.1:{}", nodes[0].port);
+    let store = Arc::new(RedisStore::connect(options(url)).await.unwrap());
+    store.ping().await.unwrap();
+
+    // 50 keys spread over slots (and so over all three nodes).
+    for i in 0..50 {
+        let key = format!("multi:key-{i:02}");
+        store
+            .set(&key, format!("value-{i}").as_bytes(), None)
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        let key = format!("multi:key-{i:02}");
+        assert_eq!(
+            store.get(&key).await.unwrap(),
+            Some(format!("value-{i}").into_bytes()),
+            "{key}"
+        );
+    }
+    // The keys really live on more than one node.
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..50 {
+        let out = Command::new(&cli)
+            .args([
+                "-p",
+                &nodes[0].port.to_string(),
+                "cluster",
+                "keyslot",
+                &format!("t:multi:key-{i:02}"),
+            ])
+            .output()
+            .unwrap();
+        let slot: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        // `--cluster create` splits 16384 slots into three near-equal ranges.
+        owners.insert(slot / 5462);
+    }
+    assert!(owners.len() >= 2, "keys all hash to one node: {owners:?}");
+
+    // scan_prefix sees every node, ordered by key.
+    let all = store.scan_prefix("multi:", 100).await.unwrap();
+    assert_eq!(all.len(), 50);
+    for (i, (k, v)) in all.iter().enumerate() {
+        assert_eq!(k, &format!("multi:key-{i:02}"));
+        assert_eq!(v, &format!("value-{i}").into_bytes());
+    }
+    let first = store.scan_prefix("multi:", 7).await.unwrap();
+    assert_eq!(first.len(), 7);
+    assert_eq!(first[6].0, "multi:key-06");
+
+    // set_nx, take, delete.
+    assert!(store.set_nx("nx", b"1", None).await.unwrap());
+    assert!(!store.set_nx("nx", b"2", None).await.unwrap());
+    assert_eq!(store.get("nx").await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert!(store
+        .set_nx("nx-ttl", b"1", Some(Duration::from_secs(30)))
+        .await
+        .unwrap());
+    assert_eq!(store.take("nx").await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(store.take("nx").await.unwrap(), None);
+    assert!(store.delete("multi:key-00").await.unwrap());
+    assert!(!store.delete("multi:key-00").await.unwrap());
+    assert_eq!(store.get("multi:key-00").await.unwrap(), None);
+    assert_eq!(store.scan_prefix("multi:", 100).await.unwrap().len(), 49);
+
+    // Window counter on several keys (different slots): exact under concurrency.
+    for name in ["win-a", "win-b", "win-c"] {
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .consume_window(name, 1, 30, Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut allowed = 0;
+        for t in tasks {
+            if t.await.unwrap().allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 30, "{name}");
+        let w = store
+            .consume_window(name, 0, 30, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(w.count, 30);
+    }
+
+    // The open() entry point accepts the scheme too.
+    let dir = common::data_dir();
+    let via_open = portcullis_store::open(
+        &format!("redis-cluster://127.0.0.1:{}", nodes[1].port),
+        dir.path(),
+        "t:",
+    )
+    .await
+    .unwrap();
+    assert_eq!(via_open.backend_name(), "redis");
+    via_open.ping().await.unwrap();
+    assert_eq!(via_open.scan_prefix("multi:", 100).await.unwrap().len(), 49);
 }
