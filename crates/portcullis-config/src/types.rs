@@ -116,9 +116,6 @@ pub struct ServerConfig {
     /// Max time to read a request head from a client.
     #[serde(default = "default_header_timeout")]
     pub header_read_timeout: Duration,
-    /// Client keep-alive connections idle longer than this are closed.
-    #[serde(default = "default_client_idle")]
-    pub client_idle_timeout: Duration,
     /// TTL of cached DNS answers for upstream hosts.
     #[serde(default = "default_dns_ttl")]
     pub dns_cache_ttl: Duration,
@@ -140,7 +137,6 @@ impl Default for ServerConfig {
             request_id_header: default_request_id_header(),
             encoded_slashes: EncodedSlashes::default(),
             header_read_timeout: default_header_timeout(),
-            client_idle_timeout: default_client_idle(),
             dns_cache_ttl: default_dns_ttl(),
             dns_cache_size: default_dns_size(),
             watch_config: yes(),
@@ -159,9 +155,6 @@ fn default_request_id_header() -> Text {
 }
 fn default_header_timeout() -> Duration {
     Duration::secs(30)
-}
-fn default_client_idle() -> Duration {
-    Duration::secs(75)
 }
 fn default_dns_ttl() -> Duration {
     Duration::secs(10)

@@ -94,10 +94,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             ),
             Err(errors) => {
                 let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
-                json(
-                    StatusCode::BAD_REQUEST,
-                    &serde_json::json!({"error": {"code": "INVALID_CONFIG", "message": "the new config is invalid; the running config was kept", "details": list, "retryable": false}}),
+                GatewayError::new(
+                    ErrorCode::InvalidConfig,
+                    "the new config is invalid; the running config was kept",
                 )
+                .with_details(list)
+                .into_response("")
             }
         },
         (&Method::GET, "/admin/apikeys") => match api_keys(shared).list().await {

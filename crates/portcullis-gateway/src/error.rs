@@ -13,6 +13,7 @@ use crate::body::Body;
 pub enum ErrorCode {
     BadRequest,
     InvalidPath,
+    InvalidConfig,
     Unauthorized,
     ExpiredToken,
     Forbidden,
@@ -30,10 +31,31 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 17] = [
+        ErrorCode::BadRequest,
+        ErrorCode::InvalidPath,
+        ErrorCode::InvalidConfig,
+        ErrorCode::Unauthorized,
+        ErrorCode::ExpiredToken,
+        ErrorCode::Forbidden,
+        ErrorCode::InsufficientScope,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RequestTimeout,
+        ErrorCode::QuotaExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::UpstreamTimeout,
+        ErrorCode::ServiceUnavailable,
+        ErrorCode::InternalError,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "BAD_REQUEST",
             ErrorCode::InvalidPath => "INVALID_PATH",
+            ErrorCode::InvalidConfig => "INVALID_CONFIG",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::ExpiredToken => "EXPIRED_TOKEN",
             ErrorCode::InsufficientScope => "INSUFFICIENT_SCOPE",
@@ -53,7 +75,9 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BadRequest | ErrorCode::InvalidPath => StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest | ErrorCode::InvalidPath | ErrorCode::InvalidConfig => {
+                StatusCode::BAD_REQUEST
+            }
             ErrorCode::Unauthorized | ErrorCode::ExpiredToken => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden | ErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
@@ -97,6 +121,8 @@ pub struct GatewayError {
     pub code: ErrorCode,
     message: String,
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// Itemised problems (`INVALID_CONFIG`: one line per config error).
+    details: Vec<String>,
 }
 
 impl GatewayError {
@@ -105,6 +131,7 @@ impl GatewayError {
             code,
             message: message.into(),
             headers: Vec::new(),
+            details: Vec::new(),
         }
     }
 
@@ -118,12 +145,17 @@ impl GatewayError {
         self
     }
 
+    pub fn with_details(mut self, details: Vec<String>) -> Self {
+        self.details = details;
+        self
+    }
+
     pub fn message(&self) -> &str {
         &self.message
     }
 
     pub fn into_response(self, request_id: &str) -> Response<Body> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {
                 "code": self.code.as_str(),
                 "message": self.message,
@@ -131,6 +163,9 @@ impl GatewayError {
                 "retryable": self.code.retryable(),
             }
         });
+        if !self.details.is_empty() {
+            body["error"]["details"] = serde_json::json!(self.details);
+        }
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
         let mut res = Response::new(Body::full(Bytes::from(bytes)));
@@ -145,5 +180,20 @@ impl GatewayError {
             h.append(name, value);
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/errors.md is the contract: every code must be listed there.
+    #[test]
+    fn every_code_is_documented() {
+        let docs = include_str!("../../../docs/errors.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| {} | `{}` |", code.status().as_u16(), code.as_str());
+            assert!(docs.contains(&row), "docs/errors.md lacks the row {row}");
+        }
     }
 }

@@ -40,6 +40,7 @@ pub use server::run;
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Metrics,
+    pub labels: telemetry::FixedLabels,
     pub clients: ClientRegistry,
     pub config_path: PathBuf,
     generation: Generation,
@@ -123,6 +124,7 @@ impl Shared {
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
+            labels: telemetry::FixedLabels::default(),
             clients,
             config_path: path.to_owned(),
             generation: Generation::new(),

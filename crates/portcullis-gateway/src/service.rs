@@ -99,7 +99,7 @@ pub async fn handle(
     let client_ip =
         crate::forwarded::client_ip(conn.peer, req.headers(), &snapshot.trusted_proxies);
     let mut record = AccessRecord {
-        metrics: shared.clone(),
+        shared: shared.clone(),
         start,
         method: req.method().clone(),
         path: String::new(),
@@ -191,13 +191,13 @@ async fn dispatch(
     }
 
     if let Some(res) = builtin(shared, snapshot, &path).await {
-        record.route = Some(Arc::from("(builtin)"));
+        record.route = Some(shared.labels.builtin.clone());
         return res;
     }
 
     if let Some(login) = &snapshot.login {
         if login.handles(&path) {
-            record.route = Some(Arc::from("(login)"));
+            record.route = Some(shared.labels.login.clone());
             return login.handle(&path, req, client_ip).await;
         }
     }

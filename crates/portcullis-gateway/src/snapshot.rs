@@ -45,7 +45,6 @@ pub struct Snapshot {
     pub access_log: bool,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
-    pub client_idle_timeout: Duration,
     pub used_clients: Vec<ClientSettings>,
     /// Headers any authenticator sets: removed from every incoming request.
     pub identity_headers: std::collections::HashSet<HeaderName>,
@@ -440,7 +439,6 @@ pub async fn compile(
         access_log: config.logging.access_log.0,
         shutdown_grace: config.server.shutdown_grace.get(),
         header_read_timeout: config.server.header_read_timeout.get(),
-        client_idle_timeout: config.server.client_idle_timeout.get(),
         used_clients,
         identity_headers,
         login,
@@ -1046,10 +1044,7 @@ fn compile_action(
         };
         let settings = ClientSettings {
             protocol,
-            ca_file: tls
-                .ca_file
-                .as_ref()
-                .map(|c| relative_to(config_path(errors), c)),
+            ca_file: tls.ca_file.as_ref().map(|c| relative_to(errors.file, c)),
             insecure_skip_verify: tls.insecure_skip_verify.0,
             connect_timeout: p.timeouts.connect.get(),
             pool_idle_timeout: idle.get(),
@@ -1078,7 +1073,7 @@ fn compile_action(
     }
 
     if let Some(s) = &route.static_files {
-        let dir = PathBuf::from(relative_to(config_path(errors), &s.dir.value));
+        let dir = PathBuf::from(relative_to(errors.file, &s.dir.value));
         if !dir.is_dir() {
             errors.push(
                 s.dir.referenced,
@@ -1184,10 +1179,6 @@ fn compile_action(
         }));
     }
     None
-}
-
-fn config_path<'a>(errors: &Errors<'a>) -> &'a Path {
-    errors.file
 }
 
 /// Relative file paths in the config are relative to the config file's directory,

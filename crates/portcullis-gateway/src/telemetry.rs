@@ -44,6 +44,23 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Route labels of requests no configured route handled; allocated once.
+pub struct FixedLabels {
+    pub unmatched: Arc<str>,
+    pub builtin: Arc<str>,
+    pub login: Arc<str>,
+}
+
+impl Default for FixedLabels {
+    fn default() -> Self {
+        FixedLabels {
+            unmatched: Arc::from("(none)"),
+            builtin: Arc::from("(builtin)"),
+            login: Arc::from("(login)"),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -164,7 +181,7 @@ pub fn method_label(m: &Method) -> &'static str {
 /// What one request did; logged and counted when its response body ends (or is
 /// dropped), so streams report their real duration and size.
 pub struct AccessRecord {
-    pub metrics: Arc<crate::Shared>,
+    pub shared: Arc<crate::Shared>,
     pub start: Instant,
     pub method: Method,
     pub path: String,
@@ -180,17 +197,14 @@ pub struct AccessRecord {
     pub completed: bool,
 }
 
-static UNMATCHED: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-
-fn unmatched() -> Arc<str> {
-    UNMATCHED.get_or_init(|| Arc::from("(none)")).clone()
-}
-
 impl Drop for AccessRecord {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        let route = self.route.clone().unwrap_or_else(unmatched);
-        let m = &self.metrics.metrics;
+        let route = self
+            .route
+            .clone()
+            .unwrap_or_else(|| self.shared.labels.unmatched.clone());
+        let m = &self.shared.metrics;
         m.requests
             .get_or_create(&RequestLabels {
                 route: route.clone(),
