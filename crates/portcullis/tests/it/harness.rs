@@ -636,3 +636,9 @@ pub fn run_cli_stdin(args: &[&str], env: &[(&str, &str)], input: &str) -> (i32, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// An upstream address where nothing listens, deterministically: port 1 on loopback
+/// (a freed ephemeral port could be taken by a parallel test).
+pub fn dead_upstream() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1))
+}

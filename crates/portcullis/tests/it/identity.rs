@@ -228,7 +228,11 @@ async fn bad_tokens_are_rejected() {
         .await
         .unwrap();
     assert_error(res, 401, "UNAUTHORIZED").await;
-    // Tokens never reach the logs.
+    // Tokens never reach the logs (wait for the last access line first).
+    assert!(
+        gw.wait_log("\"route\":\"rsa-only\"", std::time::Duration::from_secs(5))
+            .await
+    );
     let logs = gw.logs();
     assert!(!logs.contains(SECRET) && !logs.contains(&hs256(eloquent_claims(&["read"]))[..40]));
 }

@@ -203,7 +203,8 @@ async fn admin_token_keys_quota_and_principal() {
         .await
         .unwrap();
     assert_error(res, 401, "UNAUTHORIZED").await;
-    // Keys never reach the logs.
+    // Keys never reach the logs (wait for the last request's access line first).
+    assert!(gw.wait_log("\"status\":401", Duration::from_secs(5)).await);
     assert!(!gw.logs().contains(&key));
 }
 

@@ -150,7 +150,11 @@ async fn login_issues_tokens_the_gateway_accepts() {
         .unwrap()
         .starts_with("guest-"));
 
-    // Passwords and tokens never reach the logs.
+    // Passwords and tokens never reach the logs (wait for the access lines first).
+    assert!(
+        gw.wait_log("\"route\":\"core\"", Duration::from_secs(5))
+            .await
+    );
     let logs = gw.logs();
     assert!(!logs.contains("correct horse battery") && !logs.contains(&token));
 }

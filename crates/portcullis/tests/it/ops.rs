@@ -112,17 +112,20 @@ async fn metrics_by_route_never_by_raw_path() {
     );
     assert!(text.contains("portcullis_config_generation 1"), "{text}");
     assert!(!text.contains("unique-"), "raw paths must never be labels");
-    // Metrics are not on the main listener by default.
-    let res = c.get(gw.url("/metrics")).send().await.unwrap();
-    assert_ne!(res.status(), 200);
+    // Metrics are not on the main listener by default: the path is an ordinary
+    // (here token-protected) request, never the metrics page.
+    let res = c
+        .get(gw.url("/metrics"))
+        .bearer_auth("api-S3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "NOT_FOUND").await;
 }
 
 #[tokio::test]
 async fn upstream_errors_are_counted() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_upstream();
     let gw = Gateway::start(&config(&format!("http://{dead}")));
     let c = client();
     let res = c
@@ -240,10 +243,7 @@ async fn admin_endpoints_disabled_without_a_token() {
 
 #[tokio::test]
 async fn five_xx_bodies_carry_no_internal_detail() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_upstream();
     let gw = Gateway::start(&config(&format!("http://{dead}")));
     let res = client()
         .get(gw.url("/echo/x"))
@@ -257,7 +257,7 @@ async fn five_xx_bodies_carry_no_internal_detail() {
         "refused",
         "os error",
         "tcp",
-        &dead.port().to_string(),
+        &format!(":{}", dead.port()),
         "127.0.0.1",
         "hyper",
     ] {
@@ -278,7 +278,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let url = gw.url("/echo/slow?delay_ms=1000");
     let inflight =
         tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&up).await;
     let addr = gw.addr();
     let status = tokio::task::spawn_blocking(move || gw.terminate())
         .await
@@ -307,7 +307,7 @@ async fn shutdown_grace_bounds_the_drain() {
     let url = gw.url("/echo/slow?delay_ms=10000");
     let inflight =
         tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&up).await;
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || gw.terminate())
         .await
@@ -320,4 +320,18 @@ async fn shutdown_grace_bounds_the_drain() {
     );
     // The request that outlived the grace period was cut.
     assert!(inflight.await.unwrap().is_err());
+}
+
+/// Waits until the upstream has accepted a connection: the request is in flight.
+async fn wait_in_flight(up: &Upstream) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while up.connections.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The request head follows the connection within a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }

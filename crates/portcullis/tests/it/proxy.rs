@@ -744,10 +744,7 @@ async fn idle_timeout_cuts_a_silent_stream() {
 
 #[tokio::test]
 async fn dead_upstream_is_a_502_without_internal_detail() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_upstream();
     let gw = Gateway::start(&simple(&format!("http://{dead}")));
     let res = client().get(gw.url("/api/x")).send().await.unwrap();
     let body = assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
@@ -762,7 +759,7 @@ async fn dead_upstream_is_a_502_without_internal_detail() {
         "os error",
         "tcp",
         "127.0.0.1",
-        &dead.port().to_string(),
+        &format!(":{}", dead.port()),
         "hyper",
         "connect error",
     ] {
