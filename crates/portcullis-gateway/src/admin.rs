@@ -164,9 +164,10 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     res
 }
 
+/// The running snapshot's keys: revoking through them also clears the cache the
+/// authenticators verify with.
 fn api_keys(shared: &Shared) -> portcullis_auth::apikey::ApiKeys {
-    // No cache: the admin API reads and writes the store directly.
-    portcullis_auth::apikey::ApiKeys::new(shared.store().clone(), std::time::Duration::ZERO, 0)
+    shared.snapshot.load().api_keys.clone()
 }
 
 fn store_error(e: portcullis_auth::apikey::ApiKeyError) -> Response<Body> {

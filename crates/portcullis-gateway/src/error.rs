@@ -109,7 +109,9 @@ impl ErrorCode {
         match self {
             ErrorCode::UpstreamUnavailable => "the upstream service is unavailable",
             ErrorCode::UpstreamTimeout => "the upstream service did not answer in time",
-            ErrorCode::ServiceUnavailable => "the gateway is not ready",
+            ErrorCode::ServiceUnavailable => {
+                "the gateway or a service it depends on is not available"
+            }
             _ => "internal error",
         }
     }

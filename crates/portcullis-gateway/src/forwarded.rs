@@ -125,21 +125,7 @@ pub fn set_forwarding_headers(
         }
     }
 
-    // RFC 7239: quote IPv6 addresses.
-    let node = match peer_ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={scheme}");
-    if let Some(h) = host.and_then(|h| h.to_str().ok()) {
-        if h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-        {
-            element.push_str(";host=\"");
-            element.push_str(h);
-            element.push('"');
-        }
-    }
+    let element = forwarded_element(peer_ip, scheme);
     let forwarded = if from_trusted {
         let prior: Vec<&str> = headers
             .get_all(FORWARDED)

@@ -320,17 +320,7 @@ fn upstream_uri(
     f: &Forward<'_>,
     original: &Uri,
 ) -> Result<(Uri, Arc<str>), GatewayError> {
-    let lookup = |name: &str| -> Option<&str> {
-        f.params
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| *v)
-            .or_else(|| {
-                (name == "rest")
-                    .then(|| f.rest.map(|r| r.trim_start_matches('/')))
-                    .flatten()
-            })
-    };
+    let lookup = |name: &str| crate::template::param_value(f.params, f.rest, name);
     // The path the upstream sees, before any base path.
     let request_path: Cow<'_, str> = if let Some(rewrite) = &action.rewrite {
         Cow::Owned(rewrite.render(lookup))

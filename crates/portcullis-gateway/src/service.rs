@@ -143,9 +143,13 @@ pub async fn handle(
     if record.log {
         record.request_id = request_id_str.to_owned();
     }
-    Ok(res.map(|body| ResponseBody {
-        body,
-        record: Some(record),
+    // hyper never polls a body that is already at its end (redirects, 204, HEAD…).
+    Ok(res.map(|body| {
+        record.completed = body.is_end_stream();
+        ResponseBody {
+            body,
+            record: Some(record),
+        }
     }))
 }
 
@@ -284,7 +288,7 @@ async fn dispatch(
         }
         Action::Static(action) => serve_static(action, found.rest.unwrap_or(&path), req).await,
         Action::Respond(action) => Ok(respond(action, req.method())),
-        Action::Redirect(action) => Ok(redirect(action, &found.params, found.rest, uri.query())),
+        Action::Redirect(action) => redirect(action, &found.params, found.rest, uri.query()),
     };
     result.map(|mut res| {
         for (name, value) in authenticated.response_headers {
@@ -360,31 +364,24 @@ fn redirect(
     params: &[(&str, &str)],
     rest: Option<&str>,
     query: Option<&str>,
-) -> Response<Body> {
-    let mut location = action.to.render(|name| {
-        params
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| *v)
-            .or_else(|| {
-                (name == "rest")
-                    .then(|| rest.map(|r| r.trim_start_matches('/')))
-                    .flatten()
-            })
-    });
+) -> Result<Response<Body>, GatewayError> {
+    let mut location = action
+        .to
+        .render(|name| crate::template::param_value(params, rest, name));
     if let (true, Some(q)) = (action.keep_query, query) {
         location.push(if location.contains('?') { '&' } else { '?' });
         location.push_str(q);
     }
     let mut res = Response::new(Body::empty());
     *res.status_mut() = action.status;
-    match HeaderValue::from_str(&location) {
-        Ok(v) => {
-            res.headers_mut().insert(header::LOCATION, v);
-            res
-        }
-        Err(_) => GatewayError::server(ErrorCode::InternalError).into_response(""),
-    }
+    // Captured params are normalised path bytes, so this only fails for a `to:` the
+    // config check let through; it is logged, and the client gets the usual envelope.
+    let location = HeaderValue::from_str(&location).map_err(|_| {
+        tracing::error!(to = %location, "redirect target is not a valid Location header");
+        GatewayError::server(ErrorCode::InternalError)
+    })?;
+    res.headers_mut().insert(header::LOCATION, location);
+    Ok(res)
 }
 
 async fn serve_static(
@@ -415,8 +412,29 @@ async fn serve_static(
         tracing::warn!(error = %e, "static file error");
         GatewayError::server(ErrorCode::InternalError)
     })?;
-    if response.status() == StatusCode::NOT_FOUND {
-        return Err(GatewayError::new(ErrorCode::NotFound, "file not found"));
+    // Every error goes out in the one envelope, not as ServeDir's empty bodies.
+    match response.status() {
+        StatusCode::NOT_FOUND => {
+            return Err(GatewayError::new(ErrorCode::NotFound, "file not found"))
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            return Err(GatewayError::new(
+                ErrorCode::MethodNotAllowed,
+                "static files answer GET and HEAD only",
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("GET, HEAD")))
+        }
+        s if s.is_server_error() => {
+            tracing::warn!(status = s.as_u16(), "static file could not be served");
+            return Err(GatewayError::server(ErrorCode::InternalError));
+        }
+        s if s.is_client_error() && s != StatusCode::RANGE_NOT_SATISFIABLE => {
+            return Err(GatewayError::new(
+                ErrorCode::BadRequest,
+                "the request cannot be served from files",
+            ));
+        }
+        _ => {}
     }
     let mut response = response.map(Body::boxed);
     if let Some(cc) = &action.cache_control {

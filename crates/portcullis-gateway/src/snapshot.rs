@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub used_clients: Vec<ClientSettings>,
     /// Headers any authenticator sets: removed from every incoming request.
     pub identity_headers: std::collections::HashSet<HeaderName>,
+    /// The API-key cache shared by the api_key authenticators and the admin API.
+    pub api_keys: portcullis_auth::apikey::ApiKeys,
     /// `/auth/login` and `/auth/guest`, when `token_issuer` is configured.
     pub login: Option<crate::login::LoginService>,
 }
@@ -285,7 +287,8 @@ pub async fn compile(
     }
 
     // Routes.
-    let authenticators = compile_authenticators(&config, source, store, &mut errors).await;
+    let (authenticators, api_keys) =
+        compile_authenticators(&config, source, store, &mut errors).await;
     let mut identity_headers: HashSet<HeaderName> = authenticators
         .values()
         .flat_map(|a| a.identity_headers())
@@ -441,6 +444,7 @@ pub async fn compile(
         header_read_timeout: config.server.header_read_timeout.get(),
         used_clients,
         identity_headers,
+        api_keys,
         login,
         source: source.to_owned(),
         config,
@@ -487,9 +491,31 @@ async fn compile_authenticators(
     source: &Path,
     store: &Arc<dyn portcullis_store::Store>,
     errors: &mut Errors<'_>,
-) -> HashMap<String, Arc<Authenticator>> {
+) -> (
+    HashMap<String, Arc<Authenticator>>,
+    portcullis_auth::apikey::ApiKeys,
+) {
     use portcullis_config::AuthenticatorConfig;
     let mut out = HashMap::new();
+    // One key cache per snapshot, shared by every api_key authenticator and the admin
+    // API, so a key revoked through this instance is forgotten at once. Its TTL is the
+    // shortest configured one (the revocation bound every authenticator promises).
+    let api_key_configs = config
+        .authenticators
+        .values()
+        .filter_map(|a| match &a.value {
+            AuthenticatorConfig::ApiKey(k) => Some(k),
+            _ => None,
+        });
+    let (ttl, size) = api_key_configs.fold((None, 0), |(ttl, size), k| {
+        let t = k.cache_ttl.get();
+        (
+            Some(ttl.map_or(t, |x: std::time::Duration| x.min(t))),
+            size.max(k.cache_size.0),
+        )
+    });
+    let api_keys =
+        portcullis_auth::apikey::ApiKeys::new(store.clone(), ttl.unwrap_or_default(), size);
     for (name, spec) in &config.authenticators {
         let field = format!("authenticators.{name}");
         let at = spec.referenced;
@@ -548,11 +574,7 @@ async fn compile_authenticators(
                 Authenticator::ApiKey {
                     name: Arc::from(name.as_str()),
                     enabled: k.enabled.0,
-                    keys: portcullis_auth::apikey::ApiKeys::new(
-                        store.clone(),
-                        k.cache_ttl.get(),
-                        k.cache_size.0,
-                    ),
+                    keys: api_keys.clone(),
                     sources: TokenSources::from(&k.token_sources),
                     principal_header,
                     quota_fail_open: k.quota_fail_open.0,
@@ -561,7 +583,7 @@ async fn compile_authenticators(
         };
         out.insert(name.clone(), Arc::new(compiled));
     }
-    out
+    (out, api_keys)
 }
 
 async fn compile_jwt(
@@ -604,6 +626,13 @@ async fn compile_jwt(
     let keys = if let Some(secret) = &j.secret {
         KeySource::Secret(secret.expose().as_bytes().to_vec())
     } else if let Some(url) = &j.jwks_url {
+        if url.value.starts_with("http://") {
+            // Keys fetched in clear can be replaced by anyone on the path.
+            tracing::warn!(
+                authenticator = name,
+                "jwks_url uses plain http; use https outside tests"
+            );
+        }
         KeySource::Jwks {
             url: url.value.to_string(),
             refresh_interval: j.jwks_refresh.get(),
@@ -976,8 +1005,8 @@ fn compile_action(
                 }
             }
         } else {
-            let (scheme, after) = match url.split_once("://") {
-                Some((s, a)) if s == "http" || s == "https" => (s, a),
+            let after = match url.split_once("://") {
+                Some((s, a)) if s == "http" || s == "https" => a,
                 _ => {
                     errors.push(
                         p.upstream.referenced,
@@ -987,7 +1016,6 @@ fn compile_action(
                     return None;
                 }
             };
-            let _ = scheme;
             let (authority, path) = match after.find('/') {
                 Some(i) => (&after[..i], &after[i..]),
                 None => (after, ""),
@@ -1214,6 +1242,10 @@ pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {
         return Err(format!(
             "{url:?}: an upstream URL cannot have a query string"
         ));
+    }
+    if authority.as_str().contains('@') {
+        // They would never be sent, and would show up in logs as the upstream label.
+        return Err("an upstream URL cannot carry credentials (user:password@)".to_owned());
     }
     let base_path = uri.path().trim_end_matches('/').to_owned();
     Ok(FixedTarget {

@@ -68,6 +68,24 @@ impl Template {
     }
 }
 
+/// The value of template parameter `name`: a captured path param, or `rest` — the
+/// remainder of a prefix match without its leading slash.
+pub fn param_value<'a>(
+    params: &[(&str, &'a str)],
+    rest: Option<&'a str>,
+    name: &str,
+) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| *v)
+        .or_else(|| {
+            (name == "rest")
+                .then(|| rest.map(|r| r.trim_start_matches('/')))
+                .flatten()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,7 +70,11 @@ pub fn load_certified_key(cert_file: &str, key_file: &str) -> Result<Arc<Certifi
         .key_provider
         .load_private_key(key)
         .map_err(|e| format!("{key_file}: unsupported private key: {e}"))?;
-    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+    let key = CertifiedKey::new(certs, signing);
+    // A mismatched pair would pass every check and then fail every handshake.
+    key.keys_match()
+        .map_err(|e| format!("{key_file} does not match the certificate in {cert_file}: {e}"))?;
+    Ok(Arc::new(key))
 }
 
 /// Server certificates of one listener, chosen by SNI: exact names, then `*.suffix`,

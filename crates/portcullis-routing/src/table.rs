@@ -207,6 +207,9 @@ struct Candidate {
     route: usize,
     tail: Tail,
     methods: Option<Vec<Method>>,
+    /// Length of the entry's literal start (before its first `{`): between the two
+    /// trees, the match with the longer literal start is the more specific one.
+    literal: usize,
 }
 
 impl Candidate {
@@ -363,35 +366,21 @@ impl<T> RouteTable<T> {
     ) -> Lookup<'t, 'p, T> {
         // Only allocated when a path matches but its methods do not.
         let mut allowed: Option<Vec<Method>> = None;
-        for tree in self.tables_for(host, port).flat_map(PathTable::trees) {
-            let Ok(m) = tree.router.at(path) else {
-                continue;
-            };
-            // (A slot is only empty after a rolled-back insert.)
-            let Some(slot) = tree.slots.get(*m.value).filter(|s| !s.is_empty()) else {
-                continue;
-            };
-            let best = slot
-                .iter()
-                .filter_map(|c| Some(((c.is_prefix(), c.rank(method)?), c)))
-                .min_by_key(|(rank, _)| *rank);
-            if let Some((_, c)) = best {
-                if let Some(route) = self.routes.get(c.route) {
-                    return Lookup::Found(RouteMatch {
-                        value: &route.value,
-                        params: m.params.iter().filter(|(k, _)| *k != REST).collect(),
-                        rest: c.tail.rest(path, &m.params),
-                    });
+        for table in self.tables_for(host, port) {
+            // Both trees of a table may match (`/{page}/{x}` and the prefix `/api`
+            // for `/api/x`): the longer literal start wins, the exact tree on a tie.
+            let mut best: Option<(usize, RouteMatch<'t, 'p, T>)> = None;
+            for tree in table.trees() {
+                let Some((literal, found)) = self.match_tree(tree, method, path, &mut allowed)
+                else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|(l, _)| literal > *l) {
+                    best = Some((literal, found));
                 }
             }
-            // Every candidate here has an explicit method list, or it would
-            // have matched; a less specific host table may still accept it.
-            let allowed = allowed.get_or_insert_with(Vec::new);
-            for m in slot.iter().flat_map(|c| c.methods.iter().flatten()) {
-                add_method(allowed, m);
-                if m == Method::GET {
-                    add_method(allowed, &Method::HEAD);
-                }
+            if let Some((_, found)) = best {
+                return Lookup::Found(found);
             }
         }
         match allowed {
@@ -422,6 +411,45 @@ impl<T> RouteTable<T> {
     /// All routes in match order: host precedence as in `lookup`, then
     /// static paths, templates (more static segments first), prefixes
     /// (longest first).
+    /// The best candidate of one tree for `method`, with its literal length; a path
+    /// match whose methods all differ adds them to `allowed` instead.
+    fn match_tree<'t, 'p>(
+        &'t self,
+        tree: &'t PathTree,
+        method: &Method,
+        path: &'p str,
+        allowed: &mut Option<Vec<Method>>,
+    ) -> Option<(usize, RouteMatch<'t, 'p, T>)> {
+        let m = tree.router.at(path).ok()?;
+        // (A slot is only empty after a rolled-back insert.)
+        let slot = tree.slots.get(*m.value).filter(|s| !s.is_empty())?;
+        let best = slot
+            .iter()
+            .filter_map(|c| Some(((c.is_prefix(), c.rank(method)?), c)))
+            .min_by_key(|(rank, _)| *rank);
+        if let Some((_, c)) = best {
+            let route = self.routes.get(c.route)?;
+            return Some((
+                c.literal,
+                RouteMatch {
+                    value: &route.value,
+                    params: m.params.iter().filter(|(k, _)| *k != REST).collect(),
+                    rest: c.tail.rest(path, &m.params),
+                },
+            ));
+        }
+        // Every candidate here has an explicit method list, or it would have
+        // matched; a less specific host table may still accept the method.
+        let allowed = allowed.get_or_insert_with(Vec::new);
+        for m in slot.iter().flat_map(|c| c.methods.iter().flatten()) {
+            add_method(allowed, m);
+            if m == Method::GET {
+                add_method(allowed, &Method::HEAD);
+            }
+        }
+        None
+    }
+
     pub fn entries(&self) -> Vec<(&RouteSpec, &T)> {
         let mut exact: Vec<_> = self.exact.iter().collect();
         exact.sort_by(|a, b| a.0.cmp(b.0));
@@ -546,6 +574,7 @@ impl<T> RouteTableBuilder<T> {
                 route: id,
                 tail: *tail,
                 methods: spec.methods.clone(),
+                literal: key.find('{').unwrap_or(key.len()),
             };
             if let Err(err) = table.tree_mut(*tail).insert(key, candidate) {
                 table.exact.remove(id, &keys);
@@ -1020,6 +1049,22 @@ mod tests {
         assert_eq!(value(&t, "a", "/files/"), Some("files/**"));
         assert_eq!(value(&t, "a", "/about"), Some("page"));
         assert_eq!(value(&t, "a", "/about/x"), Some("/**"));
+    }
+
+    /// A longer literal start wins across the two trees: a public template must never
+    /// take a request that a more specific (say, authenticated) prefix owns.
+    #[test]
+    fn longer_literal_start_wins_between_template_and_prefix() {
+        let t = build(vec![
+            (spec("*", exact("/{page}/{x}")), "template"),
+            (spec("*", prefix("/api")), "api/**"),
+            (spec("*", exact("/api/v1/{id}")), "v1"),
+            (spec("*", prefix("/api/v1/items")), "items/**"),
+        ]);
+        assert_eq!(value(&t, "a", "/api/x"), Some("api/**"));
+        assert_eq!(value(&t, "a", "/docs/x"), Some("template"));
+        assert_eq!(value(&t, "a", "/api/v1/7"), Some("v1"));
+        assert_eq!(value(&t, "a", "/api/v1/items/3"), Some("items/**"));
     }
 
     #[test]
