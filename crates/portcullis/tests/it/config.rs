@@ -422,3 +422,22 @@ fn run_with_an_invalid_config_exits_quickly_with_the_error() {
     assert_ne!(code, 0);
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
+
+#[test]
+fn check_rejects_credentials_in_upstream_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_config(
+        dir.path(),
+        "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - path: /x\n    proxy:\n      upstream: http://user:pw@127.0.0.1:1\n",
+    );
+    let (code, _, err) = run_cli(&["check", "-c", p.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("routes[0].proxy.upstream") && err.contains("credentials"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("pw@"),
+        "the password must not be echoed: {err}"
+    );
+}

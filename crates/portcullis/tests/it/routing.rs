@@ -826,3 +826,41 @@ async fn ten_thousand_routes() {
     assert_eq!(get_host(gw.addr(), "x", "/svc1/items/1").await.0, 404);
     assert_eq!(get_host(gw.addr(), "x", "/svc10000/items/1").await.0, 404);
 }
+
+/// A public template must never take a request that a protected prefix with a longer
+/// literal start owns (`/api/x` is `/api`'s, not `/{page}/{x}`'s).
+#[tokio::test]
+async fn protected_prefix_beats_a_public_template() {
+    let up = Upstream::echo().await;
+    let yaml = format!(
+        "listeners:\n  - address: 127.0.0.1:0\nauth:\n  tokens: [t0ken]\nroutes:\n  - name: pages\n    path: /{{page}}/{{x}}\n    public: true\n    proxy: {{upstream: {u}}}\n  - name: api\n    path_prefix: /api\n    proxy: {{upstream: {u}}}\n",
+        u = up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let res = client().get(gw.url("/api/users")).send().await.unwrap();
+    assert_error(res, 401, "UNAUTHORIZED").await;
+    assert_eq!(
+        client()
+            .get(gw.url("/docs/intro"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// Static routes answer other methods in the one envelope, not with an empty body.
+#[tokio::test]
+async fn static_route_refuses_other_methods_with_json() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "<p>hi</p>").unwrap();
+    let yaml = format!(
+        "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - path_prefix: /\n    static: {{dir: \"{}\"}}\n",
+        dir.path().display()
+    );
+    let gw = Gateway::start(&yaml);
+    let res = client().post(gw.url("/index.html")).send().await.unwrap();
+    assert_eq!(res.headers()["allow"], "GET, HEAD");
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+}
