@@ -383,22 +383,29 @@ impl Store for EmbeddedStore {
                 })
                 .map_err(map_sqlite)?;
             let window_ms = ttl_millis(window);
-            let (current, expires_at, existing) = match row {
+            // `no_expiry`: a counter written by `set` without a TTL; its window starts now
+            // and must be stored even when the call is refused, or it never resets.
+            let (current, expires_at, existing, no_expiry) = match row {
                 Some((v, exp)) if live(exp, now) => {
-                    let exp = match exp {
-                        Some(e) => e,
-                        // A counter without expiry (written by `set`): start its window now.
-                        None => to_i64(now.saturating_add(window_ms)),
+                    let (exp, no_expiry) = match exp {
+                        Some(e) => (e, false),
+                        None => (to_i64(now.saturating_add(window_ms)), true),
                     };
-                    (parse_counter(&v)?, exp, true)
+                    (parse_counter(&v)?, exp, true, no_expiry)
                 }
-                _ => (0, to_i64(now.saturating_add(window_ms)), false),
+                _ => (0, to_i64(now.saturating_add(window_ms)), false, false),
             };
             let reset_after = Duration::from_millis(
                 u64::try_from(expires_at.saturating_sub(to_i64(now))).unwrap_or(0),
             );
             let next = current.saturating_add(cost);
             if next > limit {
+                if no_expiry {
+                    tx.prepare_cached("UPDATE kv SET expires_at = ?2 WHERE key = ?1")
+                        .and_then(|mut st| st.execute(params![key, expires_at]))
+                        .map_err(map_sqlite)?;
+                    tx.commit().map_err(map_sqlite)?;
+                }
                 return Ok(WindowCount {
                     allowed: false,
                     count: current,

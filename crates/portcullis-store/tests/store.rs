@@ -157,6 +157,15 @@ async fn suite(store: Arc<dyn Store>) {
     assert_eq!(denied.count, 5);
     assert_eq!(s.get("rl:a").await.unwrap().as_deref(), Some(&b"5"[..]));
 
+    // A counter already over its limit and without expiry (written by `set`) starts
+    // its window at the first refused call and resets when it ends.
+    s.set("rl:noexp", b"10", None).await.unwrap();
+    let w = s.consume_window("rl:noexp", 1, 5, window).await.unwrap();
+    assert!(!w.allowed);
+    tokio::time::sleep(window + Duration::from_millis(150)).await;
+    let w = s.consume_window("rl:noexp", 1, 5, window).await.unwrap();
+    assert_eq!((w.allowed, w.count), (true, 1), "the window must reset");
+
     // cost > 1
     let w = s.consume_window("rl:b", 3, 5, window).await.unwrap();
     assert_eq!((w.allowed, w.count), (true, 3));
