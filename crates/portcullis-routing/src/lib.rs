@@ -4,7 +4,7 @@
 pub mod normalize;
 pub mod table;
 
-pub use normalize::{normalize_path, EncodedSlash, NormalizeOptions, PathError};
+pub use normalize::{normalize_path, EncodedSlash, NormalizeOptions, PathError, PathParameters};
 pub use table::{
     split_host_port, HostPattern, Lookup, PathPattern, RouteError, RouteMatch, RouteSpec,
     RouteTable, RouteTableBuilder,
