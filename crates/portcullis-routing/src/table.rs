@@ -306,6 +306,40 @@ impl PathTree {
     }
 }
 
+/// The entry of one tree that a path matches, whatever the method.
+struct PathHit<'t, 'p> {
+    /// Length of the entry's literal start.
+    literal: usize,
+    /// Its routes, best first; never empty.
+    slot: &'t [Candidate],
+    params: matchit::Params<'t, 'p>,
+}
+
+impl<'t, 'p> PathHit<'t, 'p> {
+    fn at(tree: &'t PathTree, path: &'p str) -> Option<Self> {
+        let m = tree.router.at(path).ok()?;
+        // (A slot is only empty after a rolled-back insert.)
+        let slot = tree.slots.get(*m.value).filter(|s| !s.is_empty())?;
+        Some(Self {
+            // All candidates of a slot share its matchit entry.
+            literal: slot.iter().map(|c| c.literal).max().unwrap_or(0),
+            slot,
+            params: m.params,
+        })
+    }
+
+    /// Adds the methods of a hit that refused the method: every candidate has an
+    /// explicit method list, or it would have accepted.
+    fn add_methods(&self, allowed: &mut Vec<Method>) {
+        for m in self.slot.iter().flat_map(|c| c.methods.iter().flatten()) {
+            add_method(allowed, m);
+            if m == Method::GET {
+                add_method(allowed, &Method::HEAD);
+            }
+        }
+    }
+}
+
 /// The path tables of one host pattern, port-specific ones first.
 #[derive(Debug, Default)]
 struct ByPort(Vec<(Option<u16>, PathTable)>);
@@ -357,6 +391,14 @@ pub struct RouteTable<T> {
 impl<T> RouteTable<T> {
     /// Routes the request. `host` must be lowercase and without port (see
     /// [`split_host_port`]); `path` should be normalised.
+    ///
+    /// The most specific path match decides: tables in host order (exact host,
+    /// wildcards, any host; port-specific first), and within a table the longer
+    /// literal start, the exact tree on a tie. If none of its routes accepts the
+    /// method, the answer is 405 — a less specific route (a public `/**` beside a
+    /// `GET`-only `/admin`) never takes the request. Only a route with an equally
+    /// long literal start, in the same or a less specific host table, may still
+    /// accept it (host `a`: `GET /x` and any host: `POST /x`).
     pub fn lookup<'t, 'p>(
         &'t self,
         host: Option<&str>,
@@ -364,27 +406,32 @@ impl<T> RouteTable<T> {
         method: &Method,
         path: &'p str,
     ) -> Lookup<'t, 'p, T> {
-        // Only allocated when a path matches but its methods do not.
-        let mut allowed: Option<Vec<Method>> = None;
+        // Set by the most specific path match when it refuses the method: its
+        // literal length, below which no later match may take the request.
+        let mut floor: Option<usize> = None;
+        // `Vec::new` does not allocate: only a refused method fills it.
+        let mut allowed = Vec::new();
         for table in self.tables_for(host, port) {
             // Both trees of a table may match (`/{page}/{x}` and the prefix `/api`
-            // for `/api/x`): the longer literal start wins, the exact tree on a tie.
-            let mut best: Option<(usize, RouteMatch<'t, 'p, T>)> = None;
-            for tree in table.trees() {
-                let Some((literal, found)) = self.match_tree(tree, method, path, &mut allowed)
-                else {
+            // for `/api/x`): the longer literal start first, the exact tree on a tie.
+            let [exact, prefix] = table.trees().map(|tree| PathHit::at(tree, path));
+            let hits = match (&exact, &prefix) {
+                (Some(e), Some(p)) if p.literal > e.literal => [prefix, exact],
+                _ => [exact, prefix],
+            };
+            for hit in hits.into_iter().flatten() {
+                if floor.is_some_and(|floor| hit.literal < floor) {
                     continue;
-                };
-                if best.as_ref().is_none_or(|(l, _)| literal > *l) {
-                    best = Some((literal, found));
                 }
-            }
-            if let Some((_, found)) = best {
-                return Lookup::Found(found);
+                if let Some(found) = self.accept(&hit, method, path) {
+                    return Lookup::Found(found);
+                }
+                floor.get_or_insert(hit.literal);
+                hit.add_methods(&mut allowed);
             }
         }
-        match allowed {
-            Some(allowed) => Lookup::MethodNotAllowed { allowed },
+        match floor {
+            Some(_) => Lookup::MethodNotAllowed { allowed },
             None => Lookup::NotFound,
         }
     }
@@ -408,48 +455,29 @@ impl<T> RouteTable<T> {
             .flat_map(move |by_port| by_port.for_port(port))
     }
 
+    /// The best route of `hit` for `method`, if any accepts it.
+    fn accept<'t, 'p>(
+        &'t self,
+        hit: &PathHit<'t, 'p>,
+        method: &Method,
+        path: &'p str,
+    ) -> Option<RouteMatch<'t, 'p, T>> {
+        let (_, c) = hit
+            .slot
+            .iter()
+            .filter_map(|c| Some(((c.is_prefix(), c.rank(method)?), c)))
+            .min_by_key(|(rank, _)| *rank)?;
+        let route = self.routes.get(c.route)?;
+        Some(RouteMatch {
+            value: &route.value,
+            params: hit.params.iter().filter(|(k, _)| *k != REST).collect(),
+            rest: c.tail.rest(path, &hit.params),
+        })
+    }
+
     /// All routes in match order: host precedence as in `lookup`, then
     /// static paths, templates (more static segments first), prefixes
     /// (longest first).
-    /// The best candidate of one tree for `method`, with its literal length; a path
-    /// match whose methods all differ adds them to `allowed` instead.
-    fn match_tree<'t, 'p>(
-        &'t self,
-        tree: &'t PathTree,
-        method: &Method,
-        path: &'p str,
-        allowed: &mut Option<Vec<Method>>,
-    ) -> Option<(usize, RouteMatch<'t, 'p, T>)> {
-        let m = tree.router.at(path).ok()?;
-        // (A slot is only empty after a rolled-back insert.)
-        let slot = tree.slots.get(*m.value).filter(|s| !s.is_empty())?;
-        let best = slot
-            .iter()
-            .filter_map(|c| Some(((c.is_prefix(), c.rank(method)?), c)))
-            .min_by_key(|(rank, _)| *rank);
-        if let Some((_, c)) = best {
-            let route = self.routes.get(c.route)?;
-            return Some((
-                c.literal,
-                RouteMatch {
-                    value: &route.value,
-                    params: m.params.iter().filter(|(k, _)| *k != REST).collect(),
-                    rest: c.tail.rest(path, &m.params),
-                },
-            ));
-        }
-        // Every candidate here has an explicit method list, or it would have
-        // matched; a less specific host table may still accept the method.
-        let allowed = allowed.get_or_insert_with(Vec::new);
-        for m in slot.iter().flat_map(|c| c.methods.iter().flatten()) {
-            add_method(allowed, m);
-            if m == Method::GET {
-                add_method(allowed, &Method::HEAD);
-            }
-        }
-        None
-    }
-
     pub fn entries(&self) -> Vec<(&RouteSpec, &T)> {
         let mut exact: Vec<_> = self.exact.iter().collect();
         exact.sort_by(|a, b| a.0.cmp(b.0));
@@ -951,6 +979,8 @@ mod tests {
         );
     }
 
+    /// The same path on a less specific host is equally specific: it may take a
+    /// method the host's own route refuses.
     #[test]
     fn method_mismatch_falls_through_to_default_host() {
         let t = build(vec![
@@ -964,6 +994,153 @@ mod tests {
             (spec("*", exact("/x")), "any"),
         ]);
         assert_eq!(value(&t, "a.com", "/x"), Some("any"));
+    }
+
+    fn only(methods: &[Method], spec: RouteSpec) -> RouteSpec {
+        RouteSpec {
+            methods: Some(methods.to_vec()),
+            ..spec
+        }
+    }
+
+    /// The value found, or `Err(allowed)` for a 405, or `Err([])` for a 404.
+    fn call(
+        t: &RouteTable<&'static str>,
+        method: Method,
+        host: &str,
+        path: &str,
+    ) -> Result<&'static str, Vec<Method>> {
+        match t.lookup(Some(host), None, &method, path) {
+            Lookup::Found(m) => Ok(*m.value),
+            Lookup::MethodNotAllowed { allowed } => {
+                assert!(!allowed.is_empty());
+                Err(allowed)
+            }
+            Lookup::NotFound => Err(vec![]),
+        }
+    }
+
+    const GET_HEAD: [Method; 2] = [Method::GET, Method::HEAD];
+
+    /// A method mismatch on the most specific path must not fall through to a
+    /// less specific (say, public) route.
+    #[test]
+    fn method_mismatch_does_not_fall_through_to_a_shorter_path() {
+        let t = build(vec![
+            (only(&[Method::GET], spec("*", exact("/admin"))), "admin"),
+            (spec("*", prefix("/")), "public"),
+        ]);
+        assert_eq!(
+            call(&t, Method::DELETE, "a", "/admin"),
+            Err(GET_HEAD.to_vec())
+        );
+        assert_eq!(call(&t, Method::GET, "a", "/admin"), Ok("admin"));
+        assert_eq!(call(&t, Method::HEAD, "a", "/admin"), Ok("admin"));
+        assert_eq!(call(&t, Method::DELETE, "a", "/admin/"), Ok("public"));
+        assert_eq!(call(&t, Method::DELETE, "a", "/adminx"), Ok("public"));
+    }
+
+    #[test]
+    fn method_restricted_prefix_beside_public_root() {
+        let t = build(vec![
+            (only(&[Method::GET], spec("*", prefix("/admin"))), "admin"),
+            (spec("*", prefix("/")), "public"),
+            (spec("*", exact("/{page}/{x}")), "template"),
+        ]);
+        for path in ["/admin", "/admin/", "/admin/x", "/admin/x/y"] {
+            assert_eq!(
+                call(&t, Method::DELETE, "a", path),
+                Err(GET_HEAD.to_vec()),
+                "{path}"
+            );
+            assert_eq!(call(&t, Method::GET, "a", path), Ok("admin"), "{path}");
+        }
+        assert_eq!(call(&t, Method::DELETE, "a", "/adminx"), Ok("public"));
+        assert_eq!(call(&t, Method::DELETE, "a", "/docs/x"), Ok("template"));
+    }
+
+    #[test]
+    fn method_mismatch_on_a_specific_host_is_405() {
+        let t = build(vec![
+            (
+                only(&[Method::GET], spec("api.com", exact("/admin"))),
+                "api admin",
+            ),
+            (only(&[Method::GET], spec("*.a.com", exact("/x"))), "wild x"),
+            (spec("*", prefix("/")), "public"),
+        ]);
+        assert_eq!(
+            call(&t, Method::DELETE, "api.com", "/admin"),
+            Err(GET_HEAD.to_vec())
+        );
+        assert_eq!(
+            call(&t, Method::DELETE, "b.a.com", "/x"),
+            Err(GET_HEAD.to_vec())
+        );
+        assert_eq!(
+            call(&t, Method::DELETE, "other.com", "/admin"),
+            Ok("public")
+        );
+        assert_eq!(call(&t, Method::DELETE, "api.com", "/other"), Ok("public"));
+    }
+
+    /// An equally specific path may still take the method, on the same or a less
+    /// specific host; the 405 lists what those accept too.
+    #[test]
+    fn equally_specific_path_may_accept_the_method() {
+        let t = build(vec![
+            (
+                only(&[Method::GET], spec("api.com", exact("/x"))),
+                "api get",
+            ),
+            (only(&[Method::POST], spec("*", exact("/x"))), "any post"),
+            (only(&[Method::GET], spec("*", exact("/api/{id}"))), "item"),
+            (only(&[Method::PUT], spec("*", prefix("/api"))), "api put"),
+            (spec("*", prefix("/")), "public"),
+        ]);
+        assert_eq!(call(&t, Method::POST, "api.com", "/x"), Ok("any post"));
+        assert_eq!(call(&t, Method::GET, "api.com", "/x"), Ok("api get"));
+        assert_eq!(
+            call(&t, Method::DELETE, "api.com", "/x"),
+            Err(vec![Method::GET, Method::HEAD, Method::POST])
+        );
+        // `/api/{id}` and `/api/**` share the literal start `/api/`.
+        assert_eq!(call(&t, Method::PUT, "a", "/api/1"), Ok("api put"));
+        assert_eq!(call(&t, Method::GET, "a", "/api/1"), Ok("item"));
+        assert_eq!(
+            call(&t, Method::DELETE, "a", "/api/1"),
+            Err(vec![Method::GET, Method::HEAD, Method::PUT])
+        );
+        assert_eq!(
+            call(&t, Method::DELETE, "a", "/api/1/2"),
+            Err(vec![Method::PUT])
+        );
+    }
+
+    /// Host precedence still comes first: a less specific host's longer path only
+    /// takes what the host's own routes refuse.
+    #[test]
+    fn less_specific_host_with_longer_path() {
+        let t = build(vec![
+            (
+                only(&[Method::GET], spec("api.com", prefix("/"))),
+                "api root",
+            ),
+            (spec("*", exact("/admin")), "any admin"),
+        ]);
+        assert_eq!(call(&t, Method::GET, "api.com", "/admin"), Ok("api root"));
+        assert_eq!(
+            call(&t, Method::DELETE, "api.com", "/admin"),
+            Ok("any admin")
+        );
+        assert_eq!(
+            call(&t, Method::DELETE, "api.com", "/x"),
+            Err(GET_HEAD.to_vec())
+        );
+        assert_eq!(
+            call(&t, Method::DELETE, "api.com", "/admin/x"),
+            Err(GET_HEAD.to_vec())
+        );
     }
 
     #[test]
