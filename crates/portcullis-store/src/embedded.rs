@@ -307,6 +307,50 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        new: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let key = key.to_string();
+        let expected = expected.to_vec();
+        let new = new.to_vec();
+        self.write(move |conn| {
+            let now = now_ms();
+            let exp = expiry(now, ttl);
+            // One statement = one write transaction: atomic across processes. An expired
+            // row counts as absent (never matches).
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE kv SET value = ?3, expires_at = ?4
+                     WHERE key = ?1 AND value = ?2
+                       AND (expires_at IS NULL OR expires_at > ?5)",
+                )
+                .and_then(|mut st| st.execute(params![key, expected, new, exp, to_i64(now)]))
+                .map_err(map_sqlite)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
+        let key = key.to_string();
+        let expected = expected.to_vec();
+        self.write(move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "DELETE FROM kv WHERE key = ?1 AND value = ?2
+                       AND (expires_at IS NULL OR expires_at > ?3)",
+                )
+                .and_then(|mut st| st.execute(params![key, expected, to_i64(now_ms())]))
+                .map_err(map_sqlite)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_string();
         self.write(move |conn| {

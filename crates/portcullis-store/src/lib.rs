@@ -78,6 +78,40 @@ pub trait Store: Send + Sync + 'static {
         limit: u64,
         window: Duration,
     ) -> Result<WindowCount>;
+    /// Compare-and-set, atomic: if `key` holds exactly `expected` (and has not expired),
+    /// replace it with `new` and return true; if the key is missing, expired or holds
+    /// anything else, change nothing and return false. Like [`Store::set`], the new
+    /// value gets `ttl` (`None` = no expiry, even if the old value had one). Exact
+    /// across processes and instances sharing a backend: of several concurrent calls
+    /// from the same `expected` value, at most one succeeds.
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`] (it cannot be
+    /// emulated atomically with the other methods); both real backends override it.
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        new: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let _ = (key, expected, new, ttl);
+        Err(StoreError::Backend(format!(
+            "compare_and_set is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
+    /// Compare-and-delete, atomic: delete `key` only if it holds exactly `expected`
+    /// (and has not expired); true if it was deleted.
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`], as for
+    /// [`Store::compare_and_set`].
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
+        let _ = (key, expected);
+        Err(StoreError::Backend(format!(
+            "compare_and_delete is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
     /// Readiness: Ok if the backend answers.
     async fn ping(&self) -> Result<()>;
     /// `"embedded"` or `"redis"`.

@@ -1,8 +1,9 @@
 //! Redis/Valkey backend via `fred`. Everything that must be exact across gateway
-//! instances is one command (SET NX PX, GETDEL) or one Lua script (window counter).
+//! instances is one command (SET NX PX, GETDEL) or one Lua script (window counter,
+//! compare-and-set, compare-and-delete).
 //!
-//! Redis Cluster (`redis-cluster://host:port[,host:port]`): every command and the
-//! window script touch exactly one key and are routed by that key's hash slot;
+//! Redis Cluster (`redis-cluster://host:port[,host:port]`): every command and every
+//! script touch exactly one key and are routed by that key's hash slot;
 //! `scan_prefix` scans every primary node and reads values per hash slot; `ping`
 //! requires every primary node to answer.
 
@@ -81,6 +82,28 @@ end
 return {1, current + cost, ttl}
 "#;
 
+/// Compare-and-set. KEYS[1] = key; ARGV = expected, new[, ttl_ms].
+/// Returns 1 if the value was `expected` and is now `new`, else 0.
+const CAS_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// Compare-and-delete. KEYS[1] = key; ARGV = expected. Returns 1 if deleted, else 0.
+const CAD_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+return redis.call('DEL', KEYS[1])
+"#;
+
 /// Accepted URL schemes.
 const SCHEMES: [&str; 6] = [
     "redis://",
@@ -98,6 +121,8 @@ pub struct RedisStore {
     options: Options,
     command_timeout: Duration,
     window_script: Script,
+    cas_script: Script,
+    cad_script: Script,
     /// Redis Cluster deployment (commands routed by hash slot, scans per node).
     clustered: bool,
 }
@@ -186,6 +211,8 @@ impl RedisStore {
             options,
             command_timeout,
             window_script: Script::from_lua(WINDOW_LUA),
+            cas_script: Script::from_lua(CAS_LUA),
+            cad_script: Script::from_lua(CAD_LUA),
             clustered,
         })
     }
@@ -236,6 +263,30 @@ impl RedisStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_fred(name, &e)),
             Err(_) => Err(StoreError::Unavailable(format!("redis {name}: timed out"))),
+        }
+    }
+
+    /// Run a Lua `script` on the single key `key` with `argv`: EVALSHA, falling back to
+    /// EVAL (which caches the script on that node) on NOSCRIPT. Routed, in a cluster,
+    /// by the key's hash slot (not by the SHA in the first argument; fred applies only
+    /// `ClusterHash::Custom` to custom commands, other variants fall back to the first
+    /// string argument).
+    async fn eval(&self, script: &Script, key: &str, argv: Vec<Value>) -> Result<Value> {
+        let mut args = Vec::with_capacity(argv.len() + 3);
+        args.push(Value::from(script.sha1().clone()));
+        args.push(Value::from(1_i64));
+        args.push(self.key(key));
+        args.extend(argv);
+        let hash = ClusterHash::Custom(self.slot(key));
+        match self.run("EVALSHA", hash.clone(), None, args.clone()).await {
+            Err(StoreError::Backend(msg)) if msg.contains("NOSCRIPT") => {
+                let lua = script
+                    .lua()
+                    .ok_or_else(|| StoreError::Backend("script source missing".into()))?;
+                args[0] = Value::from(lua.clone());
+                self.run("EVAL", hash, None, args).await
+            }
+            other => other,
         }
     }
 
@@ -486,6 +537,30 @@ impl Store for RedisStore {
         value_bytes(self.cmd("GETDEL", vec![self.key(key)]).await?)
     }
 
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        new: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let mut argv = vec![
+            Value::Bytes(Bytes::copy_from_slice(expected)),
+            Value::Bytes(Bytes::copy_from_slice(new)),
+        ];
+        if let Some(t) = ttl {
+            argv.push(Value::from(to_i64(ttl_millis(t))));
+        }
+        let reply = self.eval(&self.cas_script, key, argv).await?;
+        Ok(value_i64(&reply)? == 1)
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
+        let argv = vec![Value::Bytes(Bytes::copy_from_slice(expected))];
+        let reply = self.eval(&self.cad_script, key, argv).await?;
+        Ok(value_i64(&reply)? > 0)
+    }
+
     async fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -525,26 +600,12 @@ impl Store for RedisStore {
         limit: u64,
         window: Duration,
     ) -> Result<WindowCount> {
-        let mut args = vec![
-            Value::from(self.window_script.sha1().clone()),
-            Value::from(1_i64),
-            self.key(key),
+        let argv = vec![
             Value::from(cost.to_string()),
             Value::from(limit.to_string()),
             Value::from(to_i64(ttl_millis(window))),
         ];
-        // Route by the key's slot, not the script/SHA in args[0]. (fred applies only
-        // `ClusterHash::Custom` to custom commands; other variants fall back to the
-        // first string argument.)
-        let hash = ClusterHash::Custom(self.slot(key));
-        let reply = match self.run("EVALSHA", hash.clone(), None, args.clone()).await {
-            Err(StoreError::Backend(msg)) if msg.contains("NOSCRIPT") => {
-                // EVAL caches the script (on that node), so later EVALSHA calls hit.
-                args[0] = Value::from(WINDOW_LUA);
-                self.run("EVAL", hash, None, args).await?
-            }
-            other => other?,
-        };
+        let reply = self.eval(&self.window_script, key, argv).await?;
         let parts = reply.into_array();
         if parts.len() != 3 {
             return Err(StoreError::Backend(format!(

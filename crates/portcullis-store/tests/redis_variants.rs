@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, RedisServer};
+use common::{free_port, redis_cli, RedisServer};
 use portcullis_store::{RedisOptions, RedisStore, Store, StoreError};
 
 fn options(url: String) -> RedisOptions {
@@ -118,17 +117,6 @@ async fn sentinel_finds_the_primary() {
     let url = format!("redis-sentinel://127.0.0.1:{sentinel_port}/0?sentinelServiceName=mymaster");
     let store = RedisStore::connect(options(url)).await.unwrap();
     round_trip(&store).await;
-}
-
-/// `redis-cli` next to the harness's `redis-server` (Debian: package `redis-tools`,
-/// installed with `redis-server`).
-fn redis_cli() -> PathBuf {
-    let server = common::redis_server_binary();
-    let sibling = server.with_file_name("redis-cli");
-    if sibling.is_file() {
-        return sibling;
-    }
-    PathBuf::from("redis-cli")
 }
 
 fn cluster_node_args(port: u16) -> Vec<String> {
@@ -257,6 +245,24 @@ async fn redis_cluster_routes_by_slot_and_scans_every_node() {
     assert!(!store.delete("multi:key-00").await.unwrap());
     assert_eq!(store.get("multi:key-00").await.unwrap(), None);
     assert_eq!(store.scan_prefix("multi:", 100).await.unwrap().len(), 49);
+
+    // compare_and_set / compare_and_delete scripts are routed by their key's slot too.
+    for i in 0..20 {
+        let key = format!("cas:key-{i:02}");
+        store.set(&key, b"old", None).await.unwrap();
+        assert!(!store
+            .compare_and_set(&key, b"x", b"new", None)
+            .await
+            .unwrap());
+        assert!(store
+            .compare_and_set(&key, b"old", b"new", Some(Duration::from_secs(60)))
+            .await
+            .unwrap());
+        assert_eq!(store.get(&key).await.unwrap().as_deref(), Some(&b"new"[..]));
+        assert!(!store.compare_and_delete(&key, b"old").await.unwrap());
+        assert!(store.compare_and_delete(&key, b"new").await.unwrap());
+        assert_eq!(store.get(&key).await.unwrap(), None);
+    }
 
     // Window counter on several keys (different slots): exact under concurrency.
     for name in ["win-a", "win-b", "win-c"] {

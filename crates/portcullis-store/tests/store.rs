@@ -200,7 +200,151 @@ async fn suite(store: Arc<dyn Store>) {
         Err(StoreError::Corrupt(_))
     ));
 
+    compare_and_set_suite(s).await;
+
     s.ping().await.expect("ping at end");
+}
+
+async fn get(s: &dyn Store, key: &str) -> Option<Vec<u8>> {
+    s.get(key).await.unwrap()
+}
+
+/// compare_and_set / compare_and_delete semantics, the same on every backend.
+async fn compare_and_set_suite(s: &dyn Store) {
+    // missing key: nothing is created
+    assert!(!s
+        .compare_and_set("cas:missing", b"", b"x", None)
+        .await
+        .unwrap());
+    assert!(!s
+        .compare_and_set("cas:missing", b"a", b"x", None)
+        .await
+        .unwrap());
+    assert_eq!(get(s, "cas:missing").await, None);
+    assert!(!s.compare_and_delete("cas:missing", b"").await.unwrap());
+
+    // match → replaced; mismatch → untouched
+    s.set("cas:a", b"one", None).await.unwrap();
+    assert!(s
+        .compare_and_set("cas:a", b"one", b"two", None)
+        .await
+        .unwrap());
+    assert_eq!(get(s, "cas:a").await.as_deref(), Some(&b"two"[..]));
+    assert!(!s
+        .compare_and_set("cas:a", b"one", b"three", None)
+        .await
+        .unwrap());
+    assert!(!s
+        .compare_and_set("cas:a", b"tw", b"three", None)
+        .await
+        .unwrap());
+    assert!(!s
+        .compare_and_set("cas:a", b"two!", b"three", None)
+        .await
+        .unwrap());
+    assert_eq!(get(s, "cas:a").await.as_deref(), Some(&b"two"[..]));
+
+    // binary and empty values compare byte for byte
+    let bin = [0u8, 255, 0, 10];
+    s.set("cas:bin", &bin, None).await.unwrap();
+    assert!(!s
+        .compare_and_set("cas:bin", &bin[..3], b"x", None)
+        .await
+        .unwrap());
+    assert!(s.compare_and_set("cas:bin", &bin, b"", None).await.unwrap());
+    assert_eq!(get(s, "cas:bin").await.as_deref(), Some(&b""[..]));
+    assert!(s.compare_and_set("cas:bin", b"", &bin, None).await.unwrap());
+    assert_eq!(get(s, "cas:bin").await.as_deref(), Some(&bin[..]));
+
+    // ttl: the new value expires; None removes an old expiry (like `set`)
+    s.set("cas:ttl", b"v1", Some(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    assert!(s
+        .compare_and_set("cas:ttl", b"v1", b"v2", None)
+        .await
+        .unwrap());
+    s.set("cas:ttl2", b"v1", None).await.unwrap();
+    assert!(s
+        .compare_and_set("cas:ttl2", b"v1", b"v2", Some(Duration::from_millis(200)))
+        .await
+        .unwrap());
+    assert_eq!(get(s, "cas:ttl2").await.as_deref(), Some(&b"v2"[..]));
+    // an expired value counts as missing
+    s.set("cas:exp", b"old", Some(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    s.set("cad:exp", b"old", Some(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(get(s, "cas:ttl").await.as_deref(), Some(&b"v2"[..]));
+    assert_eq!(get(s, "cas:ttl2").await, None);
+    assert!(!s
+        .compare_and_set("cas:exp", b"old", b"new", None)
+        .await
+        .unwrap());
+    assert_eq!(get(s, "cas:exp").await, None);
+    assert!(!s.compare_and_delete("cad:exp", b"old").await.unwrap());
+
+    // compare_and_delete
+    s.set("cad:a", b"mine", None).await.unwrap();
+    assert!(!s.compare_and_delete("cad:a", b"theirs").await.unwrap());
+    assert_eq!(get(s, "cad:a").await.as_deref(), Some(&b"mine"[..]));
+    assert!(s.compare_and_delete("cad:a", b"mine").await.unwrap());
+    assert_eq!(get(s, "cad:a").await, None);
+    assert!(!s.compare_and_delete("cad:a", b"mine").await.unwrap());
+}
+
+/// 3 rounds of 40 concurrent compare_and_set calls on one key, all from the same
+/// expected value, spread over two store handles → exactly one wins each round.
+async fn cas_race(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    for round in 0..3 {
+        let key = format!("cas:race:{round}");
+        a.set(&key, b"start", None).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let st = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let key = key.clone();
+            tasks.spawn(async move {
+                let new = format!("winner-{i}");
+                let won = st
+                    .compare_and_set(&key, b"start", new.as_bytes(), None)
+                    .await
+                    .unwrap();
+                (won, new)
+            });
+        }
+        let mut winners = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let (won, new) = r.unwrap();
+            if won {
+                winners.push(new);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        assert_eq!(
+            b.get(&key).await.unwrap(),
+            Some(winners[0].clone().into_bytes()),
+            "round {round}"
+        );
+
+        // compare_and_delete races the same way.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let st = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (key, value) = (key.clone(), winners[0].clone());
+            tasks.spawn(async move { st.compare_and_delete(&key, value.as_bytes()).await });
+        }
+        let mut deleted = 0;
+        while let Some(r) = tasks.join_next().await {
+            if r.unwrap().unwrap() {
+                deleted += 1;
+            }
+        }
+        assert_eq!(deleted, 1, "round {round}");
+        assert_eq!(a.get(&key).await.unwrap(), None);
+    }
 }
 
 /// 200 concurrent consume_window calls spread over two stores, limit 50 → exactly 50.
@@ -258,6 +402,40 @@ async fn redis_two_instances_exact() {
     let a = redis_store(&server, "gw:").await;
     let b = redis_store(&server, "gw:").await;
     exact_across(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_compare_and_set_race() {
+    let dir = data_dir();
+    let a = EmbeddedStore::open(dir.path()).unwrap();
+    let b = EmbeddedStore::open(dir.path()).unwrap();
+    cas_race(Arc::new(a), Arc::new(b)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_compare_and_set_race() {
+    let server = RedisServer::start();
+    let a = redis_store(&server, "gw:").await;
+    let b = redis_store(&server, "gw:").await;
+    cas_race(a, b).await;
+}
+
+/// A script flushed from the server's cache (SCRIPT FLUSH, restart, fail-over) is
+/// sent again with EVAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_compare_and_set_survives_script_flush() {
+    let server = RedisServer::start();
+    let store = redis_store(&server, "f:").await;
+    store.set("k", b"1", None).await.unwrap();
+    assert!(store.compare_and_set("k", b"1", b"2", None).await.unwrap());
+    let out = std::process::Command::new(common::redis_cli())
+        .args(["-p", &server.port.to_string(), "SCRIPT", "FLUSH"])
+        .output()
+        .expect("run redis-cli");
+    assert!(out.status.success(), "SCRIPT FLUSH failed");
+    assert!(store.compare_and_set("k", b"2", b"3", None).await.unwrap());
+    assert!(store.compare_and_delete("k", b"3").await.unwrap());
+    assert_eq!(store.get("k").await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,6 +35,17 @@ pub fn redis_server_binary() -> PathBuf {
     .clone()
 }
 
+/// `redis-cli` next to the harness's `redis-server` (Debian: package `redis-tools`,
+/// installed with `redis-server`).
+pub fn redis_cli() -> PathBuf {
+    let server = redis_server_binary();
+    let sibling = server.with_file_name("redis-cli");
+    if sibling.is_file() {
+        return sibling;
+    }
+    PathBuf::from("redis-cli")
+}
+
 fn find_redis_server() -> Option<PathBuf> {
     if let Ok(out) = Command::new("which").arg("redis-server").output() {
         if out.status.success() {
