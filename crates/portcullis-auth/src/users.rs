@@ -46,6 +46,9 @@ pub const MAX_USERNAME_LEN: usize = 64;
 pub const MIN_PASSWORD_LEN: usize = 8;
 /// Most records [`Users::list`] returns.
 pub const MAX_LIST: usize = 100_000;
+/// How often [`Users::set_password`] re-reads a record that changed under it before
+/// giving up with [`UserError::Conflict`].
+const MAX_WRITE_ATTEMPTS: usize = 8;
 
 /// A stored user account.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -125,6 +128,9 @@ pub enum UserError {
     Corrupt(String),
     #[error("password hashing failed: {0}")]
     Hash(String),
+    /// The record kept changing under a read-modify-write; nothing was written.
+    #[error("user record changed concurrently; try again")]
+    Conflict,
 }
 
 /// Whether `name` is a valid username (see the module docs).
@@ -328,8 +334,17 @@ impl Users {
     }
 
     async fn load(&self, key: &str) -> Result<Option<UserRecord>, UserError> {
+        Ok(self.load_raw(key).await?.map(|(_, record)| record))
+    }
+
+    /// The record under `key` and its exact stored bytes (the `expected` value of a
+    /// later `compare_and_set`).
+    async fn load_raw(&self, key: &str) -> Result<Option<(Vec<u8>, UserRecord)>, UserError> {
         match self.store.get(key).await? {
-            Some(bytes) => decode_record(key, &bytes).map(Some),
+            Some(bytes) => {
+                let record = decode_record(key, &bytes)?;
+                Ok(Some((bytes, record)))
+            }
             None => Ok(None),
         }
     }
@@ -366,19 +381,44 @@ impl Users {
     }
 
     /// Replaces the password of an existing user (Argon2id); [`UserError::NotFound`]
-    /// if there is none. Read-modify-write: a concurrent `remove` may be undone.
+    /// if there is none.
+    ///
+    /// The write is a `compare_and_set` against the exact record read, so it never
+    /// brings back a user removed meanwhile ([`UserError::NotFound`]). If the record
+    /// changed otherwise (another password change, a legacy upgrade at login), the new
+    /// password is applied to the record as it now is; after a few such rounds in a
+    /// row it gives up with [`UserError::Conflict`].
     pub async fn set_password(&self, username: &str, password: &str) -> Result<(), UserError> {
         let key = user_key(username)?;
         check_password_strength(password)?;
-        let Some(mut record) = self.load(&key).await? else {
+        let Some(read) = self.load_raw(&key).await? else {
             return Err(UserError::NotFound);
         };
         let pw = password.to_owned();
         let phc = self.blocking(move || argon2_hash(&pw)).await?;
-        record.password = PasswordHash::Argon2id { phc };
-        record.updated_at = now_secs();
-        self.store.set(&key, &encode_record(&record)?, None).await?;
-        Ok(())
+        self.write_password(&key, read, phc).await
+    }
+
+    /// Second half of [`Users::set_password`]: stores `phc` into the record `read`
+    /// (bytes as stored, decoded record) with `compare_and_set`, re-reading it while
+    /// it changes under us; a missing record is [`UserError::NotFound`].
+    async fn write_password(
+        &self,
+        key: &str,
+        mut read: (Vec<u8>, UserRecord),
+        phc: String,
+    ) -> Result<(), UserError> {
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let (bytes, mut record) = read;
+            record.password = PasswordHash::Argon2id { phc: phc.clone() };
+            record.updated_at = now_secs();
+            let new = encode_record(&record)?;
+            if self.store.compare_and_set(key, &bytes, &new, None).await? {
+                return Ok(());
+            }
+            read = self.load_raw(key).await?.ok_or(UserError::NotFound)?;
+        }
+        Err(UserError::Conflict)
     }
 
     /// Deletes a user; true if it existed.
@@ -463,9 +503,12 @@ impl Users {
     /// work. Errors are only store failures and corrupt stored hashes.
     ///
     /// A legacy record that verifies is upgraded to argon2id in the store before
-    /// returning (the returned record is the upgraded one). The upgrade is skipped if
-    /// the record changed in the meantime; if writing it fails, a warning is logged
-    /// and the login still succeeds with the legacy record, to be upgraded next time.
+    /// returning (the returned record is the upgraded one). The upgrade is a
+    /// `compare_and_set` against the exact bytes read, so it is skipped if the record
+    /// changed or was removed in the meantime (a concurrent `set_password` or `remove`
+    /// is never undone); the login then succeeds with the record as read. If writing
+    /// fails, a warning is logged and the login still succeeds with the legacy record,
+    /// to be upgraded next time.
     pub async fn verify(
         &self,
         username: &str,
@@ -473,10 +516,10 @@ impl Users {
     ) -> Result<Option<UserRecord>, UserError> {
         let pw = password.to_owned();
         let found = match user_key(username) {
-            Ok(key) => self.load(&key).await?.map(|record| (key, record)),
+            Ok(key) => self.load_raw(&key).await?.map(|read| (key, read)),
             Err(_) => None,
         };
-        let Some((key, record)) = found else {
+        let Some((key, (read, record))) = found else {
             self.blocking(move || {
                 dummy_verify(&pw);
                 Ok(())
@@ -510,27 +553,24 @@ impl Users {
                     })
                     .await?;
                 match upgraded {
-                    Some(phc) => Ok(Some(self.upgrade(&key, record, phc).await)),
+                    Some(phc) => Ok(Some(self.upgrade(&key, &read, record, phc).await)),
                     None => Ok(None),
                 }
             }
         }
     }
 
-    /// Stores `record` with its password replaced by `phc`, unless the stored record
-    /// changed since it was read. Returns the record as it now is.
-    async fn upgrade(&self, key: &str, record: UserRecord, phc: String) -> UserRecord {
+    /// Stores `record` with its password replaced by `phc`, only if the stored bytes
+    /// are still exactly `read` (the bytes `record` was decoded from): one
+    /// `compare_and_set`, so a record changed or removed meanwhile is left alone.
+    /// Returns the upgraded record, or `record` if nothing was written.
+    async fn upgrade(&self, key: &str, read: &[u8], record: UserRecord, phc: String) -> UserRecord {
         let mut new = record.clone();
         new.password = PasswordHash::Argon2id { phc };
         new.updated_at = now_secs();
         let result = async {
-            match self.load(key).await? {
-                Some(current) if current.password == record.password => {}
-                // Changed or removed meanwhile: leave it alone.
-                _ => return Ok(false),
-            }
-            self.store.set(key, &encode_record(&new)?, None).await?;
-            Ok::<_, UserError>(true)
+            let bytes = encode_record(&new)?;
+            Ok::<_, UserError>(self.store.compare_and_set(key, read, &bytes, None).await?)
         }
         .await;
         match result {
@@ -585,6 +625,117 @@ mod tests {
         assert_eq!(
             legacy_sha256_matches("salt", &lower[..62], "password"),
             None
+        );
+    }
+
+    async fn users_in_temp_store() -> (tempfile::TempDir, Users) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = portcullis_store::EmbeddedStore::open(dir.path()).expect("open store");
+        (dir, Users::new(Arc::new(store)))
+    }
+
+    async fn import_legacy_user(users: &Users, name: &str, password: &str) {
+        let digest: [u8; 32] = Sha256::digest(format!("salt{password}").as_bytes()).into();
+        let record = LegacyRecord {
+            username: name.to_owned(),
+            salt: "salt".to_owned(),
+            hash: hex(&digest),
+            role: "user".to_owned(),
+        };
+        assert_eq!(users.import_legacy(vec![record], false).await, Ok(1));
+    }
+
+    async fn logs_in(users: &Users, name: &str, password: &str) -> bool {
+        users
+            .verify(name, password)
+            .await
+            .expect("verify")
+            .is_some()
+    }
+
+    /// The interleaving `verify` (legacy record read) → `set_password` → upgrade write:
+    /// the upgrade must not put the old password back.
+    #[tokio::test]
+    async fn legacy_upgrade_never_undoes_a_password_change() {
+        let (_dir, users) = users_in_temp_store().await;
+        import_legacy_user(&users, "Ivy", "old-password").await;
+        let key = user_key("ivy").expect("key");
+        // verify, first half: the legacy record is read and the password matches.
+        let (read, record) = users.load_raw(&key).await.expect("load").expect("user");
+        let PasswordHash::LegacySha256 { salt, hash } = &record.password else {
+            panic!("not a legacy record");
+        };
+        assert_eq!(
+            legacy_sha256_matches(salt, hash, "old-password"),
+            Some(true)
+        );
+        let phc = argon2_hash("old-password").expect("hash");
+        // Meanwhile an admin changes the password.
+        users
+            .set_password("ivy", "new-password")
+            .await
+            .expect("set_password");
+        // verify, second half: the upgrade write finds the record changed.
+        let returned = users.upgrade(&key, &read, record, phc).await;
+        assert!(returned.password.is_legacy(), "nothing was upgraded");
+        assert!(logs_in(&users, "ivy", "new-password").await);
+        assert!(!logs_in(&users, "ivy", "old-password").await);
+    }
+
+    /// `verify` (legacy record read) → `remove` → upgrade write: the user stays gone.
+    #[tokio::test]
+    async fn legacy_upgrade_never_brings_back_a_removed_user() {
+        let (_dir, users) = users_in_temp_store().await;
+        import_legacy_user(&users, "jo", "jo-password").await;
+        let key = user_key("jo").expect("key");
+        let (read, record) = users.load_raw(&key).await.expect("load").expect("user");
+        assert_eq!(users.remove("jo").await, Ok(true));
+        let phc = argon2_hash("jo-password").expect("hash");
+        let _ = users.upgrade(&key, &read, record, phc).await;
+        assert!(users.get("jo").await.expect("get").is_none());
+        assert!(!logs_in(&users, "jo", "jo-password").await);
+    }
+
+    /// `set_password` (record read) → `remove` → password write: NotFound, and the user
+    /// stays gone.
+    #[tokio::test]
+    async fn set_password_never_brings_back_a_removed_user() {
+        let (_dir, users) = users_in_temp_store().await;
+        users.add("kai", "kai-password", "user").await.expect("add");
+        let key = user_key("kai").expect("key");
+        let read = users.load_raw(&key).await.expect("load").expect("user");
+        assert_eq!(users.remove("kai").await, Ok(true));
+        let phc = argon2_hash("other-password").expect("hash");
+        assert_eq!(
+            users.write_password(&key, read, phc).await,
+            Err(UserError::NotFound)
+        );
+        assert!(users.get("kai").await.expect("get").is_none());
+    }
+
+    /// Two password changes that overlap: the later write wins and keeps the record's
+    /// other fields.
+    #[tokio::test]
+    async fn overlapping_password_changes_last_write_wins() {
+        let (_dir, users) = users_in_temp_store().await;
+        users
+            .add("Lu", "first-password", "admin")
+            .await
+            .expect("add");
+        let key = user_key("lu").expect("key");
+        let read = users.load_raw(&key).await.expect("load").expect("user");
+        users
+            .set_password("lu", "second-password")
+            .await
+            .expect("set_password");
+        let phc = argon2_hash("third-password").expect("hash");
+        assert_eq!(users.write_password(&key, read, phc).await, Ok(()));
+        assert!(logs_in(&users, "lu", "third-password").await);
+        assert!(!logs_in(&users, "lu", "second-password").await);
+        let record = users.get("lu").await.expect("get").expect("user");
+        assert_eq!(
+            (record.username.as_str(), record.role.as_str()),
+            ("Lu", "admin")
         );
     }
 
