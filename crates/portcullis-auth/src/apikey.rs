@@ -262,9 +262,11 @@ struct Inner {
     cache_ttl: Duration,
     /// `None` when caching is disabled (zero TTL or zero capacity).
     cache: Option<moka::sync::Cache<[u8; 32], CacheEntry>>,
-    /// Bumped by every revocation; a verification that started before a revocation
-    /// does not cache its (possibly stale) result.
-    revocations: AtomicU64,
+    /// Cache generation, bumped by every eviction (revocations). A verification notes
+    /// it before reading the store and, after caching its result, checks it again: if
+    /// it moved, the entry may be stale (read before a revocation that has already
+    /// evicted) and is removed again.
+    generation: AtomicU64,
 }
 
 /// API key management and verification. Cheap to clone (shared state behind an `Arc`).
@@ -299,7 +301,7 @@ impl ApiKeys {
                 store,
                 cache_ttl,
                 cache,
-                revocations: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -372,7 +374,6 @@ impl ApiKeys {
             return Err(ApiKeyError::InvalidFormat);
         };
         let key = record_key(id);
-        self.inner.revocations.fetch_add(1, Ordering::SeqCst);
         if let Some(h) = raw_hash {
             self.evict(&h);
         }
@@ -397,11 +398,11 @@ impl ApiKeys {
             Err(e) => return Err(e),
         };
         let deleted = self.inner.store.delete(&key).await?;
-        // Bump again and evict after the delete, so a verification that read the record
-        // before the delete does not leave a positive entry behind.
-        self.inner.revocations.fetch_add(1, Ordering::SeqCst);
-        if let Some(s) = stored {
-            self.evict(&s);
+        // Evict (and bump the generation) after the delete too, so a verification that
+        // read the record before the delete does not leave a positive entry behind.
+        match (stored, raw_hash) {
+            (Some(s), _) | (None, Some(s)) => self.evict(&s),
+            (None, None) => self.bump_generation(),
         }
         if deleted {
             tracing::info!(id = %id, "API key revoked");
@@ -426,40 +427,60 @@ impl ApiKeys {
             }
         }
 
-        let epoch = self.inner.revocations.load(Ordering::SeqCst);
-        let key = record_key(id);
-        let found = match self.inner.store.get(&key).await? {
-            None => None,
-            Some(bytes) => {
-                let record = parse_record(&key, &bytes)?;
-                if record.id != id {
-                    return Err(ApiKeyError::Corrupt(format!("{key}: id mismatch")));
-                }
-                let stored = from_hex32(&record.hash)
-                    .ok_or_else(|| ApiKeyError::Corrupt(format!("{key}: bad hash")))?;
-                let matches = bool::from(stored.ct_eq(&digest));
-                (matches && !record.is_expired_at(now)).then(|| Arc::new(record))
-            }
-        };
-
-        if let Some(cache) = &self.inner.cache {
-            if self.inner.revocations.load(Ordering::SeqCst) == epoch {
-                let mut ttl = self.inner.cache_ttl;
-                if let Some(exp) = found.as_ref().and_then(|r| r.expires_at) {
-                    ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
-                }
-                if !ttl.is_zero() {
-                    cache.insert(
-                        digest,
-                        CacheEntry {
-                            record: found.clone(),
-                            ttl,
-                        },
-                    );
-                }
-            }
-        }
+        let generation = self.inner.generation.load(Ordering::SeqCst);
+        let found = self.lookup(id, &digest, now).await?;
+        self.remember(digest, found.clone(), now, generation);
         Ok(found)
+    }
+
+    /// The store half of [`ApiKeys::verify`]: the record of `id` if `digest` matches
+    /// its hash and it has not expired at `now`.
+    async fn lookup(
+        &self,
+        id: &str,
+        digest: &[u8; 32],
+        now: u64,
+    ) -> Result<Option<Arc<ApiKeyRecord>>, ApiKeyError> {
+        let key = record_key(id);
+        let Some(bytes) = self.inner.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let record = parse_record(&key, &bytes)?;
+        if record.id != id {
+            return Err(ApiKeyError::Corrupt(format!("{key}: id mismatch")));
+        }
+        let stored = from_hex32(&record.hash)
+            .ok_or_else(|| ApiKeyError::Corrupt(format!("{key}: bad hash")))?;
+        let matches = bool::from(stored.ct_eq(digest));
+        Ok((matches && !record.is_expired_at(now)).then(|| Arc::new(record)))
+    }
+
+    /// Caches the result of a lookup that started at cache generation `generation`.
+    /// If the generation moved since (an eviction ran while the store was read), the
+    /// result may predate a revocation whose eviction has already happened, so the
+    /// entry just inserted is removed again (re-checking after the insert closes the
+    /// gap between a check and the insert).
+    fn remember(
+        &self,
+        digest: [u8; 32],
+        found: Option<Arc<ApiKeyRecord>>,
+        now: u64,
+        generation: u64,
+    ) {
+        let Some(cache) = &self.inner.cache else {
+            return;
+        };
+        let mut ttl = self.inner.cache_ttl;
+        if let Some(exp) = found.as_ref().and_then(|r| r.expires_at) {
+            ttl = ttl.min(Duration::from_secs(exp.saturating_sub(now)));
+        }
+        if ttl.is_zero() {
+            return;
+        }
+        cache.insert(digest, CacheEntry { record: found, ttl });
+        if self.inner.generation.load(Ordering::SeqCst) != generation {
+            cache.invalidate(&digest);
+        }
     }
 
     /// Consume `cost` units of the key's quota in the current window (atomic in the
@@ -500,10 +521,17 @@ impl ApiKeys {
         }
     }
 
+    /// Removes the cached result for `digest` (after bumping the generation, so a
+    /// verification in flight does not put it back).
     fn evict(&self, digest: &[u8; 32]) {
+        self.bump_generation();
         if let Some(cache) = &self.inner.cache {
             cache.invalidate(digest);
         }
+    }
+
+    fn bump_generation(&self) {
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -538,6 +566,71 @@ fn validate_new(new: &NewKey, now: u64) -> Result<(), ApiKeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keys_in_temp_store() -> (tempfile::TempDir, ApiKeys) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = portcullis_store::EmbeddedStore::open(dir.path()).expect("open store");
+        let keys = ApiKeys::new(Arc::new(store), Duration::from_secs(300), 100);
+        (dir, keys)
+    }
+
+    fn new_key() -> NewKey {
+        NewKey {
+            principal: "alice".into(),
+            ..NewKey::default()
+        }
+    }
+
+    fn cached(keys: &ApiKeys, raw: &str) -> bool {
+        keys.inner
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.get(&sha256(raw)).is_some())
+    }
+
+    /// `verify` reads the record, a revocation (by raw key or by id) deletes it and
+    /// evicts, then `verify` caches what it read: the stale positive entry must not
+    /// survive, and the key must not verify.
+    #[tokio::test]
+    async fn verify_that_read_before_a_revoke_does_not_cache_after_it() {
+        let (_dir, keys) = keys_in_temp_store();
+        for by_id in [false, true] {
+            let (raw, record) = keys.create(new_key()).await.expect("create");
+            let (id, _) = split_key(&raw).expect("well-formed");
+            let digest = sha256(&raw);
+            let now = now_secs();
+            // verify, first half.
+            let generation = keys.inner.generation.load(Ordering::SeqCst);
+            let found = keys.lookup(id, &digest, now).await.expect("lookup");
+            assert!(found.is_some(), "read before the revocation");
+            // The revocation runs to completion.
+            let target = if by_id {
+                record.id.as_str()
+            } else {
+                raw.as_str()
+            };
+            assert!(keys.revoke(target).await.expect("revoke"));
+            // verify, second half: caches the stale record, sees the generation moved.
+            keys.remember(digest, found, now, generation);
+            assert!(!cached(&keys, &raw), "by_id={by_id}: stale entry left");
+            assert!(keys.verify(&raw).await.expect("verify").is_none());
+        }
+    }
+
+    /// Without an eviction in between, the result is cached as before.
+    #[tokio::test]
+    async fn verify_without_a_revoke_caches() {
+        let (_dir, keys) = keys_in_temp_store();
+        let (raw, _) = keys.create(new_key()).await.expect("create");
+        let (id, _) = split_key(&raw).expect("well-formed");
+        let digest = sha256(&raw);
+        let now = now_secs();
+        let generation = keys.inner.generation.load(Ordering::SeqCst);
+        let found = keys.lookup(id, &digest, now).await.expect("lookup");
+        keys.remember(digest, found, now, generation);
+        assert!(cached(&keys, &raw));
+        assert!(keys.verify(&raw).await.expect("verify").is_some());
+    }
 
     #[test]
     fn hex_round_trip() {

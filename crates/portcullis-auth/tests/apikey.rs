@@ -90,6 +90,24 @@ impl Store for CountingStore {
         self.check()?;
         self.inner.take(key).await
     }
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        new: &[u8],
+        ttl: Option<Duration>,
+    ) -> portcullis_store::Result<bool> {
+        self.check()?;
+        self.inner.compare_and_set(key, expected, new, ttl).await
+    }
+    async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: &[u8],
+    ) -> portcullis_store::Result<bool> {
+        self.check()?;
+        self.inner.compare_and_delete(key, expected).await
+    }
     async fn scan_prefix(
         &self,
         prefix: &str,

@@ -407,6 +407,11 @@ struct Inner {
     keys: ArcSwap<KeySet>,
     jwks: Option<JwksState>,
     cache: Option<moka::sync::Cache<[u8; 32], CacheEntry>>,
+    /// Bumped whenever the cache is cleared (keys removed). A verification
+    /// notes it before loading the keys and, after caching its result, checks
+    /// it again: if it moved, the entry may come from a removed key and is
+    /// removed again.
+    cache_generation: AtomicU64,
     counters: Counters,
 }
 
@@ -576,6 +581,7 @@ impl JwtVerifier {
             keys: ArcSwap::from_pointee(initial),
             jwks,
             cache,
+            cache_generation: AtomicU64::new(0),
             counters: Counters::default(),
         });
         if inner.jwks.is_some() {
@@ -687,6 +693,17 @@ impl Inner {
             }
         }
 
+        // Noted before the keys are loaded (see `cache_generation`).
+        let generation = self.cache_generation.load(Ordering::SeqCst);
+        let verified = self.verify_uncached(token, now).await?;
+        if let Some(key) = cache_key {
+            self.remember(key, &verified, now, generation);
+        }
+        Ok(verified)
+    }
+
+    /// Signature and claims checks of `token` at `now`, without the cache.
+    async fn verify_uncached(&self, token: &str, now: u64) -> Result<Arc<VerifiedToken>, JwtError> {
         // --- structure
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
@@ -728,31 +745,68 @@ impl Inner {
         // --- claims
         let exp = self.validate_claims(&claims, now)?;
 
-        let verified = Arc::new(VerifiedToken {
+        Ok(Arc::new(VerifiedToken {
             subject: claims.get("sub").and_then(Value::as_str).map(str::to_owned),
             scopes: extract_scopes(&claims),
             expires_at: exp,
             claims,
-        });
-        if let (Some(cache), Some(key)) = (&self.cache, cache_key) {
-            let ttl = match exp {
-                Some(exp) => {
-                    Duration::from_secs(exp.saturating_add(self.leeway_secs).saturating_sub(now))
-                }
-                None => NO_EXP_CACHE_TTL,
+        }))
+    }
+
+    /// Caches `verified`, whose keys were loaded at cache generation
+    /// `generation`. If the cache was cleared since (keys removed while the
+    /// token was being checked), the entry just inserted is removed again:
+    /// re-checking after the insert leaves no gap between check and insert.
+    fn remember(&self, key: [u8; 32], verified: &Arc<VerifiedToken>, now: u64, generation: u64) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let ttl = match verified.expires_at {
+            Some(exp) => {
+                Duration::from_secs(exp.saturating_add(self.leeway_secs).saturating_sub(now))
             }
-            .min(MAX_CACHE_TTL);
-            if !ttl.is_zero() {
-                cache.insert(
-                    key,
-                    CacheEntry {
-                        token: verified.clone(),
-                        ttl,
-                    },
-                );
-            }
+            None => NO_EXP_CACHE_TTL,
         }
-        Ok(verified)
+        .min(MAX_CACHE_TTL);
+        if ttl.is_zero() {
+            return;
+        }
+        cache.insert(
+            key,
+            CacheEntry {
+                token: verified.clone(),
+                ttl,
+            },
+        );
+        if self.cache_generation.load(Ordering::SeqCst) != generation {
+            cache.invalidate(&key);
+        }
+    }
+
+    /// Installs a new key set. If a key of the old set is gone, tokens it
+    /// verified must be verified again: the cache is cleared (and its
+    /// generation bumped, after the new keys are visible).
+    fn install_keys(&self, keys: Vec<VerifyingKey>) {
+        let new_prints: HashSet<[u8; 32]> = keys.iter().map(|k| k.fingerprint).collect();
+        let removed = self
+            .keys
+            .load()
+            .keys
+            .iter()
+            .any(|k| !new_prints.contains(&k.fingerprint));
+        self.keys.store(Arc::new(KeySet { keys }));
+        if removed {
+            self.clear_cache();
+        }
+    }
+
+    /// Forgets every verified token, including those being verified right now
+    /// (see [`Inner::remember`]).
+    fn clear_cache(&self) {
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+        }
     }
 
     fn validate_claims(
@@ -888,22 +942,9 @@ impl Inner {
         let outcome = match result {
             Ok(keys) if keys.is_empty() => Err("JWKS contains no usable signing keys".to_owned()),
             Ok(keys) => {
-                let old = self.keys.load();
-                let new_prints: HashSet<[u8; 32]> = keys.iter().map(|k| k.fingerprint).collect();
-                let removed = old
-                    .keys
-                    .iter()
-                    .any(|k| !new_prints.contains(&k.fingerprint));
                 tracing::debug!(keys = keys.len(), "jwt: JWKS loaded");
-                self.keys.store(Arc::new(KeySet { keys }));
+                self.install_keys(keys);
                 jwks.loaded.store(true, Ordering::Release);
-                if removed {
-                    // Tokens verified with a key that is gone must be
-                    // re-verified.
-                    if let Some(cache) = &self.cache {
-                        cache.invalidate_all();
-                    }
-                }
                 Ok(())
             }
             Err(e) => Err(e),
@@ -950,6 +991,95 @@ mod tests {
         }
         assert!("none".parse::<Algorithm>().is_err());
         assert!("rs256".parse::<Algorithm>().is_err());
+    }
+
+    const EC256_PUB: &[u8] = include_bytes!("../../tests/fixtures/ec256.pub.pem");
+    const EC256_KEY: &[u8] = include_bytes!("../../tests/fixtures/ec256.key.pem");
+    const EC384_PUB: &[u8] = include_bytes!("../../tests/fixtures/ec384.pub.pem");
+
+    fn pem_keys(pem: &[u8]) -> Vec<VerifyingKey> {
+        keys::parse_pem(pem).unwrap_or_else(|e| panic!("fixture key: {e:?}"))
+    }
+
+    /// A JWKS verifier whose keys the test installs itself (nothing listens at
+    /// the URL, so the initial fetch fails and leaves it without keys).
+    async fn jwks_verifier() -> JwtVerifier {
+        let mut config = JwtConfig::new(
+            vec![Algorithm::ES256, Algorithm::ES384],
+            KeySource::Jwks {
+                url: "http://127.0.0.1:1/jwks".to_owned(),
+                refresh_interval: Duration::from_secs(3600),
+                min_refetch_interval: Duration::from_secs(3600),
+                timeout: Duration::from_secs(1),
+                ca_file: None,
+            },
+        );
+        config.audience = Some(vec!["api".to_owned()]);
+        let v = JwtVerifier::new(config)
+            .await
+            .unwrap_or_else(|e| panic!("verifier: {e}"));
+        v.inner.install_keys(pem_keys(EC256_PUB));
+        v
+    }
+
+    fn es256_token() -> String {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(EC256_KEY)
+            .unwrap_or_else(|e| panic!("fixture key: {e}"));
+        let claims = json!({"sub": "alice", "aud": "api", "exp": now_secs() + 600});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &claims,
+            &key,
+        )
+        .unwrap_or_else(|e| panic!("sign: {e}"))
+    }
+
+    /// A verification checks the signature with a key, a JWKS refresh removes
+    /// that key and clears the cache, then the verification caches its result:
+    /// the entry must not survive and the token must not verify any more.
+    #[tokio::test]
+    async fn verification_started_before_a_key_removal_does_not_cache_after_it() {
+        let v = jwks_verifier().await;
+        let inner = &v.inner;
+        let token = es256_token();
+        let cache_key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = now_secs();
+        // verify, first half: keys loaded, signature and claims checked.
+        let generation = inner.cache_generation.load(Ordering::SeqCst);
+        let verified = inner
+            .verify_uncached(&token, now)
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e}"));
+        // A refresh replaces the P-256 key by a P-384 one.
+        inner.install_keys(pem_keys(EC384_PUB));
+        // verify, second half: caches what it verified with the removed key.
+        inner.remember(cache_key, &verified, now, generation);
+        assert_eq!(v.cached_tokens(), 0, "stale entry left in the cache");
+        assert!(v.verify(&token).await.is_err());
+        assert_eq!(v.stats().cache_hits, 0);
+    }
+
+    /// Keys only added (none removed): the cache is kept, and a verification
+    /// in flight caches normally.
+    #[tokio::test]
+    async fn adding_keys_keeps_the_cache() {
+        let v = jwks_verifier().await;
+        let inner = &v.inner;
+        let token = es256_token();
+        let cache_key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = now_secs();
+        let generation = inner.cache_generation.load(Ordering::SeqCst);
+        let verified = inner
+            .verify_uncached(&token, now)
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e}"));
+        let mut both = pem_keys(EC256_PUB);
+        both.extend(pem_keys(EC384_PUB));
+        inner.install_keys(both);
+        inner.remember(cache_key, &verified, now, generation);
+        assert_eq!(v.cached_tokens(), 1);
+        assert!(v.verify(&token).await.is_ok());
+        assert_eq!(v.stats().cache_hits, 1);
     }
 
     #[test]
