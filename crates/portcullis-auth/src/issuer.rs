@@ -8,6 +8,10 @@
 //! The key is checked once in [`TokenIssuer::new`]: its family must match the
 //! algorithm, it must actually sign (right curve, a private and not a public key),
 //! and RSA keys must have at least 2048 bits (the verifier rejects smaller ones).
+//!
+//! Every token is issued as a [`TokenKind`]: guest tokens carry the payload claim
+//! `"typ": "guest"`, which verifiers reject unless configured to accept guests
+//! ([`crate::jwt::JwtConfig::accept_guest`]).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Map, Value};
 
-use crate::jwt::Algorithm;
+use crate::jwt::{Algorithm, GUEST_TOKEN_TYPE, TOKEN_TYPE_CLAIM};
 
 /// Smallest RSA modulus accepted, in bits (same as the verifier).
 const MIN_RSA_BITS: usize = 2048;
@@ -23,6 +27,16 @@ const MIN_RSA_BITS: usize = 2048;
 /// Registered claims that [`TokenIssuer::issue`] sets itself; `extra` may not contain
 /// them.
 pub const RESERVED_CLAIMS: [&str; 6] = ["iss", "sub", "aud", "exp", "nbf", "iat"];
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A logged-in user (or any token that is not a guest token).
+    User,
+    /// An anonymous guest: the token carries `"typ": "guest"` (whatever `extra`
+    /// says), so verifiers reject it unless they accept guests.
+    Guest,
+}
 
 /// The signing key.
 #[derive(Clone)]
@@ -210,14 +224,16 @@ impl TokenIssuer {
         self.algorithm
     }
 
-    /// Signs a token with iat, nbf = now, exp = now + ttl, iss/aud as configured, sub,
-    /// and `extra` claims (role, scope, guest: true …). Returns (token, expires_in
-    /// seconds).
+    /// Signs a token of `kind` with iat, nbf = now, exp = now + ttl, iss/aud as
+    /// configured, sub, and `extra` claims (role, scope …); a [`TokenKind::Guest`]
+    /// token also gets `"typ": "guest"`, overriding any `typ` in `extra`. Returns
+    /// (token, expires_in seconds).
     ///
     /// `ttl` is rounded up to whole seconds and must not be zero. `extra` must not
     /// contain the claims of [`RESERVED_CLAIMS`] ([`IssuerError::ReservedClaim`]).
     pub fn issue(
         &self,
+        kind: TokenKind,
         subject: &str,
         ttl: Duration,
         extra: Map<String, Value>,
@@ -244,6 +260,9 @@ impl TokenIssuer {
         claims.insert("nbf".to_owned(), Value::from(now));
         claims.insert("exp".to_owned(), Value::from(now.saturating_add(ttl_secs)));
         claims.extend(extra);
+        if kind == TokenKind::Guest {
+            claims.insert(TOKEN_TYPE_CLAIM.to_owned(), Value::from(GUEST_TOKEN_TYPE));
+        }
         let token = jsonwebtoken::encode(&self.header, &claims, &self.key)
             .map_err(|e| IssuerError::Sign(e.to_string()))?;
         Ok((token, ttl_secs))
@@ -263,15 +282,18 @@ mod tests {
         assert_eq!(integer_bits(&[0, 0x7f, 0]), 15);
     }
 
-    fn hs() -> Option<TokenIssuer> {
-        TokenIssuer::new(IssuerConfig {
-            algorithm: Algorithm::HS256,
-            key: SigningKey::Secret(vec![7; 32]),
+    fn secret_config(algorithm: Algorithm, len: usize) -> IssuerConfig {
+        IssuerConfig {
+            algorithm,
+            key: SigningKey::Secret(vec![7; len]),
             issuer: None,
             audience: None,
             kid: None,
-        })
-        .ok()
+        }
+    }
+
+    fn hs() -> Option<TokenIssuer> {
+        TokenIssuer::new(secret_config(Algorithm::HS256, 32)).ok()
     }
 
     #[test]
@@ -305,18 +327,27 @@ mod tests {
             panic!("HS256 issuer");
         };
         assert_eq!(
-            issuer.issue("a", Duration::ZERO, Map::new()).err(),
+            issuer
+                .issue(TokenKind::User, "a", Duration::ZERO, Map::new())
+                .err(),
             Some(IssuerError::InvalidTtl)
         );
         let mut extra = Map::new();
         extra.insert("exp".to_owned(), Value::from(1));
         assert_eq!(
-            issuer.issue("a", Duration::from_secs(1), extra).err(),
+            issuer
+                .issue(TokenKind::User, "a", Duration::from_secs(1), extra)
+                .err(),
             Some(IssuerError::ReservedClaim("exp".to_owned()))
         );
         assert_eq!(
             issuer
-                .issue("a", Duration::from_millis(1500), Map::new())
+                .issue(
+                    TokenKind::User,
+                    "a",
+                    Duration::from_millis(1500),
+                    Map::new()
+                )
                 .ok()
                 .map(|t| t.1),
             Some(2)

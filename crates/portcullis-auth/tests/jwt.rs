@@ -506,6 +506,49 @@ async fn setup_validation() {
 }
 
 // ---------------------------------------------------------------------------
+// Guest tokens
+
+#[tokio::test]
+async fn guest_tokens_are_refused_unless_accepted() {
+    let exp = now() + 600;
+    let guest = hs(json!({"sub": "guest-1", "exp": exp, "typ": "guest"}));
+    let strict = hs_verifier(|_| {}).await;
+    let e = strict.verify(&guest).await.unwrap_err();
+    assert_eq!(e, JwtError::GuestNotAccepted);
+    assert!(!e.is_expired());
+    // Other or non-string `typ` values are not guest tokens.
+    for typ in [
+        json!("Guest"),
+        json!("access"),
+        json!(["guest"]),
+        json!(true),
+    ] {
+        strict
+            .verify(&hs(json!({"exp": exp, "typ": typ})))
+            .await
+            .unwrap_or_else(|e| panic!("typ {typ}: {e}"));
+    }
+    // `guest: true` alone (no `typ`) is not what marks a guest token.
+    strict
+        .verify(&hs(json!({"exp": exp, "guest": true})))
+        .await
+        .unwrap();
+
+    let welcoming = hs_verifier(|c| c.accept_guest = true).await;
+    let t = welcoming.verify(&guest).await.unwrap();
+    assert_eq!(t.subject.as_deref(), Some("guest-1"));
+
+    // A cached guest token is refused too (the check runs before caching).
+    let mut cfg = JwtConfig::new(vec![Algorithm::HS256], KeySource::Secret(SECRET.to_vec()));
+    cfg.cache_max_entries = 100;
+    let cached = JwtVerifier::new(cfg).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(cached.verify(&guest).await, Err(JwtError::GuestNotAccepted));
+    }
+    assert_eq!(cached.cached_tokens(), 0);
+}
+
+// ---------------------------------------------------------------------------
 // Verified-token cache
 
 #[tokio::test]

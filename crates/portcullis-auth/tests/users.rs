@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use portcullis_auth::issuer::{IssuerConfig, IssuerError, SigningKey, TokenIssuer};
+use portcullis_auth::issuer::{IssuerConfig, IssuerError, SigningKey, TokenIssuer, TokenKind};
 use portcullis_auth::jwt::{Algorithm, JwtConfig, JwtError, JwtVerifier, KeySource};
 use portcullis_auth::users::{LegacyRecord, PasswordHash, UserError, Users};
 use portcullis_store::{EmbeddedStore, Store};
@@ -393,10 +393,15 @@ fn issuer_config(algorithm: Algorithm, key: SigningKey) -> IssuerConfig {
 }
 
 async fn verifier(algorithm: Algorithm, keys: KeySource) -> JwtVerifier {
+    verifier_with(algorithm, keys, false).await
+}
+
+async fn verifier_with(algorithm: Algorithm, keys: KeySource, accept_guest: bool) -> JwtVerifier {
     let mut config = JwtConfig::new(vec![algorithm], keys);
     config.issuer = Some(vec!["https://portcullis.test".to_owned()]);
     config.audience = Some(vec!["portcullis-api".to_owned()]);
     config.leeway = Duration::ZERO;
+    config.accept_guest = accept_guest;
     JwtVerifier::new(config).await.unwrap()
 }
 
@@ -430,10 +435,12 @@ async fn issued_tokens_verify_carry_claims_and_expire() {
     for (alg, key, public) in cases {
         let issuer = TokenIssuer::new(issuer_config(alg, key)).unwrap();
         assert_eq!(issuer.algorithm(), alg);
-        let v = verifier(alg, public).await;
+        let v = verifier(alg, public.clone()).await;
+        let guests_welcome = verifier_with(alg, public, true).await;
 
         let (token, expires_in) = issuer
             .issue(
+                TokenKind::User,
                 "alice",
                 Duration::from_secs(3600),
                 extra(json!({"role": "admin", "scope": "read write"})),
@@ -453,19 +460,29 @@ async fn issued_tokens_verify_carry_claims_and_expire() {
         let iat = t.claims["iat"].as_u64().unwrap();
         assert_eq!(t.claims["nbf"].as_u64(), Some(iat));
         assert_eq!(t.expires_at, Some(iat + 3600));
+        assert!(!t.claims.contains_key("typ"), "user tokens are not typed");
+        // A guest-accepting verifier takes user tokens too.
+        guests_welcome.verify(&token).await.unwrap();
 
-        // Guest token, 1 s lifetime.
+        // Guest token, 1 s lifetime: marked `typ: guest`, refused by default.
         let (guest, expires_in) = issuer
             .issue(
+                TokenKind::Guest,
                 "guest-1",
                 Duration::from_secs(1),
                 extra(json!({"guest": true})),
             )
             .unwrap();
         assert_eq!(expires_in, 1);
-        let t = v.verify(&guest).await.unwrap();
+        assert_eq!(
+            v.verify(&guest).await.err(),
+            Some(JwtError::GuestNotAccepted),
+            "{alg}"
+        );
+        let t = guests_welcome.verify(&guest).await.unwrap();
+        assert_eq!(t.claims["typ"], "guest");
         assert_eq!(t.claims["guest"], true);
-        short_lived.push((alg, v, guest));
+        short_lived.push((alg, guests_welcome, guest));
     }
 
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -486,7 +503,12 @@ async fn issued_tokens_fail_with_other_keys_or_claims() {
     ))
     .unwrap();
     let (token, _) = issuer
-        .issue("alice", Duration::from_secs(60), Map::new())
+        .issue(
+            TokenKind::User,
+            "alice",
+            Duration::from_secs(60),
+            Map::new(),
+        )
         .unwrap();
     let other = verifier(
         Algorithm::RS256,
@@ -519,7 +541,7 @@ async fn issued_tokens_fail_with_other_keys_or_claims() {
     })
     .unwrap();
     let (token, _) = bare
-        .issue("x", Duration::from_secs(60), Map::new())
+        .issue(TokenKind::User, "x", Duration::from_secs(60), Map::new())
         .unwrap();
     let v = JwtVerifier::new(JwtConfig::new(
         vec![Algorithm::HS256],
@@ -530,6 +552,39 @@ async fn issued_tokens_fail_with_other_keys_or_claims() {
     let t = v.verify(&token).await.unwrap();
     assert!(!t.claims.contains_key("iss") && !t.claims.contains_key("aud"));
     assert!(jsonwebtoken::decode_header(&token).unwrap().kid.is_none());
+}
+
+/// A guest token is always `typ: guest`, whatever the extra claims say; a user token
+/// keeps the caller's `typ`.
+#[tokio::test]
+async fn guest_type_cannot_be_overridden() {
+    let issuer = TokenIssuer::new(issuer_config(
+        Algorithm::HS256,
+        SigningKey::Secret(SECRET.to_vec()),
+    ))
+    .unwrap();
+    let v = verifier(Algorithm::HS256, KeySource::Secret(SECRET.to_vec())).await;
+    let (guest, _) = issuer
+        .issue(
+            TokenKind::Guest,
+            "guest-2",
+            Duration::from_secs(60),
+            extra(json!({"typ": "user"})),
+        )
+        .unwrap();
+    assert_eq!(
+        v.verify(&guest).await.err(),
+        Some(JwtError::GuestNotAccepted)
+    );
+    let (user, _) = issuer
+        .issue(
+            TokenKind::User,
+            "bob",
+            Duration::from_secs(60),
+            extra(json!({"typ": "access"})),
+        )
+        .unwrap();
+    assert_eq!(v.verify(&user).await.unwrap().claims["typ"], "access");
 }
 
 #[test]

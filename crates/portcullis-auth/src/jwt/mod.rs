@@ -46,6 +46,12 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// `require_exp = false`).
 const NO_EXP_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
 
+/// Payload claim that marks the kind of a token the gateway issued.
+pub const TOKEN_TYPE_CLAIM: &str = "typ";
+/// Value of [`TOKEN_TYPE_CLAIM`] in guest tokens; such tokens are rejected
+/// ([`JwtError::GuestNotAccepted`]) unless [`JwtConfig::accept_guest`] is set.
+pub const GUEST_TOKEN_TYPE: &str = "guest";
+
 // ---------------------------------------------------------------------------
 // Algorithms
 
@@ -210,6 +216,10 @@ pub struct JwtConfig {
     /// If set, `aud` (string or array) must be present and contain one of
     /// these. If unset, `aud` is not checked.
     pub audience: Option<Vec<String>>,
+    /// Accept guest tokens (payload claim `typ` equal to `"guest"`, as issued
+    /// by [`crate::issuer::TokenKind::Guest`]). Default false: they fail with
+    /// [`JwtError::GuestNotAccepted`].
+    pub accept_guest: bool,
     /// Clock-skew allowance for `exp`, `nbf` and `iat` (whole seconds).
     pub leeway: Duration,
     /// Reject tokens without `exp`.
@@ -220,13 +230,15 @@ pub struct JwtConfig {
 
 impl JwtConfig {
     /// A config with the given algorithms and keys; no issuer/audience
-    /// checks, 60 s leeway, `exp` required, 10 000 cached tokens.
+    /// checks, guest tokens rejected, 60 s leeway, `exp` required, 10 000
+    /// cached tokens.
     pub fn new(algorithms: Vec<Algorithm>, keys: KeySource) -> Self {
         JwtConfig {
             algorithms,
             keys,
             issuer: None,
             audience: None,
+            accept_guest: false,
             leeway: Duration::from_secs(60),
             require_exp: true,
             cache_max_entries: 10_000,
@@ -302,6 +314,10 @@ pub enum JwtError {
     MissingClaim(&'static str),
     #[error("verification keys are unavailable")]
     KeysUnavailable,
+    /// A guest token (`typ` = `"guest"`) and the verifier does not accept
+    /// them ([`JwtConfig::accept_guest`]). An invalid token for callers.
+    #[error("guest tokens are not accepted here")]
+    GuestNotAccepted,
 }
 
 impl JwtError {
@@ -404,6 +420,7 @@ struct Inner {
     audience: Option<Vec<String>>,
     leeway_secs: u64,
     require_exp: bool,
+    accept_guest: bool,
     keys: ArcSwap<KeySet>,
     jwks: Option<JwksState>,
     cache: Option<moka::sync::Cache<[u8; 32], CacheEntry>>,
@@ -578,6 +595,7 @@ impl JwtVerifier {
             audience: config.audience,
             leeway_secs: config.leeway.as_secs(),
             require_exp: config.require_exp,
+            accept_guest: config.accept_guest,
             keys: ArcSwap::from_pointee(initial),
             jwks,
             cache,
@@ -851,6 +869,11 @@ impl Inner {
             if !ok {
                 return Err(JwtError::InvalidAudience);
             }
+        }
+        if !self.accept_guest
+            && claims.get(TOKEN_TYPE_CLAIM).and_then(Value::as_str) == Some(GUEST_TOKEN_TYPE)
+        {
+            return Err(JwtError::GuestNotAccepted);
         }
         Ok(exp)
     }
