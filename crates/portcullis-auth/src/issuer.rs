@@ -7,7 +7,8 @@
 //!
 //! The key is checked once in [`TokenIssuer::new`]: its family must match the
 //! algorithm, it must actually sign (right curve, a private and not a public key),
-//! and RSA keys must have at least 2048 bits (the verifier rejects smaller ones).
+//! RSA keys must have at least 2048 bits (the verifier rejects smaller ones) and HMAC
+//! secrets at least 16 bytes.
 //!
 //! Every token is issued as a [`TokenKind`]: guest tokens carry the payload claim
 //! `"typ": "guest"`, which verifiers reject unless configured to accept guests
@@ -19,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Map, Value};
 
-use crate::jwt::{Algorithm, GUEST_TOKEN_TYPE, TOKEN_TYPE_CLAIM};
+use crate::jwt::{Algorithm, GUEST_TOKEN_TYPE, MIN_HS_SECRET_LEN, TOKEN_TYPE_CLAIM};
 
 /// Smallest RSA modulus accepted, in bits (same as the verifier).
 const MIN_RSA_BITS: usize = 2048;
@@ -81,6 +82,9 @@ pub enum IssuerError {
     },
     #[error("token issuer: the HMAC secret is empty")]
     EmptySecret,
+    /// Shorter than [`MIN_HS_SECRET_LEN`] (but not empty).
+    #[error("token issuer: {}", crate::jwt::SHORT_HS_SECRET)]
+    ShortSecret,
     #[error("token issuer: invalid private key for {algorithm}: {reason}")]
     InvalidKey {
         algorithm: Algorithm,
@@ -160,7 +164,10 @@ impl TokenIssuer {
                 if secret.is_empty() {
                     return Err(IssuerError::EmptySecret);
                 }
-                if secret.len() < 32 {
+                if secret.len() < MIN_HS_SECRET_LEN {
+                    return Err(IssuerError::ShortSecret);
+                }
+                if crate::jwt::weak_hs_secret(secret) {
                     tracing::warn!(
                         len = secret.len(),
                         "token issuer: HMAC secret is shorter than 32 bytes; use a longer random secret"
@@ -314,6 +321,17 @@ mod tests {
             kid: None,
         });
         assert!(matches!(r, Err(IssuerError::EmptySecret)));
+        for len in [1, 15] {
+            let e = TokenIssuer::new(secret_config(Algorithm::HS512, len)).err();
+            assert_eq!(e, Some(IssuerError::ShortSecret), "{len} bytes");
+            assert!(e
+                .map(|e| e.to_string())
+                .is_some_and(|m| m.contains("at least 16 bytes; 32 or more recommended")));
+        }
+        for len in [16, 31] {
+            let r = TokenIssuer::new(secret_config(Algorithm::HS256, len));
+            assert!(r.is_ok(), "{len} bytes: weak but accepted");
+        }
         let r = TokenIssuer::new(IssuerConfig {
             algorithm: Algorithm::EdDSA,
             key: SigningKey::PrivatePem(b"not a pem".to_vec()),

@@ -6,7 +6,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::EncodingKey;
-use portcullis_auth::jwt::{Algorithm, JwtConfig, JwtError, JwtSetupError, JwtVerifier, KeySource};
+use portcullis_auth::jwt::{
+    weak_hs_secret, Algorithm, JwtConfig, JwtError, JwtSetupError, JwtVerifier, KeySource,
+};
 use serde_json::json;
 use support::*;
 
@@ -503,6 +505,44 @@ async fn setup_validation() {
     // Non-JWKS verifiers have no refresh task.
     let v = pem_verifier(vec![Algorithm::RS256], vec![fixture("rsa1.pub.pem")]).await;
     assert!(v.spawn_refresh().is_none());
+}
+
+#[tokio::test]
+async fn short_hmac_secrets_are_refused() {
+    for len in [1, 8, 15] {
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let e = JwtVerifier::new(JwtConfig::new(
+                vec![alg],
+                KeySource::Secret(vec![b'k'; len]),
+            ))
+            .await
+            .unwrap_err();
+            assert_eq!(e, JwtSetupError::ShortSecret, "{alg}, {len} bytes");
+            assert_eq!(
+                e.to_string(),
+                "jwt: HS secret must be at least 16 bytes; 32 or more recommended (RFC 7518 §3.2)"
+            );
+        }
+    }
+    // 16 bytes is the minimum: weak (the gateway warns) but accepted.
+    let secret = b"0123456789abcdef";
+    assert!(weak_hs_secret(secret));
+    let v = JwtVerifier::new(JwtConfig::new(
+        vec![Algorithm::HS256],
+        KeySource::Secret(secret.to_vec()),
+    ))
+    .await
+    .unwrap();
+    let token = sign_with(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(secret),
+        None,
+        &claims(),
+    );
+    v.verify(&token).await.unwrap();
+    assert!(weak_hs_secret(&[0; 31]));
+    assert!(!weak_hs_secret(&[0; 32]));
+    assert!(!weak_hs_secret(SECRET));
 }
 
 // ---------------------------------------------------------------------------

@@ -46,11 +46,28 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// `require_exp = false`).
 const NO_EXP_CACHE_TTL: Duration = Duration::from_secs(5 * 60);
 
+/// Shortest HMAC secret accepted (bytes), by [`JwtVerifier::new`] and
+/// [`crate::issuer::TokenIssuer::new`].
+pub const MIN_HS_SECRET_LEN: usize = 16;
+/// HMAC secrets shorter than this (bytes) are accepted but weak; see
+/// [`weak_hs_secret`].
+pub const RECOMMENDED_HS_SECRET_LEN: usize = 32;
+/// Message of the errors for HMAC secrets shorter than [`MIN_HS_SECRET_LEN`].
+pub(crate) const SHORT_HS_SECRET: &str =
+    "HS secret must be at least 16 bytes; 32 or more recommended (RFC 7518 §3.2)";
+
 /// Payload claim that marks the kind of a token the gateway issued.
 pub const TOKEN_TYPE_CLAIM: &str = "typ";
 /// Value of [`TOKEN_TYPE_CLAIM`] in guest tokens; such tokens are rejected
 /// ([`JwtError::GuestNotAccepted`]) unless [`JwtConfig::accept_guest`] is set.
 pub const GUEST_TOKEN_TYPE: &str = "guest";
+
+/// True when an HMAC secret is shorter than [`RECOMMENDED_HS_SECRET_LEN`]
+/// (32 bytes): still accepted from [`MIN_HS_SECRET_LEN`] (16) bytes on, but
+/// worth a warning (RFC 7518 §3.2 wants at least the hash size).
+pub fn weak_hs_secret(secret: &[u8]) -> bool {
+    secret.len() < RECOMMENDED_HS_SECRET_LEN
+}
 
 // ---------------------------------------------------------------------------
 // Algorithms
@@ -259,6 +276,9 @@ pub enum JwtSetupError {
     },
     #[error("jwt: the HMAC secret is empty")]
     EmptySecret,
+    /// Shorter than [`MIN_HS_SECRET_LEN`] (but not empty).
+    #[error("jwt: {SHORT_HS_SECRET}")]
+    ShortSecret,
     #[error("jwt: no PEM keys configured")]
     NoKeys,
     #[error("jwt: PEM key #{index}: {reason}")]
@@ -528,7 +548,10 @@ impl JwtVerifier {
                 if secret.is_empty() {
                     return Err(JwtSetupError::EmptySecret);
                 }
-                if secret.len() < 32 {
+                if secret.len() < MIN_HS_SECRET_LEN {
+                    return Err(JwtSetupError::ShortSecret);
+                }
+                if weak_hs_secret(secret) {
                     tracing::warn!(
                         len = secret.len(),
                         "jwt: HMAC secret is shorter than 32 bytes; use a longer random secret"
