@@ -20,6 +20,13 @@ async fn pem_verifier(algs: Vec<Algorithm>, pems: Vec<Vec<u8>>) -> JwtVerifier {
     JwtVerifier::new(pem_config(algs, pems)).await.unwrap()
 }
 
+/// A JWKS config that checks no audience (test tokens carry none).
+fn jwks_config(algs: Vec<Algorithm>, source: KeySource) -> JwtConfig {
+    let mut cfg = JwtConfig::new(algs, source);
+    cfg.allow_any_audience = true;
+    cfg
+}
+
 fn jwks_source(url: &str, min_refetch: Duration) -> KeySource {
     KeySource::Jwks {
         url: url.to_owned(),
@@ -78,7 +85,7 @@ async fn every_asymmetric_algorithm_verifies_via_jwks() {
         jwk(Algorithm::EdDSA, "", "ed"),
     ]))
     .await;
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         ASYMMETRIC.to_vec(),
         jwks_source(&server.url, Duration::from_secs(60)),
     ))
@@ -222,7 +229,7 @@ async fn jwks_key_is_only_used_for_its_own_type_and_symmetric_keys_are_ignored()
     rsa["alg"] = json!("RS256");
     let oct = json!({"kty": "oct", "kid": "hmac", "k": URL_SAFE_NO_PAD.encode(SECRET)});
     let server = JwksServer::start(jwks(vec![rsa, oct])).await;
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::RS256, Algorithm::PS256, Algorithm::ES256],
         jwks_source(&server.url, Duration::from_secs(60)),
     ))
@@ -545,6 +552,34 @@ async fn short_hmac_secrets_are_refused() {
     assert!(!weak_hs_secret(SECRET));
 }
 
+#[tokio::test]
+async fn jwks_needs_an_audience_unless_any_is_allowed() {
+    // Nothing listens there: the initial fetch fails, which `new` tolerates.
+    let source = || jwks_source("http://127.0.0.1:1/jwks", Duration::from_secs(60));
+    let e = JwtVerifier::new(JwtConfig::new(vec![Algorithm::RS256], source()))
+        .await
+        .unwrap_err();
+    assert_eq!(e, JwtSetupError::JwksWithoutAudience);
+    assert_eq!(
+        e.to_string(),
+        "jwt: a jwks_url authenticator needs `audience` (or allow_any_audience: true)"
+    );
+    let mut empty = JwtConfig::new(vec![Algorithm::RS256], source());
+    empty.audience = Some(Vec::new());
+    assert_eq!(
+        JwtVerifier::new(empty).await.unwrap_err(),
+        JwtSetupError::JwksWithoutAudience
+    );
+    let mut with_audience = JwtConfig::new(vec![Algorithm::RS256], source());
+    with_audience.audience = Some(vec!["api".into()]);
+    JwtVerifier::new(with_audience).await.unwrap();
+    JwtVerifier::new(jwks_config(vec![Algorithm::RS256], source()))
+        .await
+        .unwrap();
+    // Static keys belong to one issuer: no audience is fine there.
+    pem_verifier(vec![Algorithm::RS256], vec![fixture("rsa1.pub.pem")]).await;
+}
+
 // ---------------------------------------------------------------------------
 // Guest tokens
 
@@ -651,7 +686,7 @@ async fn cache_is_bounded() {
 async fn jwks_rotation_rate_limit_and_failures() {
     let interval = Duration::from_millis(400);
     let server = JwksServer::start(jwks(vec![jwk(Algorithm::RS256, "rsa1", "k1")])).await;
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::RS256],
         jwks_source(&server.url, interval),
     ))
@@ -733,7 +768,7 @@ async fn jwks_unreachable_at_start_then_recovers() {
     let interval = Duration::from_millis(300);
     let server = JwksServer::start(String::new()).await;
     server.set(503, String::new());
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::ES256],
         jwks_source(&server.url, interval),
     ))
@@ -754,7 +789,7 @@ async fn jwks_unreachable_at_start_then_recovers() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::ES256],
         jwks_source(&format!("http://127.0.0.1:{closed}/jwks"), interval),
     ))
@@ -766,7 +801,7 @@ async fn jwks_unreachable_at_start_then_recovers() {
 #[tokio::test]
 async fn jwks_background_refresh() {
     let server = JwksServer::start(jwks(vec![jwk(Algorithm::EdDSA, "", "ed1")])).await;
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::EdDSA, Algorithm::RS256],
         KeySource::Jwks {
             url: server.url.clone(),
@@ -808,7 +843,7 @@ async fn jwks_over_https_with_ca_file() {
         timeout: Duration::from_secs(5),
         ca_file,
     };
-    let v = JwtVerifier::new(JwtConfig::new(
+    let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::ES384],
         source(Some(fixture_path("tls-ca.pem"))),
     ))
@@ -820,13 +855,13 @@ async fn jwks_over_https_with_ca_file() {
         .unwrap();
 
     // Without our CA the server is not trusted: no keys.
-    let untrusted = JwtVerifier::new(JwtConfig::new(vec![Algorithm::ES384], source(None)))
+    let untrusted = JwtVerifier::new(jwks_config(vec![Algorithm::ES384], source(None)))
         .await
         .unwrap();
     assert_eq!(untrusted.key_count(), 0);
     assert_eq!(untrusted.stats().jwks_fetch_failures, 1);
 
-    let e = JwtVerifier::new(JwtConfig::new(
+    let e = JwtVerifier::new(jwks_config(
         vec![Algorithm::ES384],
         source(Some(fixture_path("does-not-exist.pem"))),
     ))

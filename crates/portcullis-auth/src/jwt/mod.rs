@@ -14,6 +14,12 @@
 //!   keys in one verifier — so "RSA public key used as HMAC secret"
 //!   confusion is impossible;
 //! * JWKS `oct` (symmetric) keys are ignored;
+//! * a JWKS verifier must check `aud` (or be told `allow_any_audience`):
+//!   an identity provider's keys sign tokens for all of its clients;
+//! * HMAC secrets have at least 16 bytes (a warning below 32);
+//! * guest tokens (`"typ": "guest"`) are refused unless `accept_guest`;
+//! * a token verified with a key that a JWKS refresh removed is never
+//!   answered from the cache again, even if its verification was in flight;
 //! * unknown-`kid` refetches are rate limited and single-flight.
 
 mod jwks;
@@ -231,8 +237,13 @@ pub struct JwtConfig {
     /// If set, `iss` must be present and equal one of these.
     pub issuer: Option<Vec<String>>,
     /// If set, `aud` (string or array) must be present and contain one of
-    /// these. If unset, `aud` is not checked.
+    /// these. If unset, `aud` is not checked — which a [`KeySource::Jwks`]
+    /// verifier only allows with `allow_any_audience`.
     pub audience: Option<Vec<String>>,
+    /// Let a [`KeySource::Jwks`] verifier run without `audience` (accepting
+    /// tokens the identity provider issued for any client). Default false:
+    /// [`JwtVerifier::new`] then refuses a JWKS source without audience.
+    pub allow_any_audience: bool,
     /// Accept guest tokens (payload claim `typ` equal to `"guest"`, as issued
     /// by [`crate::issuer::TokenKind::Guest`]). Default false: they fail with
     /// [`JwtError::GuestNotAccepted`].
@@ -247,14 +258,16 @@ pub struct JwtConfig {
 
 impl JwtConfig {
     /// A config with the given algorithms and keys; no issuer/audience
-    /// checks, guest tokens rejected, 60 s leeway, `exp` required, 10 000
-    /// cached tokens.
+    /// checks (a JWKS source needs `audience` or `allow_any_audience` set),
+    /// guest tokens rejected, 60 s leeway, `exp` required, 10 000 cached
+    /// tokens.
     pub fn new(algorithms: Vec<Algorithm>, keys: KeySource) -> Self {
         JwtConfig {
             algorithms,
             keys,
             issuer: None,
             audience: None,
+            allow_any_audience: false,
             accept_guest: false,
             leeway: Duration::from_secs(60),
             require_exp: true,
@@ -279,6 +292,10 @@ pub enum JwtSetupError {
     /// Shorter than [`MIN_HS_SECRET_LEN`] (but not empty).
     #[error("jwt: {SHORT_HS_SECRET}")]
     ShortSecret,
+    /// A [`KeySource::Jwks`] without `audience` and without
+    /// `allow_any_audience`.
+    #[error("jwt: a jwks_url authenticator needs `audience` (or allow_any_audience: true)")]
+    JwksWithoutAudience,
     #[error("jwt: no PEM keys configured")]
     NoKeys,
     #[error("jwt: PEM key #{index}: {reason}")]
@@ -594,8 +611,15 @@ impl JwtVerifier {
                         return Err(JwtSetupError::ZeroDuration(name));
                     }
                 }
+                let client = JwksClient::new(url, *timeout, ca_file.as_deref())?;
+                // An identity provider's keys sign tokens for all its clients;
+                // without an audience check any of them would be accepted here.
+                if config.audience.as_ref().is_none_or(Vec::is_empty) && !config.allow_any_audience
+                {
+                    return Err(JwtSetupError::JwksWithoutAudience);
+                }
                 jwks = Some(JwksState {
-                    client: JwksClient::new(url, *timeout, ca_file.as_deref())?,
+                    client,
                     refresh_interval: *refresh_interval,
                     min_refetch_interval: *min_refetch_interval,
                     fetch_lock: tokio::sync::Mutex::new(None),
