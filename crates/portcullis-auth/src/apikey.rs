@@ -588,6 +588,35 @@ mod tests {
             .is_some_and(|c| c.get(&sha256(raw)).is_some())
     }
 
+    /// What the first half of `verify` (up to the store read) leaves for the second.
+    struct FirstHalf {
+        digest: [u8; 32],
+        now: u64,
+        generation: u64,
+        found: Option<Arc<ApiKeyRecord>>,
+    }
+
+    impl FirstHalf {
+        /// The second half of `verify`: cache the result.
+        fn remember(self, keys: &ApiKeys) {
+            keys.remember(self.digest, self.found, self.now, self.generation);
+        }
+    }
+
+    async fn read_first(keys: &ApiKeys, raw: &str) -> FirstHalf {
+        let (id, _) = split_key(raw).expect("well-formed");
+        let digest = sha256(raw);
+        let now = now_secs();
+        let generation = keys.inner.generation.load(Ordering::SeqCst);
+        let found = keys.lookup(id, &digest, now).await.expect("lookup");
+        FirstHalf {
+            digest,
+            now,
+            generation,
+            found,
+        }
+    }
+
     /// `verify` reads the record, a revocation (by raw key or by id) deletes it and
     /// evicts, then `verify` caches what it read: the stale positive entry must not
     /// survive, and the key must not verify.
@@ -596,13 +625,8 @@ mod tests {
         let (_dir, keys) = keys_in_temp_store();
         for by_id in [false, true] {
             let (raw, record) = keys.create(new_key()).await.expect("create");
-            let (id, _) = split_key(&raw).expect("well-formed");
-            let digest = sha256(&raw);
-            let now = now_secs();
-            // verify, first half.
-            let generation = keys.inner.generation.load(Ordering::SeqCst);
-            let found = keys.lookup(id, &digest, now).await.expect("lookup");
-            assert!(found.is_some(), "read before the revocation");
+            let read = read_first(&keys, &raw).await;
+            assert!(read.found.is_some(), "read before the revocation");
             // The revocation runs to completion.
             let target = if by_id {
                 record.id.as_str()
@@ -611,7 +635,7 @@ mod tests {
             };
             assert!(keys.revoke(target).await.expect("revoke"));
             // verify, second half: caches the stale record, sees the generation moved.
-            keys.remember(digest, found, now, generation);
+            read.remember(&keys);
             assert!(!cached(&keys, &raw), "by_id={by_id}: stale entry left");
             assert!(keys.verify(&raw).await.expect("verify").is_none());
         }
@@ -622,12 +646,7 @@ mod tests {
     async fn verify_without_a_revoke_caches() {
         let (_dir, keys) = keys_in_temp_store();
         let (raw, _) = keys.create(new_key()).await.expect("create");
-        let (id, _) = split_key(&raw).expect("well-formed");
-        let digest = sha256(&raw);
-        let now = now_secs();
-        let generation = keys.inner.generation.load(Ordering::SeqCst);
-        let found = keys.lookup(id, &digest, now).await.expect("lookup");
-        keys.remember(digest, found, now, generation);
+        read_first(&keys, &raw).await.remember(&keys);
         assert!(cached(&keys, &raw));
         assert!(keys.verify(&raw).await.expect("verify").is_some());
     }

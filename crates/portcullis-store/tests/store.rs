@@ -388,35 +388,46 @@ async fn redis_suite() {
     suite(store).await;
 }
 
+/// Two handles on one SQLite file.
+fn two_embedded(dir: &tempfile::TempDir) -> (Arc<dyn Store>, Arc<dyn Store>) {
+    let a = EmbeddedStore::open(dir.path()).unwrap();
+    let b = EmbeddedStore::open(dir.path()).unwrap();
+    (Arc::new(a), Arc::new(b))
+}
+
+/// Two clients of one Redis, as two gateway instances.
+async fn two_redis(server: &RedisServer) -> (Arc<dyn Store>, Arc<dyn Store>) {
+    (
+        redis_store(server, "gw:").await,
+        redis_store(server, "gw:").await,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_two_handles_exact() {
     let dir = data_dir();
-    let a = EmbeddedStore::open(dir.path()).unwrap();
-    let b = EmbeddedStore::open(dir.path()).unwrap();
-    exact_across(Arc::new(a), Arc::new(b)).await;
+    let (a, b) = two_embedded(&dir);
+    exact_across(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_two_instances_exact() {
     let server = RedisServer::start();
-    let a = redis_store(&server, "gw:").await;
-    let b = redis_store(&server, "gw:").await;
+    let (a, b) = two_redis(&server).await;
     exact_across(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_compare_and_set_race() {
     let dir = data_dir();
-    let a = EmbeddedStore::open(dir.path()).unwrap();
-    let b = EmbeddedStore::open(dir.path()).unwrap();
-    cas_race(Arc::new(a), Arc::new(b)).await;
+    let (a, b) = two_embedded(&dir);
+    cas_race(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_compare_and_set_race() {
     let server = RedisServer::start();
-    let a = redis_store(&server, "gw:").await;
-    let b = redis_store(&server, "gw:").await;
+    let (a, b) = two_redis(&server).await;
     cas_race(a, b).await;
 }
 

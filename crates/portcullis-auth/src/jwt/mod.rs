@@ -1104,26 +1104,52 @@ mod tests {
         .unwrap_or_else(|e| panic!("sign: {e}"))
     }
 
+    /// What the first half of `verify` (keys loaded, token checked) leaves for
+    /// the second.
+    struct FirstHalf {
+        cache_key: [u8; 32],
+        now: u64,
+        generation: u64,
+        verified: Arc<VerifiedToken>,
+    }
+
+    impl FirstHalf {
+        /// The second half of `verify`: cache the result.
+        fn remember(self, v: &JwtVerifier) {
+            v.inner
+                .remember(self.cache_key, &self.verified, self.now, self.generation);
+        }
+    }
+
+    async fn verify_first(v: &JwtVerifier, token: &str) -> FirstHalf {
+        let now = now_secs();
+        let generation = v.inner.cache_generation.load(Ordering::SeqCst);
+        let verified = v
+            .inner
+            .verify_uncached(token, now)
+            .await
+            .unwrap_or_else(|e| panic!("verify: {e}"));
+        FirstHalf {
+            cache_key: Sha256::digest(token.as_bytes()).into(),
+            now,
+            generation,
+            verified,
+        }
+    }
+
     /// A verification checks the signature with a key, a JWKS refresh removes
     /// that key and clears the cache, then the verification caches its result:
     /// the entry must not survive and the token must not verify any more.
     #[tokio::test]
     async fn verification_started_before_a_key_removal_does_not_cache_after_it() {
         let v = jwks_verifier().await;
-        let inner = &v.inner;
         let token = es256_token();
-        let cache_key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = now_secs();
         // verify, first half: keys loaded, signature and claims checked.
-        let generation = inner.cache_generation.load(Ordering::SeqCst);
-        let verified = inner
-            .verify_uncached(&token, now)
-            .await
-            .unwrap_or_else(|e| panic!("verify: {e}"));
+        let first = verify_first(&v, &token).await;
         // A refresh replaces the P-256 key by a P-384 one.
-        inner.install_keys(pem_keys(EC384_PUB));
+        v.inner.install_keys(pem_keys(EC384_PUB));
         // verify, second half: caches what it verified with the removed key.
-        inner.remember(cache_key, &verified, now, generation);
+        first.remember(&v);
         assert_eq!(v.cached_tokens(), 0, "stale entry left in the cache");
         assert!(v.verify(&token).await.is_err());
         assert_eq!(v.stats().cache_hits, 0);
@@ -1134,19 +1160,12 @@ mod tests {
     #[tokio::test]
     async fn adding_keys_keeps_the_cache() {
         let v = jwks_verifier().await;
-        let inner = &v.inner;
         let token = es256_token();
-        let cache_key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = now_secs();
-        let generation = inner.cache_generation.load(Ordering::SeqCst);
-        let verified = inner
-            .verify_uncached(&token, now)
-            .await
-            .unwrap_or_else(|e| panic!("verify: {e}"));
+        let first = verify_first(&v, &token).await;
         let mut both = pem_keys(EC256_PUB);
         both.extend(pem_keys(EC384_PUB));
-        inner.install_keys(both);
-        inner.remember(cache_key, &verified, now, generation);
+        v.inner.install_keys(both);
+        first.remember(&v);
         assert_eq!(v.cached_tokens(), 1);
         assert!(v.verify(&token).await.is_ok());
         assert_eq!(v.stats().cache_hits, 1);
