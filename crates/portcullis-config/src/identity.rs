@@ -109,9 +109,16 @@ pub struct JwtConfig {
     /// Accepted issuers (any of); empty = not checked.
     #[serde(default)]
     pub issuer: Vec<Text>,
-    /// Accepted audiences (any of); empty = not checked.
+    /// Accepted audiences (any of). Required with `jwks_url` unless
+    /// `allow_any_audience: true` (a shared IdP signs tokens for other apps too).
     #[serde(default)]
     pub audience: Vec<Text>,
+    /// Accept any audience with `jwks_url` (explicit opt-out of the check).
+    #[serde(default)]
+    pub allow_any_audience: Flag,
+    /// Accept guest tokens (payload claim `typ: guest`) the gateway issues.
+    #[serde(default)]
+    pub accept_guest: Flag,
     #[serde(default = "default_leeway")]
     pub leeway: Duration,
     #[serde(default)]
@@ -189,8 +196,8 @@ pub struct TokenIssuerConfig {
     pub audience: Option<Text>,
     #[serde(default = "default_login_path")]
     pub login_path: Text,
-    /// Empty disables guest tokens.
-    #[serde(default = "default_guest_path")]
+    /// Where guest tokens are issued (`/auth/guest`); unset or empty = no guest tokens.
+    #[serde(default)]
     pub guest_path: Text,
     #[serde(default = "default_token_ttl")]
     pub ttl: Duration,
@@ -218,9 +225,6 @@ fn default_issuer_alg() -> Text {
 }
 fn default_login_path() -> Text {
     Text::from("/auth/login")
-}
-fn default_guest_path() -> Text {
-    Text::from("/auth/guest")
 }
 fn default_token_ttl() -> Duration {
     Duration::secs(3600)

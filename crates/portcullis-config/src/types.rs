@@ -90,6 +90,9 @@ pub struct AdminConfig {
     /// protected endpoints (only health stays open).
     #[serde(default)]
     pub token: Secret,
+    /// Bearer token required for `/metrics` on the admin listener; empty = open.
+    #[serde(default)]
+    pub metrics_token: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -125,6 +128,35 @@ pub struct ServerConfig {
     /// Watch the config file's directory and reload on change.
     #[serde(default = "yes")]
     pub watch_config: Flag,
+    /// How long a failed DNS lookup is remembered (templated upstreams).
+    #[serde(default = "default_dns_negative_ttl")]
+    pub dns_negative_ttl: Duration,
+    /// Extra `hosts(5)`-format file consulted before DNS for upstream names.
+    #[serde(default)]
+    pub hosts_file: Option<Text>,
+    /// This gateway's name in `Via` (loop detection); default random per instance.
+    #[serde(default)]
+    pub gateway_id: Option<Text>,
+    /// Request headers whose name contains `_`: `drop` (default), `reject` (400) or `allow`.
+    #[serde(default)]
+    pub underscore_headers: UnderscoreHeaders,
+    /// `reject` (default, 400) or `keep` `;` path parameters.
+    #[serde(default)]
+    pub path_parameters: PathParameters,
+    /// Request headers removed from every request.
+    #[serde(default = "default_strip_headers")]
+    pub strip_headers: Vec<Text>,
+    /// Request headers removed unless the peer is a trusted proxy.
+    #[serde(default = "default_untrusted_headers")]
+    pub untrusted_headers: Vec<Text>,
+    /// Close a client connection with no request in flight for this long
+    /// (HTTP/1 keep-alive and HTTP/2; HTTP/2 gets a GOAWAY).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// Max client connections per process (also counts WebSocket tunnels);
+    /// default 80 % of the open-files limit.
+    #[serde(default)]
+    pub max_connections: Option<Scalar<usize>>,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +172,15 @@ impl Default for ServerConfig {
             dns_cache_ttl: default_dns_ttl(),
             dns_cache_size: default_dns_size(),
             watch_config: yes(),
+            dns_negative_ttl: default_dns_negative_ttl(),
+            hosts_file: None,
+            gateway_id: None,
+            underscore_headers: UnderscoreHeaders::default(),
+            path_parameters: PathParameters::default(),
+            strip_headers: default_strip_headers(),
+            untrusted_headers: default_untrusted_headers(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: None,
         }
     }
 }
@@ -164,6 +205,52 @@ fn default_dns_size() -> Scalar<u64> {
 }
 fn yes() -> Flag {
     Flag(true)
+}
+fn default_dns_negative_ttl() -> Duration {
+    Duration::secs(2)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::secs(60)
+}
+fn default_strip_headers() -> Vec<Text> {
+    [
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-method-override",
+    ]
+    .into_iter()
+    .map(Text::from)
+    .collect()
+}
+fn default_untrusted_headers() -> Vec<Text> {
+    [
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+    ]
+    .into_iter()
+    .map(Text::from)
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoreHeaders {
+    #[default]
+    Drop,
+    Reject,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathParameters {
+    #[default]
+    Reject,
+    Keep,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -292,6 +379,9 @@ pub struct AuthConfig {
     /// Authenticators applied to routes that have no `auth` of their own.
     #[serde(default)]
     pub default: Vec<Spanned<Text>>,
+    /// Open mode on purpose: routes without auth of their own need no credential.
+    #[serde(default)]
+    pub open: Flag,
     /// Extra identity headers removed from every incoming request (the ones the
     /// configured authenticators set are always removed).
     #[serde(default)]
@@ -354,7 +444,8 @@ pub struct RouteConfig {
     /// Host patterns (`api.example.com`, `*.example.com`); empty = any host.
     #[serde(default)]
     pub hosts: Vec<Spanned<Text>>,
-    /// Only requests whose Host port (or listener port) is this.
+    /// Only requests that arrived on a listener bound to this local port (never
+    /// the port a client writes in `Host`).
     #[serde(default)]
     pub port: Option<Scalar<u16>>,
     /// Exact path or template (`/users/{id}`, `/files/{*rest}`).
@@ -429,6 +520,33 @@ pub struct ProxyConfig {
     pub protocol: Option<UpstreamProtocol>,
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
+    /// Templated upstreams: names a host param may take (globs with `*`/`?`, or
+    /// regexes starting with `~`); empty = any DNS name.
+    #[serde(default)]
+    pub allow_names: Vec<Spanned<Text>>,
+    /// Templated upstreams: addresses a resolved name may connect to.
+    #[serde(default)]
+    pub targets: Option<TargetsConfig>,
+    /// `Upgrade` protocols forwarded (case-insensitive); default `[websocket]`.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<Text>,
+}
+
+fn default_upgrades() -> Vec<Text> {
+    vec![Text::from("websocket")]
+}
+
+/// Address rules checked on every connect of a templated upstream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// When set, only these CIDRs (default: any address not denied).
+    #[serde(default)]
+    pub allow: Vec<Spanned<Text>>,
+    /// Refused CIDRs, on top of the built-in ones (unspecified, link-local and
+    /// metadata, multicast, broadcast).
+    #[serde(default)]
+    pub deny: Vec<Spanned<Text>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -447,6 +565,12 @@ pub struct TimeoutsConfig {
     /// Whole exchange including the body; unset = no limit (streams may run forever).
     #[serde(default)]
     pub total: Option<Duration>,
+    /// Max silence while reading the client's request body (408 if no response yet).
+    #[serde(default = "default_body")]
+    pub body: Duration,
+    /// Max silence on an upgraded (WebSocket) tunnel, both directions.
+    #[serde(default = "default_tunnel_idle")]
+    pub tunnel_idle: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -456,6 +580,8 @@ impl Default for TimeoutsConfig {
             response: default_response(),
             idle: default_idle(),
             total: None,
+            body: default_body(),
+            tunnel_idle: default_tunnel_idle(),
         }
     }
 }
@@ -468,6 +594,12 @@ fn default_response() -> Duration {
 }
 fn default_idle() -> Duration {
     Duration::secs(300)
+}
+fn default_body() -> Duration {
+    Duration::secs(60)
+}
+fn default_tunnel_idle() -> Duration {
+    Duration::secs(3600)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -482,6 +614,17 @@ pub struct StaticConfig {
     /// `Cache-Control` sent with files.
     #[serde(default)]
     pub cache_control: Option<Text>,
+    /// `deny` (default: any path segment starting with `.` is a 404) or `allow`.
+    #[serde(default)]
+    pub dotfiles: Dotfiles,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dotfiles {
+    #[default]
+    Deny,
+    Allow,
 }
 
 fn default_index() -> Text {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
@@ -18,28 +18,49 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::service::{metrics, readiness, text};
 use crate::Shared;
 
+/// The admin listener gets the main listeners' protections: accept back-off, the
+/// header and idle deadlines, and the drain on shutdown.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    alive: tokio::sync::mpsc::Sender<()>,
 ) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(_) => continue,
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some((stream, peer)) = crate::server::accept(&listener, &mut stop).await {
         let shared = shared.clone();
+        let stop = stop.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
+            let _alive = alive;
+            let (header_timeout, idle) = {
+                let s = shared.snapshot.load();
+                (s.header_read_timeout, s.idle_timeout)
+            };
+            let activity = Arc::new(crate::server::ConnActivity::default());
+            let in_service = activity.clone();
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                let in_flight = in_service.begin();
+                async move {
+                    let res = route(&shared, req).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(res)
+                }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder.http2().timer(TokioTimer::new());
+            crate::drive!(
+                builder.serve_connection(TokioIo::new(stream), service),
+                stop,
+                peer,
+                activity,
+                header_timeout,
+                idle
+            );
         });
     }
 }
@@ -57,7 +78,16 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, p)
             if snapshot.metrics_path.as_deref() == Some(p) && !snapshot.metrics_on_main =>
         {
-            return metrics(shared)
+            let token = snapshot
+                .admin
+                .as_ref()
+                .and_then(|a| a.metrics_token.as_ref());
+            if let Some(token) = token {
+                if let Err(e) = bearer_matches(&req, token) {
+                    return e.into_response("");
+                }
+            }
+            return metrics(shared);
         }
         _ => {}
     }
@@ -81,8 +111,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/admin/routes") => {
             let routes: Vec<_> = crate::snapshot::describe_routes(&snapshot)
                 .into_iter()
-                .map(|[name, host, path, methods, action]| {
-                    serde_json::json!({"name": name, "host": host, "path": path, "methods": methods, "action": action})
+                .map(|[name, host, path, methods, auth, action]| {
+                    serde_json::json!({"name": name, "host": host, "path": path, "methods": methods, "auth": auth, "action": action})
                 })
                 .collect();
             json(StatusCode::OK, &serde_json::json!({ "routes": routes }))
@@ -137,6 +167,10 @@ fn authorize(
             "the admin API is disabled: set admin.token",
         ));
     };
+    bearer_matches(req, token)
+}
+
+fn bearer_matches(req: &Request<Incoming>, token: &[u8]) -> Result<(), GatewayError> {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -196,16 +230,9 @@ struct CreateKey {
 /// `POST /admin/apikeys` `{principal, name?, scopes?, expires_at?, limit?, window?}` →
 /// 201 `{key, record}`; the raw key is in this response only.
 async fn create_key(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let bytes = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return GatewayError::new(ErrorCode::BadRequest, "body too large or incomplete")
-                .into_response("")
-        }
+    let bytes = match crate::body::read_small(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(""),
     };
     let body: CreateKey = match serde_json::from_slice(&bytes) {
         Ok(b) => b,

@@ -2,9 +2,8 @@
 //! policy that combines them (any of, optional, required scopes).
 //!
 //! Identity headers that authenticators set are removed from every incoming request
-//! before routing ([`strip_identity_headers`]), so a client can never spoof them.
+//! before routing ([`crate::sanitize`]), so a client can never spoof them.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use http::header::{self, HeaderName};
@@ -84,7 +83,7 @@ impl Authenticator {
         }
     }
 
-    fn sources(&self) -> TokenSources {
+    pub fn sources(&self) -> TokenSources {
         match self {
             Authenticator::StaticToken { .. } => TokenSources::default(),
             Authenticator::Jwt { sources, .. } | Authenticator::ApiKey { sources, .. } => {
@@ -272,6 +271,38 @@ pub struct Identity {
     pub api_key: Option<ApiKeyUse>,
 }
 
+/// Every place a route's authenticators read credentials from: all of them are
+/// removed before proxying (unless the route forwards credentials), not only the
+/// one a request happened to use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialSources {
+    pub authorization: bool,
+    pub cookies: Vec<String>,
+    /// Compared with percent-decoded parameter names.
+    pub query: Vec<String>,
+}
+
+impl CredentialSources {
+    pub fn of(authenticators: &[Arc<Authenticator>]) -> Self {
+        let mut out = CredentialSources::default();
+        for a in authenticators {
+            let s = a.sources();
+            out.authorization |= s.header;
+            if let Some(c) = s.cookie {
+                if !out.cookies.contains(&c) {
+                    out.cookies.push(c);
+                }
+            }
+            if let Some(q) = s.query {
+                if !out.query.contains(&q) {
+                    out.query.push(q);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A route's authentication rule.
 #[derive(Clone)]
 pub enum AuthPolicy {
@@ -289,6 +320,7 @@ pub enum AuthPolicy {
         forward_credential: bool,
         /// Count requests against the API key's quota.
         quota: bool,
+        sources: Arc<CredentialSources>,
     },
 }
 
@@ -302,6 +334,43 @@ pub struct Authenticated {
 }
 
 impl AuthPolicy {
+    /// Where credentials must be removed from before proxying; `None` when the
+    /// route has no authenticator or forwards credentials.
+    pub fn credential_sources(&self) -> Option<&CredentialSources> {
+        match self {
+            AuthPolicy::Required {
+                forward_credential: false,
+                sources,
+                ..
+            } => Some(sources),
+            _ => None,
+        }
+    }
+
+    /// For `portcullis routes` and `/admin/routes`.
+    pub fn describe(&self) -> String {
+        match self {
+            AuthPolicy::Open => "open".to_owned(),
+            AuthPolicy::Public => "public".to_owned(),
+            AuthPolicy::Required {
+                authenticators,
+                optional,
+                scopes,
+                ..
+            } => {
+                let names: Vec<&str> = authenticators.iter().map(|a| a.name()).collect();
+                let mut out = names.join("|");
+                if *optional {
+                    out.push_str(" (optional)");
+                }
+                if !scopes.is_empty() {
+                    out.push_str(&format!(" scopes={}", scopes.join(",")));
+                }
+                out
+            }
+        }
+    }
+
     pub async fn check(
         &self,
         headers: &HeaderMap,
@@ -313,6 +382,7 @@ impl AuthPolicy {
             scopes,
             forward_credential,
             quota,
+            ..
         } = self
         else {
             return Ok(Authenticated {
@@ -483,7 +553,8 @@ fn find_credential(
     if let (Some(name), Some(q)) = (&sources.query, query) {
         for pair in q.split('&') {
             if let Some((k, v)) = pair.split_once('=') {
-                if k == name && !v.is_empty() {
+                let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
+                if k == name.as_str() && !v.is_empty() {
                     let v = percent_encoding::percent_decode_str(v).decode_utf8().ok()?;
                     return Some((v.into_owned(), CredentialSource::Query(name.clone())));
                 }
@@ -505,52 +576,63 @@ fn bearer(value: &[u8]) -> Option<String> {
     std::str::from_utf8(token).ok().map(str::to_owned)
 }
 
-/// Removes every identity header from an incoming request.
-pub fn strip_identity_headers(headers: &mut HeaderMap, names: &HashSet<HeaderName>) {
-    for name in names {
-        headers.remove(name);
+/// Removes every configured credential from the headers; returns the query
+/// parameter names to drop.
+pub fn remove_credentials<'s>(
+    headers: &mut HeaderMap,
+    sources: &'s CredentialSources,
+) -> &'s [String] {
+    if sources.authorization {
+        headers.remove(header::AUTHORIZATION);
     }
-}
-
-/// Removes the credential from where it was found.
-pub fn remove_credential(headers: &mut HeaderMap, source: &CredentialSource) -> Option<String> {
-    match source {
-        CredentialSource::Header => {
-            headers.remove(header::AUTHORIZATION);
-            None
-        }
-        CredentialSource::Cookie(name) => {
-            let kept: Vec<String> = headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .map(str::trim)
-                .filter(|pair| {
-                    !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != name)
-                })
-                .map(str::to_owned)
-                .collect();
-            headers.remove(header::COOKIE);
-            if !kept.is_empty() {
-                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-                    headers.insert(header::COOKIE, v);
-                }
+    if !sources.cookies.is_empty() && headers.contains_key(header::COOKIE) {
+        let kept: Vec<String> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| {
+                !pair.is_empty()
+                    && pair
+                        .split_once('=')
+                        .is_none_or(|(k, _)| !sources.cookies.iter().any(|c| c == k.trim()))
+            })
+            .map(str::to_owned)
+            .collect();
+        headers.remove(header::COOKIE);
+        if !kept.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                headers.insert(header::COOKIE, v);
             }
-            None
         }
-        // The caller rewrites the query.
-        CredentialSource::Query(name) => Some(name.clone()),
     }
+    &sources.query
 }
 
-/// The query without parameter `name`.
-pub fn query_without(query: &str, name: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
-        .collect::<Vec<_>>()
-        .join("&")
+/// The query without any parameter whose percent-decoded name is in `names`;
+/// `None` when nothing was removed.
+pub fn query_without_any(query: &str, names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let drop = |pair: &str| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let decoded = percent_encoding::percent_decode_str(&key.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned();
+        names.contains(&decoded)
+    };
+    if !query.split('&').any(drop) {
+        return None;
+    }
+    Some(
+        query
+            .split('&')
+            .filter(|pair| !drop(pair))
+            .collect::<Vec<_>>()
+            .join("&"),
+    )
 }
 
 #[cfg(test)]
@@ -566,22 +648,29 @@ mod tests {
     }
 
     #[test]
-    fn cookie_credential_is_removed_alone() {
+    fn every_configured_credential_is_removed() {
+        let sources = CredentialSources {
+            authorization: true,
+            cookies: vec!["token".into(), "sid".into()],
+            query: vec!["access_token".into()],
+        };
         let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         h.insert(
             header::COOKIE,
-            HeaderValue::from_static("a=1; token=secret; b=2"),
+            HeaderValue::from_static("a=1; token=secret; sid=s; b=2"),
         );
-        remove_credential(&mut h, &CredentialSource::Cookie("token".into()));
+        let params = remove_credentials(&mut h, &sources);
+        assert!(!h.contains_key(header::AUTHORIZATION));
         assert_eq!(h[header::COOKIE], "a=1; b=2");
-    }
-
-    #[test]
-    fn query_parameter_is_removed() {
         assert_eq!(
-            query_without("a=1&access_token=x&b=2", "access_token"),
-            "a=1&b=2"
+            query_without_any("a=1&access%5Ftoken=x&b=2&access_token=y", params).as_deref(),
+            Some("a=1&b=2")
         );
-        assert_eq!(query_without("access_token=x", "access_token"), "");
+        assert_eq!(query_without_any("a=1", params), None);
+        assert_eq!(
+            query_without_any("access_token=x", params).as_deref(),
+            Some("")
+        );
     }
 }

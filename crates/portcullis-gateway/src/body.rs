@@ -104,6 +104,9 @@ pub struct IdleTimeout<B> {
     /// Body size limit (request bodies only); `u64::MAX` for none.
     limit: u64,
     seen: u64,
+    /// Request bodies: trailers are never forwarded (a client could smuggle identity
+    /// headers through them, and HTTP/1 upstreams would merge them).
+    drop_trailers: bool,
 }
 
 impl<B> IdleTimeout<B> {
@@ -115,7 +118,13 @@ impl<B> IdleTimeout<B> {
             deadline: None,
             limit: u64::MAX,
             seen: 0,
+            drop_trailers: false,
         }
+    }
+
+    pub fn without_trailers(mut self) -> Self {
+        self.drop_trailers = true;
+        self
     }
 
     pub fn with_limit(mut self, limit: u64) -> Self {
@@ -147,31 +156,35 @@ where
                 return Poll::Ready(Some(Err(Box::new(DeadlineExceeded))));
             }
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                if let Some(sleep) = this.sleep.as_mut() {
-                    sleep.as_mut().reset(Instant::now() + this.idle);
-                }
-                let frame = match frame {
-                    Some(Ok(frame)) => frame,
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                    None => return Poll::Ready(None),
-                };
-                if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    if let Some(sleep) = this.sleep.as_mut() {
+                        sleep.as_mut().reset(Instant::now() + this.idle);
                     }
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                        None => return Poll::Ready(None),
+                    };
+                    if let Some(data) = frame.data_ref() {
+                        this.seen += data.len() as u64;
+                        if this.seen > this.limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
+                        }
+                    } else if this.drop_trailers && frame.is_trailers() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Pending => {
-                let idle = this.idle;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                ready!(sleep.as_mut().poll(cx));
-                Poll::Ready(Some(Err(Box::new(IdleTimedOut(idle)))))
+                Poll::Pending => {
+                    let idle = this.idle;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    ready!(sleep.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(Box::new(IdleTimedOut(idle)))));
+                }
             }
         }
     }
@@ -196,7 +209,55 @@ pub fn find_cause<'a, E: std::error::Error + 'static>(
         if let Some(found) = e.downcast_ref::<E>() {
             return Some(found);
         }
+        // `io::Error::source` skips its own payload; look at it too.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(found) = inner.downcast_ref::<E>() {
+                return Some(found);
+            }
+        }
         current = e.source();
     }
     None
+}
+
+/// How long a gateway-handled body (login, admin API) may take to arrive.
+pub const SMALL_BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Reads a small body the gateway itself answers (login, admin API): at most
+/// `limit` bytes within [`SMALL_BODY_DEADLINE`], else 413 or 408.
+pub async fn read_small<B>(body: B, limit: usize) -> Result<Bytes, crate::error::GatewayError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    use crate::error::{ErrorCode, GatewayError};
+    use http_body_util::BodyExt;
+    match tokio::time::timeout(
+        SMALL_BODY_DEADLINE,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body larger than {limit} bytes"),
+            ))
+        }
+        Ok(Err(_)) => Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "the request body is incomplete",
+        )),
+        Err(_) => Err(GatewayError::new(
+            ErrorCode::RequestTimeout,
+            "request body not received in time",
+        )),
+    }
 }

@@ -18,6 +18,7 @@ pub enum ErrorCode {
     ExpiredToken,
     Forbidden,
     InsufficientScope,
+    UpstreamForbidden,
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -26,12 +27,13 @@ pub enum ErrorCode {
     RateLimited,
     UpstreamUnavailable,
     UpstreamTimeout,
+    LoopDetected,
     ServiceUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -39,6 +41,7 @@ impl ErrorCode {
         ErrorCode::ExpiredToken,
         ErrorCode::Forbidden,
         ErrorCode::InsufficientScope,
+        ErrorCode::UpstreamForbidden,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::PayloadTooLarge,
@@ -47,6 +50,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamTimeout,
+        ErrorCode::LoopDetected,
         ErrorCode::ServiceUnavailable,
         ErrorCode::InternalError,
     ];
@@ -60,6 +64,8 @@ impl ErrorCode {
             ErrorCode::ExpiredToken => "EXPIRED_TOKEN",
             ErrorCode::InsufficientScope => "INSUFFICIENT_SCOPE",
             ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::UpstreamForbidden => "UPSTREAM_FORBIDDEN",
+            ErrorCode::LoopDetected => "LOOP_DETECTED",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
@@ -79,7 +85,10 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             ErrorCode::Unauthorized | ErrorCode::ExpiredToken => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden | ErrorCode::InsufficientScope => StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden | ErrorCode::InsufficientScope | ErrorCode::UpstreamForbidden => {
+                StatusCode::FORBIDDEN
+            }
+            ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -112,6 +121,7 @@ impl ErrorCode {
             ErrorCode::ServiceUnavailable => {
                 "the gateway or a service it depends on is not available"
             }
+            ErrorCode::LoopDetected => "the request has already passed through this gateway",
             _ => "internal error",
         }
     }

@@ -18,6 +18,18 @@ fn trusted(ip: IpAddr, proxies: &[IpNet]) -> bool {
     proxies.iter().any(|net| net.contains(&ip))
 }
 
+/// Whether the connection's peer is a configured trusted proxy.
+pub fn is_trusted(peer: SocketAddr, proxies: &[IpNet]) -> bool {
+    !proxies.is_empty() && trusted(peer.ip().to_canonical(), proxies)
+}
+
+/// `prior;host="authority"`: the one authority the request was routed by. The
+/// authority was validated (no quotes, no backslashes), so quoting is enough.
+fn with_host(element: &str, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+    let h = host?.to_str().ok()?;
+    HeaderValue::from_str(&format!("{element};host=\"{h}\"")).ok()
+}
+
 /// The original client: the peer, or — when the peer is trusted — the right-most
 /// address in `X-Forwarded-For` that is not itself a trusted proxy.
 pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> IpAddr {
@@ -90,7 +102,8 @@ pub fn set_forwarding_headers(
             Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
             None => headers.remove(&X_FORWARDED_HOST),
         };
-        headers.insert(FORWARDED, p.forwarded.clone());
+        let forwarded = p.forwarded.to_str().ok().and_then(|e| with_host(e, host));
+        headers.insert(FORWARDED, forwarded.unwrap_or_else(|| p.forwarded.clone()));
         return;
     }
 
@@ -125,7 +138,10 @@ pub fn set_forwarding_headers(
         }
     }
 
-    let element = forwarded_element(peer_ip, scheme);
+    let mut element = forwarded_element(peer_ip, scheme);
+    if let Some(v) = with_host(&element, host) {
+        element = v.to_str().unwrap_or_default().to_owned();
+    }
     let forwarded = if from_trusted {
         let prior: Vec<&str> = headers
             .get_all(FORWARDED)

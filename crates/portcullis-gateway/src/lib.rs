@@ -7,19 +7,24 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authority;
 pub mod body;
+pub mod dns;
 pub mod error;
 pub mod forwarded;
 pub mod login;
 pub mod proxy;
 pub mod reload;
+pub mod sanitize;
 pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod targets;
 pub mod telemetry;
 pub mod template;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -31,7 +36,7 @@ use portcullis_config::ConfigErrors;
 
 use crate::snapshot::Snapshot;
 use crate::telemetry::{Generation, Metrics, ResultLabels};
-use crate::upstream::{CachingResolver, ClientRegistry};
+use crate::upstream::ClientRegistry;
 
 pub use server::run;
 
@@ -43,6 +48,10 @@ pub struct Shared {
     pub labels: telemetry::FixedLabels,
     pub clients: ClientRegistry,
     pub config_path: PathBuf,
+    /// This instance's `Via` name when the config sets none (loop detection).
+    pub instance_id: Arc<str>,
+    /// Connection slots (`server.max_connections`), shared by every listener.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     generation: Generation,
     ready: AtomicBool,
     /// Serialises reloads; also remembers the last loaded file content.
@@ -115,18 +124,43 @@ impl Shared {
         } else {
             Arc::new(store::Unopened)
         };
-        let resolver = CachingResolver::new(
+        let hosts_file = config
+            .server
+            .hosts_file
+            .as_ref()
+            .filter(|f| !f.is_empty())
+            .map(|f| snapshot::relative_to(path, f));
+        let resolver = dns::Resolver::new(
             config.server.dns_cache_ttl.get(),
+            config.server.dns_negative_ttl.get(),
             config.server.dns_cache_size.0,
-        );
-        let clients = ClientRegistry::new(resolver);
-        let snapshot = snapshot::compile(config, path, &clients, &store).await?;
+            hosts_file.as_deref(),
+        )
+        .map_err(|e| {
+            LoadError::Config(ConfigErrors(vec![portcullis_config::ConfigError::at(
+                path,
+                portcullis_config::Location::UNKNOWN,
+                "server.hosts_file",
+                e.to_string(),
+            )]))
+        })?;
+        let clients = ClientRegistry::new(Arc::new(resolver));
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(max_connections(
+            config.server.max_connections.map(|m| m.0),
+        )));
+        let instance_id: Arc<str> = Arc::from(format!(
+            "portcullis-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        let snapshot = snapshot::compile(config, path, &clients, &store, &instance_id).await?;
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
             labels: telemetry::FixedLabels::default(),
             clients,
             config_path: path.to_owned(),
+            instance_id,
+            connection_slots,
             generation: Generation::new(),
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(file_hash(path)),
@@ -175,7 +209,14 @@ impl Shared {
         }
         let result = match portcullis_config::load(&self.config_path) {
             Ok(config) => {
-                snapshot::compile(config, &self.config_path, &self.clients, &self.store).await
+                snapshot::compile(
+                    config,
+                    &self.config_path,
+                    &self.clients,
+                    &self.store,
+                    &self.instance_id,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -212,6 +253,53 @@ impl Shared {
             }
         }
     }
+}
+
+/// `server.max_connections`, or 80 % of the open-files limit (raised to its hard
+/// maximum at start by the binary).
+fn max_connections(configured: Option<usize>) -> usize {
+    if let Some(n) = configured {
+        return n.max(1);
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+    (soft / 10 * 8).max(16)
+}
+
+/// Raises the soft open-files limit to the hard limit (a gateway holds two sockets
+/// per proxied request). Returns the new soft limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        // An unlimited hard limit is still capped by the kernel's nr_open.
+        let target = limit.rlim_max.min(1 << 20);
+        if limit.rlim_cur < target {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(raised.rlim_cur);
+            }
+        }
+    }
+    Some(limit.rlim_cur)
 }
 
 fn file_hash(path: &Path) -> Option<u64> {

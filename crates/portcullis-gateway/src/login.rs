@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use portcullis_auth::issuer::TokenIssuer;
+use portcullis_auth::issuer::{TokenIssuer, TokenKind};
 use portcullis_auth::users::Users;
 use portcullis_store::Store;
 
@@ -37,6 +36,22 @@ pub struct LoginService {
 
 /// Login bodies are tiny; anything bigger is refused before parsing.
 const MAX_LOGIN_BODY: usize = 16 * 1024;
+
+/// A username with this many times `login_per_username` failures in the window
+/// (from all clients together) answers every attempt [`SLOWDOWN`] later.
+const SLOWDOWN_FACTOR: u64 = 4;
+const SLOWDOWN: Duration = Duration::from_secs(1);
+
+/// Rate-limit key of a client: its address, IPv6 by /64 (one host's share).
+fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
 
 #[derive(serde::Deserialize)]
 struct LoginRequest {
@@ -72,29 +87,35 @@ impl LoginService {
         req: Request<Incoming>,
         client: IpAddr,
     ) -> Result<Response<Body>, GatewayError> {
-        let bytes = Limited::new(req.into_body(), MAX_LOGIN_BODY)
-            .collect()
-            .await
-            .map_err(|_| {
-                GatewayError::new(
-                    ErrorCode::BadRequest,
-                    "the login body is too large or incomplete",
-                )
-            })?
-            .to_bytes();
+        let bytes = crate::body::read_small(req.into_body(), MAX_LOGIN_BODY).await?;
         let body: LoginRequest = serde_json::from_slice(&bytes).map_err(|_| {
             GatewayError::new(
                 ErrorCode::BadRequest,
                 "expected JSON {\"username\", \"password\"}",
             )
         })?;
-        self.limit(&format!("login:ip:{client}"), self.per_ip)
-            .await?;
-        self.limit(
-            &format!("login:user:{}", body.username.to_lowercase()),
-            self.per_username,
-        )
-        .await?;
+        let ip = client_key(client);
+        let ip_key = format!("login:fail:ip:{ip}");
+        // Checked before it becomes part of a store key.
+        if !portcullis_auth::users::valid_username(&body.username) {
+            self.blocked(&ip_key, self.per_ip).await?;
+            self.count_failure(&ip_key).await;
+            return Err(GatewayError::new(
+                ErrorCode::BadRequest,
+                "a username is 1–64 letters, digits or . _ @ -",
+            ));
+        }
+        let username = body.username.to_ascii_lowercase();
+        let pair_key = format!("login:fail:pair:{ip}:{username}");
+        let user_key = format!("login:fail:user:{username}");
+        // Failures, not attempts, are counted: per client (IPv6 by /64), and per
+        // (client, username) so an attack on a name from elsewhere never locks its
+        // owner out; across all clients a name under attack is only slowed down.
+        self.blocked(&ip_key, self.per_ip).await?;
+        self.blocked(&pair_key, self.per_username).await?;
+        if self.failures(&user_key).await >= self.per_username.saturating_mul(SLOWDOWN_FACTOR) {
+            tokio::time::sleep(SLOWDOWN).await;
+        }
         let user = self
             .users
             .verify(&body.username, &body.password)
@@ -106,6 +127,9 @@ impl LoginService {
         // One message for unknown users and wrong passwords (and the same work: see Users::verify).
         let Some(user) = user else {
             tracing::info!(client = %client, "login failed");
+            for key in [&ip_key, &pair_key, &user_key] {
+                self.count_failure(key).await;
+            }
             return Err(GatewayError::new(
                 ErrorCode::Unauthorized,
                 "invalid username or password",
@@ -115,32 +139,51 @@ impl LoginService {
     }
 
     async fn guest(&self, client: IpAddr) -> Result<Response<Body>, GatewayError> {
-        self.limit(&format!("login:ip:{client}"), self.per_ip)
-            .await?;
+        let key = format!("login:guest:ip:{}", client_key(client));
+        self.blocked(&key, self.per_ip).await?;
+        self.count_failure(&key).await;
         let subject = format!("guest-{}", uuid::Uuid::new_v4());
         self.issue(&subject, &self.guest_role, true, self.guest_ttl)
     }
 
-    /// Counts one attempt for `key`; beyond `limit` per window → 429.
-    async fn limit(&self, key: &str, limit: u64) -> Result<(), GatewayError> {
+    /// 429 when `key` already counted `limit` failures in the current window.
+    async fn blocked(&self, key: &str, limit: u64) -> Result<(), GatewayError> {
+        // Cost 0 against `limit - 1`: allowed while fewer than `limit` were counted.
         let window = self
             .store
-            .consume_window(key, 1, limit, self.window)
+            .consume_window(key, 0, limit.saturating_sub(1), self.window)
             .await
             .map_err(|e| {
                 // Fail closed: an uncounted login endpoint invites password guessing.
                 tracing::warn!(error = %e, "login rate limit: store unavailable");
                 GatewayError::server(ErrorCode::ServiceUnavailable)
             })?;
-        if window.allowed {
+        if window.allowed && limit > 0 {
             return Ok(());
         }
         let retry = window.reset_after.as_secs().max(1);
         Err(GatewayError::new(
             ErrorCode::RateLimited,
-            "too many login attempts; try again later",
+            "too many failed login attempts; try again later",
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from(retry)))
+    }
+
+    async fn count_failure(&self, key: &str) {
+        if let Err(e) = self
+            .store
+            .consume_window(key, 1, u64::MAX, self.window)
+            .await
+        {
+            tracing::warn!(error = %e, "login: cannot count a failure");
+        }
+    }
+
+    async fn failures(&self, key: &str) -> u64 {
+        self.store
+            .consume_window(key, 0, u64::MAX, self.window)
+            .await
+            .map_or(0, |w| w.count)
     }
 
     fn issue(
@@ -155,10 +198,13 @@ impl LoginService {
         if let Some(scopes) = self.role_scopes.get(role) {
             claims.insert("scope".into(), scopes.join(" ").into());
         }
-        if guest {
+        let kind = if guest {
             claims.insert("guest".into(), true.into());
-        }
-        let (token, expires_in) = self.issuer.issue(subject, ttl, claims).map_err(|e| {
+            TokenKind::Guest
+        } else {
+            TokenKind::User
+        };
+        let (token, expires_in) = self.issuer.issue(kind, subject, ttl, claims).map_err(|e| {
             tracing::error!(error = %e, "cannot sign a token");
             GatewayError::server(ErrorCode::InternalError)
         })?;
@@ -175,5 +221,20 @@ impl LoginService {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         Ok(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_eq!(client_key(a), "2001:db8:1:2::/64");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(client_key(mapped), "10.0.0.1");
     }
 }

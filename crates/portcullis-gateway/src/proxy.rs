@@ -38,6 +38,13 @@ pub struct Forward<'a> {
     pub request_id_header: &'a HeaderName,
     pub request_id: &'a HeaderValue,
     pub max_body: u64,
+    /// The request's one authority (see [`crate::authority`]).
+    pub authority: Option<&'a HeaderValue>,
+    /// The `Upgrade` protocol the client asked for, read before hop-by-hop removal.
+    pub upgrade: Option<HeaderValue>,
+    /// Our `Via` element for this request's protocol version.
+    pub via: &'a HeaderValue,
+    pub tunnels: &'a crate::tunnel::Tunnels,
 }
 
 pub async fn forward(
@@ -55,21 +62,25 @@ pub async fn forward(
         }
     }
 
-    let upgrade = upgrade_requested(&req);
+    // Only the protocols the route lists are tunnelled; any other `Upgrade` (h2c from
+    // curl, say) is dropped and the request goes on as plain HTTP.
+    let upgrade = f.upgrade.filter(|p| action.allows_upgrade(p));
+    let tunnel = match &upgrade {
+        Some(protocol) => Some(crate::tunnel::admit(f.tunnels, protocol, req.headers())?),
+        None => None,
+    };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
-    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = f.authority.cloned();
     let (mut parts, body) = req.into_parts();
     let headers = &mut parts.headers;
-    remove_hop_by_hop(headers);
+    // Hop-by-hop headers were removed when the request arrived (crate::sanitize),
+    // before the gateway added its own.
     if let Some(protocol) = &upgrade {
         headers.insert(header::UPGRADE, protocol.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    headers.append(header::VIA, f.via.clone());
     forwarded::set_forwarding_headers(
         headers,
         f.peer,
@@ -94,9 +105,10 @@ pub async fn forward(
         .total_timeout
         .map(|t| tokio::time::Instant::now() + t);
     let body = Body::Upstream(
-        IdleTimeout::new(body, action.idle_timeout)
+        IdleTimeout::new(body, action.body_timeout)
             .with_limit(f.max_body)
-            .with_deadline(deadline),
+            .with_deadline(deadline)
+            .without_trailers(),
     );
     let upstream_req = Request::from_parts(parts, body);
 
@@ -112,6 +124,14 @@ pub async fn forward(
     let mut res = match result {
         Ok(Ok(res)) => res,
         Ok(Err(err)) => {
+            if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
+                count_error(metrics, f.route, "forbidden");
+                tracing::warn!(route = %f.route, upstream = %label, "upstream name resolves only to forbidden addresses");
+                return Err(GatewayError::new(
+                    ErrorCode::UpstreamForbidden,
+                    format!("upstream {label:?} is not an allowed target"),
+                ));
+            }
             let e = classify(&err, f.route, &label, metrics);
             // A templated upstream (FnKit function) is named: the name came from the
             // client's own path, so it reveals nothing internal.
@@ -139,19 +159,16 @@ pub async fn forward(
         .observe(started.elapsed().as_secs_f64());
 
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
+        if let (Some(client_upgrade), Some(tunnel)) = (client_upgrade, tunnel) {
             let upstream_upgrade = hyper::upgrade::on(&mut res);
             let route = f.route.clone();
+            let idle = action.tunnel_idle;
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
-                        let mut client = TokioIo::new(client);
-                        let mut upstream = TokioIo::new(upstream);
-                        if let Err(e) =
-                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                        {
-                            tracing::debug!(route = %route, error = %e, "upgraded connection ended with an error");
-                        }
+                        tunnel
+                            .run(TokioIo::new(client), TokioIo::new(upstream), idle, &route)
+                            .await;
                     }
                     Err(e) => tracing::debug!(route = %route, error = %e, "upgrade failed"),
                 }
@@ -230,7 +247,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// An HTTP/1.1 `Upgrade` request (WebSocket and friends): returns the protocol.
-fn upgrade_requested(req: &Request<Incoming>) -> Option<HeaderValue> {
+pub fn upgrade_requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -292,15 +309,6 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     }
 }
 
-/// A path param placed in an upstream host must be one DNS label, so a client can
-/// never steer a templated upstream to an arbitrary host (`/evil.com/...`).
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 fn upstream_uri(
     action: &ProxyAction,
     f: &Forward<'_>,
@@ -338,8 +346,15 @@ fn upstream_uri(
             authority_params,
             path_is_templated,
         } => {
+            // The client picks these: one DNS label each, never readable as an
+            // address, and within `allow_names` (checked before any DNS query).
             for p in authority_params {
-                if !lookup(p).is_some_and(is_label) {
+                let ok = lookup(p).is_some_and(|v| {
+                    crate::targets::host_label_ok(v)
+                        && (action.allow_names.is_empty()
+                            || action.allow_names.iter().any(|n| n.matches(v)))
+                });
+                if !ok {
                     return Err(GatewayError::new(ErrorCode::NotFound, "no such upstream"));
                 }
             }
@@ -352,6 +367,9 @@ fn upstream_uri(
             else {
                 return Err(GatewayError::new(ErrorCode::NotFound, "no such upstream"));
             };
+            if crate::targets::host_is_address_like(authority.host()) {
+                return Err(GatewayError::new(ErrorCode::NotFound, "no such upstream"));
+            }
             let label: Arc<str> = Arc::from(authority.host());
             let pq = if *path_is_templated {
                 build_pq("", parsed.path(), f.query)?

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
             listener,
             shared.clone(),
             stop_rx.clone(),
+            alive_tx.clone(),
         )));
     }
 
@@ -108,27 +110,113 @@ struct ListenerCtx {
     alive: tokio::sync::mpsc::Sender<()>,
 }
 
+/// Accepts connections until `stop`; `EMFILE` and friends back off instead of
+/// spinning. Shared with the admin listener.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     ctx: ListenerCtx,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let ctx = Arc::new(ctx);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
+    while let Some((stream, peer)) = accept(&listener, &mut stop).await {
+        // Beyond max_connections a connection is closed at once: the client learns
+        // immediately, and the accept loop never spins on a full fd table.
+        let Ok(slot) = ctx.shared.connection_slots.clone().try_acquire_owned() else {
+            ctx.shared.metrics.connections_rejected.inc();
+            tracing::debug!(peer = %peer, "max_connections reached; connection closed");
+            drop(stream);
+            continue;
         };
         let ctx = ctx.clone();
-        tokio::spawn(async move { serve_connection(stream, peer, ctx).await });
+        tokio::spawn(async move {
+            serve_connection(stream, peer, ctx).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Requests in flight on one connection and when that last changed: a connection
+/// with none for its deadline is closed.
+pub struct ConnActivity {
+    start: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    last_ms: AtomicU64,
+    served: AtomicBool,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        ConnActivity {
+            start: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            served: AtomicBool::new(false),
+        }
+    }
+}
+
+impl ConnActivity {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle`
+    /// (`first` until its first request).
+    pub async fn idle(&self, first: Duration, idle: Duration) {
+        loop {
+            let limit = if self.served.load(Ordering::Relaxed) {
+                idle
+            } else {
+                first
+            };
+            let silent = self
+                .start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
+            let wait = if self.in_flight.load(Ordering::Acquire) > 0 {
+                limit
+            } else if silent >= limit {
+                return;
+            } else {
+                limit - silent
+            };
+            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// One request in flight; dropped with its response body.
+pub struct InFlight(Arc<ConnActivity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -142,10 +230,14 @@ impl Drop for OpenConnection {
 }
 
 /// Serves a connection; on shutdown, lets in-flight requests finish and closes it
-/// (HTTP/1: after the current response; HTTP/2: GOAWAY). A macro because the
-/// connection type is unnameable.
+/// (HTTP/1: after the current response; HTTP/2: GOAWAY). A connection with no
+/// request in flight is closed the same way after `header_read_timeout` if it never
+/// sent one (silent clients, a lone `P`, an h2 preface and nothing) and after
+/// `server.idle_timeout` otherwise. A macro because the connection type is unnameable.
+#[macro_export]
+#[doc(hidden)]
 macro_rules! drive {
-    ($conn:expr, $stop:expr, $peer:expr) => {{
+    ($conn:expr, $stop:expr, $peer:expr, $activity:expr, $first:expr, $idle:expr) => {{
         let mut conn = std::pin::pin!($conn);
         let mut stop = $stop;
         let result = tokio::select! {
@@ -153,6 +245,14 @@ macro_rules! drive {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
                 conn.as_mut().graceful_shutdown();
                 conn.as_mut().await
+            }
+            _ = $activity.idle($first, $idle) => {
+                tracing::debug!(peer = %$peer, "idle connection closed");
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout($first, conn.as_mut()).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(()),
+                }
             }
         };
         if let Err(e) = result {
@@ -171,9 +271,10 @@ enum Protocol {
 
 /// Serves `io` with the hyper connection type for `mode`.
 macro_rules! serve {
-    ($ctx:expr, $io:expr, $info:expr, $mode:expr, $header_timeout:expr, $peer:expr) => {{
+    ($ctx:expr, $io:expr, $info:expr, $mode:expr, $header_timeout:expr, $idle:expr, $peer:expr) => {{
         let shared = $ctx.shared.clone();
         let info = $info;
+        let activity = info.activity.clone();
         let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
         match $mode {
             Protocol::Http1 => {
@@ -184,7 +285,10 @@ macro_rules! serve {
                 drive!(
                     b.serve_connection($io, service).with_upgrades(),
                     $ctx.stop.clone(),
-                    $peer
+                    $peer,
+                    activity,
+                    $header_timeout,
+                    $idle
                 );
             }
             Protocol::Http2 => {
@@ -192,7 +296,14 @@ macro_rules! serve {
                 b.timer(TokioTimer::new())
                     .keep_alive_interval(Some(Duration::from_secs(30)))
                     .keep_alive_timeout(Duration::from_secs(20));
-                drive!(b.serve_connection($io, service), $ctx.stop.clone(), $peer);
+                drive!(
+                    b.serve_connection($io, service),
+                    $ctx.stop.clone(),
+                    $peer,
+                    activity,
+                    $header_timeout,
+                    $idle
+                );
             }
             Protocol::Auto => {
                 let mut b = auto::Builder::new(TokioExecutor::new());
@@ -207,7 +318,10 @@ macro_rules! serve {
                 drive!(
                     b.serve_connection_with_upgrades($io, service),
                     $ctx.stop.clone(),
-                    $peer
+                    $peer,
+                    activity,
+                    $header_timeout,
+                    $idle
                 );
             }
         }
@@ -236,7 +350,14 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
 
     let snapshot = ctx.shared.snapshot.load();
     let header_timeout = snapshot.header_read_timeout;
+    let idle_timeout = snapshot.idle_timeout;
     drop(snapshot);
+    let activity = Arc::new(ConnActivity::default());
+    let tunnels = crate::tunnel::Tunnels {
+        slots: ctx.shared.connection_slots.clone(),
+        gauge: _open.0.clone(),
+        alive: Some(ctx.alive.clone()),
+    };
 
     match &ctx.tls {
         Some(acceptor) => {
@@ -255,8 +376,16 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             } else {
                 Protocol::Http1
             };
-            let info = Arc::new(ConnInfo::new(peer, local, "https"));
-            serve!(ctx, TokioIo::new(tls), info, mode, header_timeout, peer);
+            let info = Arc::new(ConnInfo::new(peer, local, "https", activity, tunnels));
+            serve!(
+                ctx,
+                TokioIo::new(tls),
+                info,
+                mode,
+                header_timeout,
+                idle_timeout,
+                peer
+            );
         }
         None => {
             let mode = if ctx.h2c {
@@ -264,8 +393,16 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             } else {
                 Protocol::Http1
             };
-            let info = Arc::new(ConnInfo::new(peer, local, "http"));
-            serve!(ctx, TokioIo::new(stream), info, mode, header_timeout, peer);
+            let info = Arc::new(ConnInfo::new(peer, local, "http", activity, tunnels));
+            serve!(
+                ctx,
+                TokioIo::new(stream),
+                info,
+                mode,
+                header_timeout,
+                idle_timeout,
+                peer
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use portcullis_routing::{normalize_path, split_host_port, Lookup};
+use portcullis_routing::{normalize_path, Lookup};
 
 use crate::body::{Body, BoxError};
 use crate::error::{ErrorCode, GatewayError};
@@ -28,15 +28,26 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     pub scheme: &'static str,
     pub peer_headers: Option<crate::forwarded::PeerHeaders>,
+    /// Requests in flight, for the connection's idle deadline.
+    pub activity: Arc<crate::server::ConnActivity>,
+    pub tunnels: crate::tunnel::Tunnels,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, local: SocketAddr, scheme: &'static str) -> Self {
+    pub fn new(
+        peer: SocketAddr,
+        local: SocketAddr,
+        scheme: &'static str,
+        activity: Arc<crate::server::ConnActivity>,
+        tunnels: crate::tunnel::Tunnels,
+    ) -> Self {
         ConnInfo {
             peer,
             local,
             scheme,
             peer_headers: crate::forwarded::PeerHeaders::new(peer, scheme),
+            activity,
+            tunnels,
         }
     }
 }
@@ -45,6 +56,7 @@ impl ConnInfo {
 pub struct ResponseBody {
     body: Body,
     record: Option<AccessRecord>,
+    _in_flight: crate::server::InFlight,
 }
 
 impl HttpBody for ResponseBody {
@@ -94,6 +106,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
+    let in_flight = conn.activity.begin();
     let snapshot = shared.snapshot.load_full();
     let request_id = request_id(&req, &snapshot.request_id_header);
     let client_ip =
@@ -149,6 +162,7 @@ pub async fn handle(
         ResponseBody {
             body,
             record: Some(record),
+            _in_flight: in_flight,
         }
     }))
 }
@@ -181,11 +195,17 @@ async fn dispatch(
     client_ip: std::net::IpAddr,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, GatewayError> {
-    // Identity headers are ours to set: a client's copies never get through, on any
-    // route, authenticated or not.
-    if !snapshot.identity_headers.is_empty() {
-        crate::auth::strip_identity_headers(req.headers_mut(), &snapshot.identity_headers);
+    // A request that already passed through this gateway: a loop.
+    if crate::sanitize::via_names(req.headers(), &snapshot.via.id) {
+        shared.metrics.loops_detected.inc();
+        return Err(GatewayError::server(ErrorCode::LoopDetected));
     }
+    let authority = crate::authority::request_authority(&req)?;
+    // Before anything of ours is added: `Connection`-named, underscored, identity and
+    // rewrite headers of the client go.
+    let upgrade = crate::proxy::upgrade_requested(&req);
+    let peer_trusted = crate::forwarded::is_trusted(conn.peer, &snapshot.trusted_proxies);
+    crate::sanitize::client_headers(req.headers_mut(), &snapshot.header_rules, peer_trusted)?;
     // The URI is cheap to clone (shared bytes) and lets the path borrow outlive `req`.
     let uri = req.uri().clone();
     let path = normalize_path(uri.path(), snapshot.normalize)
@@ -206,21 +226,11 @@ async fn dispatch(
         }
     }
 
-    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
-    let (host, port) = match authority {
-        Some(a) => {
-            let (h, p) = split_host_port(a);
-            (Some(h), p.or(Some(conn.local.port())))
-        }
-        None => (None, Some(conn.local.port())),
-    };
+    // `port:` on a route is the listener's port, never what a client writes in Host.
+    let host = authority.as_ref().map(|a| a.host.as_str());
     let found = match snapshot
         .routes
-        .lookup(host.as_deref(), port, req.method(), &path)
+        .lookup(host, Some(conn.local.port()), req.method(), &path)
     {
         Lookup::Found(m) => m,
         Lookup::MethodNotAllowed { allowed } => {
@@ -250,15 +260,19 @@ async fn dispatch(
 
     let authenticated = route.auth.check(req.headers(), uri.query()).await?;
     let mut query = uri.query().map(std::borrow::Cow::Borrowed);
-    if let Some(identity) = &authenticated.identity {
-        record.principal = Some(identity.principal.clone());
-        if authenticated.strip_credential {
-            if let Some(param) = crate::auth::remove_credential(req.headers_mut(), &identity.source)
-            {
-                query =
-                    query.map(|q| std::borrow::Cow::Owned(crate::auth::query_without(&q, &param)));
+    let mut query_changed = false;
+    // Every credential source the route knows goes, not just the one that matched.
+    if let Some(sources) = route.auth.credential_sources() {
+        let params = crate::auth::remove_credentials(req.headers_mut(), sources);
+        if let Some(q) = query.as_deref() {
+            if let Some(stripped) = crate::auth::query_without_any(q, params) {
+                query_changed = true;
+                query = (!stripped.is_empty()).then_some(std::borrow::Cow::Owned(stripped));
             }
         }
+    }
+    if let Some(identity) = &authenticated.identity {
+        record.principal = Some(identity.principal.clone());
         for (name, value) in &identity.headers {
             req.headers_mut().insert(name.clone(), value.clone());
         }
@@ -272,8 +286,7 @@ async fn dispatch(
                 params: &found.params,
                 rest: found.rest,
                 path: &path,
-                path_changed: matches!(path, std::borrow::Cow::Owned(_))
-                    || matches!(query, Some(std::borrow::Cow::Owned(_))),
+                path_changed: matches!(path, std::borrow::Cow::Owned(_)) || query_changed,
                 query: query.as_deref(),
                 peer: conn.peer,
                 client_ip,
@@ -283,6 +296,10 @@ async fn dispatch(
                 request_id_header: &snapshot.request_id_header,
                 request_id,
                 max_body: route.max_body,
+                authority: authority.as_ref().map(|a| &a.value),
+                upgrade,
+                via: snapshot.via.for_version(req.version()),
+                tunnels: &conn.tunnels,
             };
             proxy::forward(action, forward, req, &mut record.upstream).await
         }
@@ -393,6 +410,10 @@ async fn serve_static(
     use tower_http::services::{ServeDir, ServeFile};
 
     let path = if path.is_empty() { "/" } else { path };
+    // `.env`, `.git/config`, `.htpasswd`: never served unless the route says so.
+    if !action.dotfiles && path.split('/').any(|seg| seg.starts_with('.')) {
+        return Err(GatewayError::new(ErrorCode::NotFound, "file not found"));
+    }
     let (mut parts, _body) = req.into_parts();
     parts.uri = path
         .parse()

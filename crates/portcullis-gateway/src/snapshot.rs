@@ -45,9 +45,13 @@ pub struct Snapshot {
     pub access_log: bool,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// Close client connections with no request in flight for this long.
+    pub idle_timeout: Duration,
     pub used_clients: Vec<ClientSettings>,
-    /// Headers any authenticator sets: removed from every incoming request.
-    pub identity_headers: std::collections::HashSet<HeaderName>,
+    /// What clients may not send (identity, hop-by-hop, underscored, rewrite headers).
+    pub header_rules: crate::sanitize::HeaderRules,
+    /// Our `Via` element (loop detection).
+    pub via: ViaHeaders,
     /// The API-key cache shared by the api_key authenticators and the admin API.
     pub api_keys: portcullis_auth::apikey::ApiKeys,
     /// `/auth/login` and `/auth/guest`, when `token_issuer` is configured.
@@ -66,6 +70,38 @@ pub struct ListenerSpec {
 pub struct AdminSpec {
     pub address: String,
     pub token: Option<Arc<[u8]>>,
+    pub metrics_token: Option<Arc<[u8]>>,
+}
+
+/// `Via: <version> <gateway-id>` for each protocol version a client may speak.
+pub struct ViaHeaders {
+    pub id: Arc<str>,
+    http10: HeaderValue,
+    http11: HeaderValue,
+    http2: HeaderValue,
+}
+
+impl ViaHeaders {
+    fn new(id: Arc<str>) -> Result<Self, String> {
+        let make = |v: &str| {
+            HeaderValue::from_str(&format!("{v} {id}"))
+                .map_err(|_| format!("{id:?} is not usable in a Via header"))
+        };
+        Ok(ViaHeaders {
+            http10: make("1.0")?,
+            http11: make("1.1")?,
+            http2: make("2.0")?,
+            id,
+        })
+    }
+
+    pub fn for_version(&self, v: http::Version) -> &HeaderValue {
+        match v {
+            http::Version::HTTP_10 | http::Version::HTTP_09 => &self.http10,
+            http::Version::HTTP_2 | http::Version::HTTP_3 => &self.http2,
+            _ => &self.http11,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -97,7 +133,26 @@ pub struct ProxyAction {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub total_timeout: Option<Duration>,
+    /// Max silence while reading the client's body.
+    pub body_timeout: Duration,
+    /// Max silence on an upgraded tunnel.
+    pub tunnel_idle: Duration,
+    /// `Upgrade` protocols tunnelled (lowercase).
+    pub upgrades: Vec<String>,
+    /// Templated upstreams: names a host param may take (empty: any DNS label).
+    pub allow_names: Vec<crate::targets::NamePattern>,
     pub client: UpstreamClient,
+}
+
+impl ProxyAction {
+    pub fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
+        let p = protocol.as_bytes();
+        // `websocket/13`-style versions name the same protocol.
+        let name = p.split(|b| *b == b'/').next().unwrap_or(p);
+        self.upgrades
+            .iter()
+            .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
+    }
 }
 
 /// Where a proxy route sends requests.
@@ -126,6 +181,8 @@ pub struct StaticAction {
     pub index: String,
     pub spa_fallback: bool,
     pub cache_control: Option<HeaderValue>,
+    /// Serve paths with a segment starting with `.` (`.env`, `.git/`).
+    pub dotfiles: bool,
 }
 
 pub struct RespondAction {
@@ -158,6 +215,7 @@ pub async fn compile(
     source: &Path,
     clients: &ClientRegistry,
     store: &Arc<dyn portcullis_store::Store>,
+    instance_id: &Arc<str>,
 ) -> Result<Snapshot, ConfigErrors> {
     let mut errors = Errors {
         file: source,
@@ -236,7 +294,13 @@ pub async fn compile(
             );
         }
         let token = (!a.token.is_empty()).then(|| Arc::from(a.token.expose().as_bytes()));
-        AdminSpec { address, token }
+        let metrics_token =
+            (!a.metrics_token.is_empty()).then(|| Arc::from(a.metrics_token.expose().as_bytes()));
+        AdminSpec {
+            address,
+            token,
+            metrics_token,
+        }
     });
     if config.metrics.enabled.0
         && config.metrics.listener == MetricsListener::Admin
@@ -305,7 +369,73 @@ pub async fn compile(
             ),
         }
     }
-    let global_static = static_authenticator("auth.tokens", &config.auth.tokens);
+    let mut strip = Vec::new();
+    let mut untrusted = Vec::new();
+    for (field, list, out) in [
+        (
+            "server.strip_headers",
+            &config.server.strip_headers,
+            &mut strip,
+        ),
+        (
+            "server.untrusted_headers",
+            &config.server.untrusted_headers,
+            &mut untrusted,
+        ),
+    ] {
+        for h in list {
+            if let Some(name) = header_name(h, Location::UNKNOWN, field.to_owned(), &mut errors) {
+                out.push(name);
+            }
+        }
+    }
+    let mut protected = crate::sanitize::gateway_headers(&request_id_header);
+    protected.extend(identity_headers.iter().cloned());
+    let header_rules = crate::sanitize::HeaderRules {
+        protected,
+        identity: identity_headers,
+        underscore: config.server.underscore_headers,
+        strip,
+        untrusted,
+    };
+    let gateway_id: Arc<str> = match config.server.gateway_id.as_ref().filter(|g| !g.is_empty()) {
+        Some(id) => Arc::from(id.as_str()),
+        None => instance_id.clone(),
+    };
+    let via = match ViaHeaders::new(gateway_id) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(Location::UNKNOWN, "server.gateway_id", e);
+            None
+        }
+    };
+    if config
+        .server
+        .gateway_id
+        .as_ref()
+        .is_some_and(|g| g.contains(|c: char| c.is_whitespace() || c == ','))
+    {
+        errors.push(
+            Location::UNKNOWN,
+            "server.gateway_id",
+            "must not contain spaces or commas",
+        );
+    }
+
+    // `open: true` with a list of unset tokens is FnKit's "no token, open mode",
+    // written down on purpose; without `open`, an all-empty list is an error.
+    let all_empty = config.auth.tokens.iter().all(|t| t.is_empty());
+    let global_static = if config.auth.open.0 && all_empty {
+        None
+    } else {
+        match static_authenticator("auth.tokens", &config.auth.tokens) {
+            Ok(a) => a,
+            Err(e) => {
+                errors.push(Location::UNKNOWN, "auth.tokens", e);
+                None
+            }
+        }
+    };
     let mut global_set: Vec<Arc<Authenticator>> = global_static.into_iter().collect();
     for (i, name) in config.auth.default.iter().enumerate() {
         match authenticators.get(name.value.as_str()) {
@@ -317,6 +447,24 @@ pub async fn compile(
             ),
         }
     }
+    if config.auth.open.0 && !global_set.is_empty() {
+        errors.push(
+            Location::UNKNOWN,
+            "auth.open",
+            "`open: true` cannot be combined with `tokens` or `default`",
+        );
+    }
+    let mut open_routes = Vec::new();
+    // Credentials configured somewhere: a route left without any is a mistake, not
+    // open mode, unless `auth.open` says so.
+    let credentials_configured = !config.authenticators.is_empty()
+        || !global_set.is_empty()
+        || config.routes.iter().any(|r| {
+            r.value
+                .auth
+                .as_ref()
+                .is_some_and(|a| !a.tokens.is_empty() || !a.authenticators.is_empty())
+        });
     let mut table = RouteTableBuilder::new();
     let mut used_clients = Vec::new();
     let mut route_names = HashSet::new();
@@ -351,6 +499,16 @@ pub async fn compile(
             &global_set,
             &mut errors,
         );
+        if matches!(auth, AuthPolicy::Open) {
+            if credentials_configured && !config.auth.open.0 {
+                errors.push(
+                    r.referenced,
+                    format!("{field}.auth"),
+                    "no authenticator applies to this route while others are configured; give it `auth`, mark it `public: true`, or set `auth.open: true`",
+                );
+            }
+            open_routes.push(name.clone());
+        }
         let is_prefix = matches!(pattern, PathPattern::Prefix(_));
         let Some(action) = compile_action(
             &config,
@@ -411,6 +569,13 @@ pub async fn compile(
     if !errors.list.is_empty() {
         return Err(ConfigErrors(errors.list));
     }
+    if !open_routes.is_empty() {
+        tracing::warn!(
+            routes = %open_routes.join(","),
+            explicit = config.auth.open.0,
+            "open mode: these routes accept requests without any credential"
+        );
+    }
     let routes = table.build();
     let health = config.health.enabled.0.then(|| HealthPaths {
         health: config.health.health_path.to_string(),
@@ -435,6 +600,12 @@ pub async fn compile(
                 EncodedSlashes::Reject => EncodedSlash::Reject,
                 EncodedSlashes::Keep => EncodedSlash::Keep,
             },
+            path_parameters: match config.server.path_parameters {
+                portcullis_config::PathParameters::Reject => {
+                    portcullis_routing::PathParameters::Reject
+                }
+                portcullis_config::PathParameters::Keep => portcullis_routing::PathParameters::Keep,
+            },
         },
         health,
         metrics_on_main: config.metrics.listener == MetricsListener::Main,
@@ -442,8 +613,10 @@ pub async fn compile(
         access_log: config.logging.access_log.0,
         shutdown_grace: config.server.shutdown_grace.get(),
         header_read_timeout: config.server.header_read_timeout.get(),
+        idle_timeout: config.server.idle_timeout.get(),
         used_clients,
-        identity_headers,
+        header_rules,
+        via: via.ok_or_else(|| ConfigErrors(Vec::new()))?,
         api_keys,
         login,
         source: source.to_owned(),
@@ -451,24 +624,33 @@ pub async fn compile(
     })
 }
 
-/// The implicit authenticator of a `tokens:` list; None when every token is empty.
+/// The implicit authenticator of a `tokens:` list; None for no list. A list whose
+/// every value is empty (an unset `${TOKEN:-}`) is an error: an empty secret never
+/// opens a route. Open mode is `auth: {open: true}` or no tokens anywhere.
 fn static_authenticator(
     name: &str,
     tokens: &[portcullis_config::Secret],
-) -> Option<Arc<Authenticator>> {
+) -> Result<Option<Arc<Authenticator>>, String> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
     let tokens: Vec<Box<[u8]>> = tokens
         .iter()
         .filter(|t| !t.is_empty())
         .map(|t| t.expose().as_bytes().into())
         .collect();
-    (!tokens.is_empty()).then(|| {
-        Arc::new(Authenticator::StaticToken {
-            name: Arc::from(name),
-            tokens,
-            principal: "token".to_owned(),
-            principal_header: None,
-        })
-    })
+    if tokens.is_empty() {
+        return Err(
+            "every token is empty (an unset variable?); remove the list, or set `auth.open: true` for open mode"
+                .to_owned(),
+        );
+    }
+    Ok(Some(Arc::new(Authenticator::StaticToken {
+        name: Arc::from(name),
+        tokens,
+        principal: "token".to_owned(),
+        principal_header: None,
+    })))
 }
 
 fn header_name(
@@ -624,6 +806,12 @@ async fn compile_jwt(
         return None;
     }
     let keys = if let Some(secret) = &j.secret {
+        if portcullis_auth::jwt::weak_hs_secret(secret.expose().as_bytes()) {
+            tracing::warn!(
+                authenticator = name,
+                "jwt secret is shorter than 32 bytes; RFC 7518 §3.2 asks for at least the hash size"
+            );
+        }
         KeySource::Secret(secret.expose().as_bytes().to_vec())
     } else if let Some(url) = &j.jwks_url {
         if url.value.starts_with("http://") {
@@ -664,6 +852,8 @@ async fn compile_jwt(
     config.audience =
         (!j.audience.is_empty()).then(|| j.audience.iter().map(|s| s.to_string()).collect());
     config.leeway = j.leeway.get();
+    config.accept_guest = j.accept_guest.0;
+    config.allow_any_audience = j.allow_any_audience.0;
     config.cache_max_entries = j.cache_size.0;
     let verifier = match portcullis_auth::jwt::JwtVerifier::new(config).await {
         Ok(v) => v,
@@ -719,7 +909,12 @@ fn compile_login(
         }
     };
     let key = match (&t.secret, &t.private_key) {
-        (Some(secret), None) => SigningKey::Secret(secret.expose().as_bytes().to_vec()),
+        (Some(secret), None) => {
+            if portcullis_auth::jwt::weak_hs_secret(secret.expose().as_bytes()) {
+                tracing::warn!("token_issuer.secret is shorter than 32 bytes; RFC 7518 §3.2 asks for at least the hash size");
+            }
+            SigningKey::Secret(secret.expose().as_bytes().to_vec())
+        }
         (None, Some(file)) => {
             let path = relative_to(source, file);
             match std::fs::read(&path) {
@@ -801,10 +996,14 @@ fn route_policy(
     let quota = route.auth.as_ref().is_some_and(|a| a.quota.0);
     let (set, optional, scopes, forward) = match &route.auth {
         Some(a) => {
-            let mut set: Vec<Arc<Authenticator>> =
-                static_authenticator(&format!("{field}.auth.tokens"), &a.tokens)
-                    .into_iter()
-                    .collect();
+            let own = match static_authenticator(&format!("{field}.auth.tokens"), &a.tokens) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(at, format!("{field}.auth.tokens"), e);
+                    None
+                }
+            };
+            let mut set: Vec<Arc<Authenticator>> = own.into_iter().collect();
             for (i, name) in a.authenticators.iter().enumerate() {
                 match authenticators.get(name.value.as_str()) {
                     Some(auth) => set.push(auth.clone()),
@@ -836,6 +1035,14 @@ fn route_policy(
             config.auth.forward_credential.0,
         ),
     };
+    if optional && !scopes.is_empty() {
+        // Anonymous requests would pass where a token without the scope fails.
+        errors.push(
+            at,
+            format!("{field}.auth"),
+            "`optional: true` cannot be combined with `scopes` (anonymous requests would be more privileged than tokens without the scope)",
+        );
+    }
     if set.is_empty() {
         if !scopes.is_empty() {
             errors.push(
@@ -857,12 +1064,14 @@ fn route_policy(
             "quotas need an `api_key` authenticator on the route",
         );
     }
+    let sources = Arc::new(crate::auth::CredentialSources::of(&set));
     AuthPolicy::Required {
         authenticators: set.into(),
         optional,
         scopes: scopes.into(),
         forward_credential: forward,
         quota,
+        sources,
     }
 }
 
@@ -1070,6 +1279,66 @@ fn compile_action(
                 portcullis_config::default_pool_max_idle().0,
             ),
         };
+        let templated = matches!(target, Target::Template { .. });
+        if !templated && (p.targets.is_some() || !p.allow_names.is_empty()) {
+            errors.push(
+                at,
+                format!("{field}.proxy"),
+                "`targets` and `allow_names` apply to templated upstreams (`http://{name}:8080`) only",
+            );
+            return None;
+        }
+        let mut allow_names = Vec::new();
+        for (i, n) in p.allow_names.iter().enumerate() {
+            match crate::targets::NamePattern::parse(&n.value) {
+                Ok(pattern) => allow_names.push(pattern),
+                Err(e) => {
+                    errors.push(n.referenced, format!("{field}.proxy.allow_names[{i}]"), e);
+                    return None;
+                }
+            }
+        }
+        // Templated upstreams always get address rules (the built-in denials at least).
+        let targets = if templated {
+            let mut rules = crate::targets::TargetRules::default();
+            if let Some(t) = &p.targets {
+                for (key, list, out) in [
+                    ("allow", &t.allow, &mut rules.allow),
+                    ("deny", &t.deny, &mut rules.deny),
+                ] {
+                    for (i, c) in list.iter().enumerate() {
+                        let text = c.value.trim();
+                        match text
+                            .parse::<IpNet>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                        {
+                            Ok(net) => out.push(net),
+                            Err(_) => errors.push(
+                                c.referenced,
+                                format!("{field}.proxy.targets.{key}[{i}]"),
+                                format!("{text:?} is not an IP address or CIDR"),
+                            ),
+                        }
+                    }
+                }
+            }
+            Some(Arc::new(rules))
+        } else {
+            None
+        };
+        let mut upgrades = Vec::new();
+        for u in &p.upgrades {
+            let u = u.trim().to_ascii_lowercase();
+            if u.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                errors.push(
+                    at,
+                    format!("{field}.proxy.upgrades"),
+                    format!("{u:?} is not a protocol name"),
+                );
+                return None;
+            }
+            upgrades.push(u);
+        }
         let settings = ClientSettings {
             protocol,
             ca_file: tls.ca_file.as_ref().map(|c| relative_to(errors.file, c)),
@@ -1077,6 +1346,7 @@ fn compile_action(
             connect_timeout: p.timeouts.connect.get(),
             pool_idle_timeout: idle.get(),
             pool_max_idle: max_idle,
+            targets,
         };
         let client = match clients.client(&settings) {
             Ok(c) => c,
@@ -1096,6 +1366,10 @@ fn compile_action(
             response_timeout: p.timeouts.response.get(),
             idle_timeout: p.timeouts.idle.get(),
             total_timeout: p.timeouts.total.map(|d| d.get()),
+            body_timeout: p.timeouts.body.get(),
+            tunnel_idle: p.timeouts.tunnel_idle.get(),
+            upgrades,
+            allow_names,
             client,
         })));
     }
@@ -1129,6 +1403,7 @@ fn compile_action(
             index: s.index.to_string(),
             spa_fallback: s.spa_fallback.0,
             cache_control,
+            dotfiles: s.dotfiles == portcullis_config::Dotfiles::Allow,
         }));
     }
 
@@ -1211,7 +1486,7 @@ fn compile_action(
 
 /// Relative file paths in the config are relative to the config file's directory,
 /// so a config works whatever the working directory.
-fn relative_to(config: &Path, path: &str) -> String {
+pub(crate) fn relative_to(config: &Path, path: &str) -> String {
     let p = Path::new(path);
     if p.is_absolute() {
         return path.to_owned();
@@ -1256,8 +1531,8 @@ pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {
     })
 }
 
-/// Pretty table for `portcullis routes`.
-pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 5]> {
+/// Pretty table for `portcullis routes`: name, host, path, methods, auth, action.
+pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 6]> {
     snapshot
         .routes
         .entries()
@@ -1286,6 +1561,7 @@ pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 5]> {
                 host,
                 spec.path.to_string(),
                 methods,
+                route.auth.describe(),
                 action,
             ]
         })

@@ -36,6 +36,18 @@ impl Store for Unopened {
     async fn consume_window(&self, _: &str, _: u64, _: u64, _: Duration) -> Result<WindowCount> {
         unopened()
     }
+    async fn compare_and_set(
+        &self,
+        _: &str,
+        _: &[u8],
+        _: &[u8],
+        _: Option<Duration>,
+    ) -> Result<bool> {
+        unopened()
+    }
+    async fn compare_and_delete(&self, _: &str, _: &[u8]) -> Result<bool> {
+        unopened()
+    }
     async fn ping(&self) -> Result<()> {
         unopened()
     }

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub open_connections: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,
+    /// Connections closed at once because `server.max_connections` was reached.
+    pub connections_rejected: Counter,
+    /// Requests refused because they had already passed through this gateway.
+    pub loops_detected: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     pub config_generation: Gauge,
 }
@@ -95,6 +99,18 @@ impl Metrics {
         let connections = Family::<ListenerLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let config_generation = Gauge::default();
+        let connections_rejected = Counter::default();
+        let loops_detected = Counter::default();
+        registry.register(
+            "connections_rejected",
+            "Client connections closed at once because max_connections was reached",
+            connections_rejected.clone(),
+        );
+        registry.register(
+            "loops_detected",
+            "Requests refused with 508 because they carried this gateway's Via",
+            loops_detected.clone(),
+        );
         registry.register(
             "requests",
             "Requests handled, by route, method and status",
@@ -143,6 +159,8 @@ impl Metrics {
             upstream_errors,
             open_connections,
             connections,
+            connections_rejected,
+            loops_detected,
             reloads,
             config_generation,
         }

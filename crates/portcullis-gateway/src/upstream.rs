@@ -1,28 +1,25 @@
-//! Upstream HTTP clients: pooled, keep-alive, HTTP/1.1 and HTTP/2 (h2c or ALPN), with a
-//! bounded DNS cache so templated upstreams (`http://{name}:8080`) resolve per request
-//! without a lookup per request.
+//! Upstream HTTP clients: pooled, keep-alive, HTTP/1.1 and HTTP/2 (h2c or ALPN),
+//! resolving names through [`crate::dns`] (cached, coalesced, off the blocking pool)
+//! and, for templated upstreams, only to addresses their route's targets permit.
 //!
 //! Clients are shared across config reloads when their settings are unchanged, so a
 //! reload keeps warm connection pools.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use portcullis_config::UpstreamProtocol;
 
 use crate::body::Body;
+use crate::dns::{Resolver, UpstreamResolver};
+use crate::targets::TargetRules;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector<CachingResolver>>, Body>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector<UpstreamResolver>>, Body>;
 
 /// Everything that makes two upstream clients different.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -33,67 +30,18 @@ pub struct ClientSettings {
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
-}
-
-/// Resolves host names through the system resolver, caching answers for a short TTL
-/// in a bounded cache.
-#[derive(Clone)]
-pub struct CachingResolver {
-    cache: moka::sync::Cache<String, Arc<Vec<SocketAddr>>>,
-}
-
-impl CachingResolver {
-    pub fn new(ttl: Duration, max_entries: u64) -> Self {
-        CachingResolver {
-            cache: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .time_to_live(ttl)
-                .build(),
-        }
-    }
-}
-
-type ResolveFuture =
-    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, std::io::Error>> + Send>>;
-
-impl tower::Service<Name> for CachingResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = ResolveFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let cache = self.cache.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            if let Some(addrs) = cache.get(&host) {
-                return Ok(Vec::clone(&addrs).into_iter());
-            }
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if addrs.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("{host} has no addresses"),
-                ));
-            }
-            cache.insert(host, Arc::new(addrs.clone()));
-            Ok(addrs.into_iter())
-        })
-    }
+    /// Templated upstreams: the addresses their names may resolve to.
+    pub targets: Option<Arc<TargetRules>>,
 }
 
 /// Builds clients and hands out the same one for the same settings.
 pub struct ClientRegistry {
-    resolver: CachingResolver,
+    resolver: Arc<Resolver>,
     clients: Mutex<HashMap<ClientSettings, UpstreamClient>>,
 }
 
 impl ClientRegistry {
-    pub fn new(resolver: CachingResolver) -> Self {
+    pub fn new(resolver: Arc<Resolver>) -> Self {
         ClientRegistry {
             resolver,
             clients: Mutex::new(HashMap::new()),
@@ -108,7 +56,11 @@ impl ClientRegistry {
         if let Some(c) = clients.get(settings) {
             return Ok(c.clone());
         }
-        let client = build_client(settings, self.resolver.clone())?;
+        let resolver = UpstreamResolver {
+            resolver: self.resolver.clone(),
+            rules: settings.targets.clone(),
+        };
+        let client = build_client(settings, resolver)?;
         clients.insert(settings.clone(), client.clone());
         Ok(client)
     }
@@ -123,7 +75,7 @@ impl ClientRegistry {
 
 fn build_client(
     settings: &ClientSettings,
-    resolver: CachingResolver,
+    resolver: UpstreamResolver,
 ) -> Result<UpstreamClient, String> {
     let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);

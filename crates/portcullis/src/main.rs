@@ -88,8 +88,8 @@ fn routes(path: &std::path::Path) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let rows = portcullis_gateway::snapshot::describe_routes(&shared.snapshot.load());
-    let header = ["NAME", "HOST", "PATH", "METHODS", "ACTION"].map(String::from);
-    let mut widths = [0usize; 5];
+    let header = ["NAME", "HOST", "PATH", "METHODS", "AUTH", "ACTION"].map(String::from);
+    let mut widths = [0usize; 6];
     for row in std::iter::once(&header).chain(rows.iter()) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -171,11 +171,19 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
             return ExitCode::FAILURE;
         }
     };
+    let fd_limit = portcullis_gateway::raise_fd_limit();
     // Compiled inside the serving runtime: background tasks (JWKS refresh) live there.
     let Some(shared) = runtime.block_on(load(path, true)) else {
         return ExitCode::FAILURE;
     };
-    tracing::info!(workers, config = %path.display(), version = env!("CARGO_PKG_VERSION"), "starting");
+    tracing::info!(
+        workers,
+        config = %path.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        open_files = fd_limit,
+        max_connections = shared.connection_slots.available_permits(),
+        "starting"
+    );
     let result = runtime.block_on(async {
         // Signal handlers are registered before any listener binds.
         let shutdown = shutdown_signal();

@@ -127,13 +127,38 @@ async fn route_tokens_replace_global_ones() {
     assert_eq!(body["headers"]["authorization"][0], "Bearer fwd-token");
 }
 
+/// An unset `${TOKEN:-}` never opens a route: the config is refused, naming the field.
+#[test]
+fn empty_token_list_is_a_config_error() {
+    let yaml = config("http://127.0.0.1:9", r#"["${FNKIT_AUTH_TOKEN:-}"]"#);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &yaml);
+    let (code, _, err) = run_cli(
+        &["check", "-c", &path.display().to_string()],
+        &[("FNKIT_AUTH_TOKEN", "")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("auth.tokens: every token is empty"), "{err}");
+    // A route's own list of empty tokens too.
+    let yaml = "listeners: [{address: \"127.0.0.1:0\"}]\nroutes:\n  - path: /x\n    auth: {tokens: [\"${UNSET_TOKEN_Q:-}\"]}\n    respond: {body: x}\n";
+    let path = write_config(dir.path(), yaml);
+    let (code, _, err) = run_cli(&["check", "-c", &path.display().to_string()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("routes[0].auth.tokens"), "{err}");
+}
+
+/// Open mode is chosen explicitly, and said at every load.
 #[tokio::test]
-async fn empty_token_means_open_mode() {
+async fn open_mode_is_explicit_and_logged() {
     let up = Upstream::echo().await;
-    let yaml = config(&up.url(), r#"["${FNKIT_AUTH_TOKEN:-}"]"#);
+    let yaml = format!(
+        "listeners: [{{address: \"127.0.0.1:0\"}}]\nauth:\n  open: true\n  tokens: [\"${{FNKIT_AUTH_TOKEN:-}}\"]\nroutes:\n  - name: default\n    path_prefix: /\n    proxy: {{upstream: \"{}\"}}\n",
+        up.url()
+    );
     let gw = Gateway::start_with_env(&yaml, &[("FNKIT_AUTH_TOKEN", "")]);
     let res = client().get(gw.url("/anything")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+    assert!(gw.logs().contains("open mode"), "{}", gw.logs());
     // A client's own Authorization passes through in open mode.
     let res = client()
         .get(gw.url("/anything"))

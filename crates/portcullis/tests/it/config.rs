@@ -41,6 +41,7 @@ server:
   max_request_body: 1MiB
   shutdown_grace: 5s
 auth:
+  open: true
   tokens: ["${{PORTCULLIS_TEST_TOKEN_UNSET_Q:-}}"]
 upstreams:
   api:
@@ -330,7 +331,7 @@ fn routes_prints_the_table_in_match_order() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "HOST", "PATH", "METHODS", "ACTION"],
+        ["NAME", "HOST", "PATH", "METHODS", "AUTH", "ACTION"],
         "{out}"
     );
     let rows: Vec<Vec<&str>> = lines[1..]
@@ -352,15 +353,15 @@ fn routes_prints_the_table_in_match_order() {
         "{out}"
     );
     let row = |name: &str| rows.iter().find(|r| r[0] == name).unwrap().join(" ");
-    assert_eq!(row("exact-host"), "exact-host x.com / * respond 200");
-    assert_eq!(row("wild"), "wild *.example.com / * respond 200");
-    assert_eq!(row("status"), "status * /status GET,POST respond 204");
-    assert_eq!(row("user"), "user * /users/{id} * redirect 301");
+    assert_eq!(row("exact-host"), "exact-host x.com / * open respond 200");
+    assert_eq!(row("wild"), "wild *.example.com / * open respond 200");
+    assert_eq!(row("status"), "status * /status GET,POST open respond 204");
+    assert_eq!(row("user"), "user * /users/{id} * open redirect 301");
     assert_eq!(
         row("api"),
-        "api * /api/v1/** * proxy http://127.0.0.1:9/base"
+        "api * /api/v1/** * open proxy http://127.0.0.1:9/base"
     );
-    assert_eq!(row("catchall"), "catchall * /** * respond 200");
+    assert_eq!(row("catchall"), "catchall * /** * open respond 200");
     assert!(row("fn").contains("/fn/{name}/**"), "{out}");
 }
 

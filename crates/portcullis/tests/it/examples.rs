@@ -25,7 +25,8 @@ fn every_example_passes_check() {
                 &["check", "-c", path.to_str().unwrap()],
                 &[
                     ("UPSTREAM_URL", "http://127.0.0.1:1"),
-                    ("JWT_SECRET", "x"),
+                    ("JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                    ("FNKIT_AUTH_TOKEN", "t"),
                     ("AGENTS_SERVICE_URL", "http://127.0.0.1:1"),
                     ("FOLDFORGE_GATEWAY__API_TOKEN", "t"),
                     ("ORCHESTRATOR_URL", "http://127.0.0.1:1"),
@@ -77,14 +78,19 @@ async fn proxy_example_forwards_everything() {
     assert_eq!(body["uri"], "/any/path?x=1");
 }
 
-/// FnKit: functions by DNS name (`localhost` stands in for a container name).
+/// FnKit: functions by DNS name (`hello`, from a hosts file, stands in for a
+/// container name; `localhost` itself is refused as a function name).
 #[tokio::test]
 async fn fnkit_example_token_mode() {
     let up = Upstream::echo().await;
     let port = up.addr.port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path(), &["hello"]);
+    let hosts = hosts.display().to_string();
     let mut env = LOCAL.to_vec();
     env.push(("FN_PORT", &port));
     env.push(("FNKIT_AUTH_TOKEN", "fn-secret"));
+    env.push(("FNKIT_HOSTS_FILE", &hosts));
     let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
     let c = client();
 
@@ -103,14 +109,14 @@ async fn fnkit_example_token_mode() {
 
     // Functions need the token (case-sensitive), with WWW-Authenticate.
     let res = c
-        .get(gw.url("/localhost/api/users?page=2"))
+        .get(gw.url("/hello/api/users?page=2"))
         .send()
         .await
         .unwrap();
     assert_eq!(res.headers()["www-authenticate"], "Bearer");
     assert_error(res, 401, "UNAUTHORIZED").await;
     let res = c
-        .get(gw.url("/localhost/api/users?page=2"))
+        .get(gw.url("/hello/api/users?page=2"))
         .bearer_auth("FN-SECRET")
         .send()
         .await
@@ -118,7 +124,7 @@ async fn fnkit_example_token_mode() {
     assert_eq!(res.status(), 401);
 
     let res = c
-        .get(gw.url("/localhost/api/users?page=2"))
+        .get(gw.url("/hello/api/users?page=2"))
         .bearer_auth("fn-secret")
         .send()
         .await
@@ -127,7 +133,7 @@ async fn fnkit_example_token_mode() {
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["uri"], "/api/users?page=2");
     assert!(body["headers"].get("authorization").is_none());
-    for bare in ["/localhost", "/localhost/"] {
+    for bare in ["/hello", "/hello/"] {
         let res = c
             .get(gw.url(bare))
             .bearer_auth("fn-secret")
@@ -138,7 +144,7 @@ async fn fnkit_example_token_mode() {
         assert_eq!(body["path"], "/", "{bare}");
     }
     let res = c
-        .get(gw.url("/localhost?x=1"))
+        .get(gw.url("/hello?x=1"))
         .bearer_auth("fn-secret")
         .send()
         .await
@@ -163,7 +169,7 @@ async fn fnkit_example_token_mode() {
     );
     // A function's own 503 passes through untouched.
     let res = c
-        .get(gw.url("/localhost/x?status=503"))
+        .get(gw.url("/hello/x?status=503"))
         .bearer_auth("fn-secret")
         .send()
         .await
@@ -180,16 +186,45 @@ async fn fnkit_example_token_mode() {
     assert_error(res, 404, "NOT_FOUND").await;
 }
 
+/// Open mode is asked for explicitly; an unset token alone is refused. The issue's
+/// reproduction (`/2130706433/x` reaching 127.0.0.1) is a 404 with no connection.
 #[tokio::test]
 async fn fnkit_example_open_mode() {
     let up = Upstream::echo().await;
     let port = up.addr.port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path(), &["hello"]);
+    let hosts = hosts.display().to_string();
     let mut env = LOCAL.to_vec();
     env.push(("FN_PORT", &port));
     env.push(("FNKIT_AUTH_TOKEN", ""));
+    env.push(("FNKIT_HOSTS_FILE", &hosts));
+    let (code, _, err) = run_cli(
+        &["check", "-c", example("fnkit.yaml").to_str().unwrap()],
+        &env,
+    );
+    assert_eq!(code, 1, "an unset token must not mean open mode: {err}");
+    assert!(err.contains("auth.tokens"), "{err}");
+
+    env.push(("FNKIT_OPEN", "true"));
     let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
-    let res = client().get(gw.url("/localhost/hi")).send().await.unwrap();
+    let res = client().get(gw.url("/hello/hi")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+    let before = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    for target in [
+        "/2130706433/x",
+        "/017700000001/x",
+        "/0x7f000001/x",
+        "/localhost/x",
+        "/127.1/x",
+    ] {
+        let res = raw_get(gw.addr(), target, "").await;
+        assert_eq!(res.status, 404, "{target}: {res:?}");
+    }
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
 }
 
 /// Eloquent (seed 004): HS256 with issuer/audience, scopes per method, claim headers,
@@ -200,7 +235,7 @@ async fn eloquent_example() {
     let up = Upstream::echo().await;
     let url = up.url();
     let mut env = LOCAL.to_vec();
-    env.push(("JWT_SECRET", "eloquent-secret"));
+    env.push(("JWT_SECRET", "eloquent-secret-0123456789abcdef"));
     env.push(("AGENTS_SERVICE_URL", &url));
     let gw = Gateway::start_file(&example("eloquent.yaml"), &env);
     let now = std::time::SystemTime::now()
@@ -216,7 +251,7 @@ async fn eloquent_example() {
         encode(
             &Header::default(),
             &claims,
-            &EncodingKey::from_secret(b"eloquent-secret"),
+            &EncodingKey::from_secret(b"eloquent-secret-0123456789abcdef"),
         )
         .unwrap()
     };

@@ -642,3 +642,19 @@ pub fn run_cli_stdin(args: &[&str], env: &[(&str, &str)], input: &str) -> (i32, 
 pub fn dead_upstream() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 1))
 }
+
+/// A port that was free a moment ago (for configs that must name their port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A hosts(5) file mapping each name to 127.0.0.1, for templated upstreams (the
+/// gateway refuses `localhost` and address-like names there).
+pub fn hosts_file(dir: &Path, names: &[&str]) -> PathBuf {
+    let path = dir.join("hosts");
+    std::fs::write(&path, format!("127.0.0.1 {}\n", names.join(" "))).expect("hosts file");
+    path
+}

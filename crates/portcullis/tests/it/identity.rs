@@ -413,7 +413,7 @@ async fn jwks_rotation_through_the_gateway() {
     let up = Upstream::echo().await;
     let server = JwksServer::start(jwks(vec![jwk(A::RS256, "rsa1", "k1")])).await;
     let yaml = format!(
-        "listeners:\n  - address: 127.0.0.1:0\nauthenticators:\n  idp:\n    jwt:\n      algorithms: [RS256]\n      jwks_url: \"{}\"\n      jwks_min_refetch: 200ms\nauth:\n  default: [idp]\nroutes:\n  - path_prefix: /\n    proxy: {{upstream: {}}}\n",
+        "listeners:\n  - address: 127.0.0.1:0\nauthenticators:\n  idp:\n    jwt:\n      algorithms: [RS256]\n      jwks_url: \"{}\"\n      jwks_min_refetch: 200ms\n      allow_any_audience: true\nauth:\n  default: [idp]\nroutes:\n  - path_prefix: /\n    proxy: {{upstream: {}}}\n",
         server.url,
         up.url()
     );

@@ -193,7 +193,7 @@ async fn login_attempts_are_rate_limited_per_username() {
     let up = Upstream::echo().await;
     let env = Env::new(&up.url(), &up.url());
     let gw = Gateway::start_file(&example(), &env.pairs());
-    // The default allows 5 attempts per username per minute.
+    // The default allows 5 failures per (client, username) per minute.
     for _ in 0..5 {
         assert_eq!(login(&gw, "victim", "guess").await.status(), 401);
     }
@@ -268,17 +268,22 @@ async fn login_with_redis_down_is_a_503() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn guest_and_login_attempts_are_rate_limited_per_ip() {
+async fn guest_tokens_and_login_failures_are_limited_per_ip() {
     let up = Upstream::echo().await;
     let env = Env::new(&up.url(), &up.url());
     let gw = Gateway::start_file(&example(), &env.pairs());
-    // The default allows 20 attempts per client IP per minute, guests included.
+    // The default allows 20 guest tokens per client IP per minute.
     for i in 0..20 {
         let res = client().post(gw.url("/auth/guest")).send().await.unwrap();
         assert_eq!(res.status(), 200, "attempt {i}");
     }
     let res = client().post(gw.url("/auth/guest")).send().await.unwrap();
     assert_error(res, 429, "RATE_LIMITED").await;
+    // And 20 failed logins per client, whatever the usernames; then even a new name
+    // is refused from that client.
+    for i in 0..20 {
+        assert_eq!(login(&gw, &format!("user{i}"), "x").await.status(), 401);
+    }
     let res = login(&gw, "someone-new", "whatever").await;
     assert_error(res, 429, "RATE_LIMITED").await;
 }

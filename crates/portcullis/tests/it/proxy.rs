@@ -283,8 +283,12 @@ async fn forwarding_headers_are_set_and_untrusted_ones_replaced() {
     assert!(forwarded[0].contains("for=127.0.0.1"), "{echo}");
     assert!(forwarded[0].contains("proto=http"), "{echo}");
     assert!(!forwarded[0].contains("proto=https"), "{echo}");
-    // The host travels in X-Forwarded-Host; Forwarded carries `for` and `proto`.
-    assert_eq!(forwarded[0], "for=127.0.0.1;proto=http", "{echo}");
+    // The one authority the request was routed by, in both.
+    assert_eq!(
+        forwarded[0],
+        format!("for=127.0.0.1;proto=http;host=\"{host}\""),
+        "{echo}"
+    );
 }
 
 #[tokio::test]
@@ -966,7 +970,7 @@ async fn stalled_request_body_is_a_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::echo().await;
     let yaml = format!(
-        "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - path_prefix: /\n    proxy:\n      upstream: {}\n      timeouts: {{idle: 300ms}}\n",
+        "listeners:\n  - address: 127.0.0.1:0\nroutes:\n  - path_prefix: /\n    proxy:\n      upstream: {}\n      timeouts: {{body: 300ms}}\n",
         up.url()
     );
     let gw = Gateway::start(&yaml);

@@ -49,8 +49,11 @@ const LISTENER: &str = "listeners:\n  - address: 127.0.0.1:0\n";
 
 #[tokio::test]
 async fn host_matching_exact_wildcard_port_and_precedence() {
+    let port = free_port();
     let yaml = format!(
-        r#"{LISTENER}routes:
+        r#"listeners:
+  - address: 127.0.0.1:{port}
+routes:
   - name: exact
     hosts: [api.test]
     path_prefix: /
@@ -61,9 +64,14 @@ async fn host_matching_exact_wildcard_port_and_precedence() {
     respond: {{body: wild}}
   - name: ported
     hosts: [ported.test]
-    port: 8443
+    port: {port}
     path_prefix: /
     respond: {{body: ported}}
+  - name: never
+    hosts: [never.test]
+    port: 8443
+    path_prefix: /
+    respond: {{body: never}}
   - name: a-y
     hosts: [a.com]
     path: /y
@@ -112,17 +120,16 @@ async fn host_matching_exact_wildcard_port_and_precedence() {
     );
     assert_eq!(get_host(a, "a.example.org", "/").await.0, 404);
 
-    // `port` matches the Host header's port; without one, the listener's port.
-    assert_eq!(
-        get_host(a, "ported.test:8443", "/").await,
-        (200, "ported".into())
-    );
-    assert_eq!(get_host(a, "ported.test:9999", "/").await.0, 404);
-    assert_eq!(get_host(a, "ported.test", "/").await.0, 404);
-    assert_eq!(
-        get_host(a, "ported.test:9999", "/x").await,
-        (200, "default-x".into())
-    );
+    // `port` matches the listener's port, never the port a client writes in Host.
+    for host in ["ported.test", "ported.test:9999", "ported.test:8443"] {
+        assert_eq!(
+            get_host(a, host, "/").await,
+            (200, "ported".into()),
+            "{host}"
+        );
+    }
+    assert_eq!(get_host(a, "never.test:8443", "/").await.0, 404);
+    assert_eq!(get_host(a, "never.test", "/").await.0, 404);
 
     // Precedence: host+path, then host-only, then the default route.
     assert_eq!(get_host(a, "b.com", "/y").await, (200, "b-y".into()));
@@ -548,8 +555,13 @@ async fn max_request_body_limits_sized_and_chunked_bodies() {
 async fn templated_upstream_by_function_name() {
     let up = Upstream::echo().await;
     let port = up.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(dir.path(), &["hello"]);
+    let hosts = hosts.display();
     let yaml = format!(
-        r#"{LISTENER}routes:
+        r#"{LISTENER}server:
+  hosts_file: "{hosts}"
+routes:
   - name: fn
     path_prefix: "/{{name}}"
     proxy:
@@ -562,14 +574,14 @@ async fn templated_upstream_by_function_name() {
     let c = client();
 
     let res = c
-        .get(gw.url("/localhost/api/users?page=2"))
+        .get(gw.url("/hello/api/users?page=2"))
         .send()
         .await
         .unwrap();
     let body = echo_json(res).await;
     assert_eq!(body["uri"], "/api/users?page=2");
-    assert_eq!(body["headers"]["host"][0], format!("localhost:{port}"));
-    for p in ["/localhost", "/localhost/"] {
+    assert_eq!(body["headers"]["host"][0], format!("hello:{port}"));
+    for p in ["/hello", "/hello/"] {
         let res = c.get(gw.url(p)).send().await.unwrap();
         assert_eq!(echo_json(res).await["path"], "/", "{p}");
     }

@@ -1,0 +1,211 @@
+//! Upstream name resolution.
+//!
+//! - Lookups run `getaddrinfo` on a small dedicated thread pool with a bounded queue,
+//!   never on tokio's blocking pool (shared with SQLite and Argon2), so a slow DNS
+//!   server cannot starve logins or the store.
+//! - Concurrent lookups of one name share one query; answers are cached for
+//!   `dns_cache_ttl`, failures for `dns_negative_ttl`, in a bounded cache.
+//! - An optional hosts file (`server.hosts_file`) is consulted first.
+//! - A route's [`TargetRules`] filter the addresses on every connect.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::client::legacy::connect::dns::Name;
+
+use crate::targets::{ForbiddenTarget, TargetRules};
+
+const THREADS: usize = 4;
+const QUEUE: usize = 1024;
+
+type Answer = Result<Arc<[IpAddr]>, Arc<str>>;
+
+struct Job {
+    host: String,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<IpAddr>, String>>,
+}
+
+struct AnswerExpiry {
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl moka::Expiry<String, Answer> for AnswerExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Answer,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(if value.is_ok() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        })
+    }
+}
+
+/// The process-wide resolver (outlives config snapshots).
+pub struct Resolver {
+    cache: moka::future::Cache<String, Answer>,
+    jobs: mpsc::SyncSender<Job>,
+    hosts: HashMap<String, Vec<IpAddr>>,
+}
+
+impl Resolver {
+    pub fn new(
+        ttl: Duration,
+        negative_ttl: Duration,
+        max_entries: u64,
+        hosts_file: Option<&str>,
+    ) -> std::io::Result<Self> {
+        let hosts = match hosts_file {
+            Some(path) => parse_hosts(&std::fs::read_to_string(path)?),
+            None => HashMap::new(),
+        };
+        Ok(Resolver {
+            cache: moka::future::Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(AnswerExpiry { ttl, negative_ttl })
+                .build(),
+            jobs: spawn_pool()?,
+            hosts,
+        })
+    }
+
+    /// The addresses of `host` (coalesced, cached).
+    pub async fn lookup(&self, host: &str) -> Result<Arc<[IpAddr]>, std::io::Error> {
+        let host = host.to_ascii_lowercase();
+        if let Some(addrs) = self.hosts.get(&host) {
+            return Ok(Arc::from(addrs.as_slice()));
+        }
+        let jobs = self.jobs.clone();
+        let answer = self
+            .cache
+            .get_with(host.clone(), async move {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if jobs.try_send(Job { host, reply: tx }).is_err() {
+                    return Err(Arc::from("resolver queue is full"));
+                }
+                match rx.await {
+                    Ok(Ok(addrs)) if !addrs.is_empty() => Ok(Arc::from(addrs)),
+                    Ok(Ok(_)) => Err(Arc::from("no addresses")),
+                    Ok(Err(e)) => Err(Arc::from(e)),
+                    Err(_) => Err(Arc::from("resolver stopped")),
+                }
+            })
+            .await;
+        answer.map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))
+    }
+}
+
+fn spawn_pool() -> std::io::Result<mpsc::SyncSender<Job>> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..THREADS {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("portcullis-dns-{i}"))
+            .spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(rx) => match rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                    Err(_) => return,
+                };
+                let answer = (job.host.as_str(), 0)
+                    .to_socket_addrs()
+                    .map(|it| it.map(|a| a.ip()).collect())
+                    .map_err(|e| e.to_string());
+                let _ = job.reply.send(answer);
+            })?;
+    }
+    Ok(tx)
+}
+
+/// `hosts(5)`: `address name [alias…]`, `#` comments.
+fn parse_hosts(text: &str) -> HashMap<String, Vec<IpAddr>> {
+    let mut out: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        let Some(Ok(ip)) = words.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        for name in words {
+            out.entry(name.to_ascii_lowercase()).or_default().push(ip);
+        }
+    }
+    out
+}
+
+/// The resolver as hyper's connector sees it, with the route's address rules.
+#[derive(Clone)]
+pub struct UpstreamResolver {
+    pub resolver: Arc<Resolver>,
+    pub rules: Option<Arc<TargetRules>>,
+}
+
+type ResolveFuture =
+    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, std::io::Error>> + Send>>;
+
+impl tower::Service<Name> for UpstreamResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = ResolveFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let addrs = this.resolver.lookup(name.as_str()).await?;
+            let permitted: Vec<SocketAddr> = addrs
+                .iter()
+                .filter(|ip| this.rules.as_ref().is_none_or(|r| r.permits(**ip)))
+                .map(|ip| SocketAddr::new(*ip, 0))
+                .collect();
+            if permitted.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    ForbiddenTarget,
+                ));
+            }
+            Ok(permitted.into_iter())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_file() {
+        let h = parse_hosts("# c\n127.0.0.1 Hello fn-a # x\n::1 hello\nbogus line\n");
+        assert_eq!(h["hello"].len(), 2);
+        assert_eq!(h["fn-a"], vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[tokio::test]
+    async fn coalesces_and_caches_failures() {
+        let r = Arc::new(
+            Resolver::new(Duration::from_secs(5), Duration::from_secs(5), 100, None).unwrap(),
+        );
+        let name = "no-such-name.invalid";
+        let (a, b) = tokio::join!(r.lookup(name), r.lookup(name));
+        assert!(a.is_err() && b.is_err());
+        r.cache.run_pending_tasks().await;
+        assert_eq!(r.cache.entry_count(), 1);
+        let ok = r.lookup("localhost").await.unwrap();
+        assert!(ok.iter().any(|ip| ip.is_loopback()));
+    }
+}

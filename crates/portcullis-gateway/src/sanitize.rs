@@ -1,0 +1,219 @@
+//! What a client may not send upstream. Runs once per request, before routing and
+//! before the gateway adds any header of its own, so nothing a client writes (a name
+//! listed in `Connection`, `X_Org_ID` for `X-Org-ID`, `X-Original-URL`, our own `Via`)
+//! can remove, shadow or forge a header the gateway sets.
+
+use std::collections::HashSet;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use portcullis_config::UnderscoreHeaders;
+
+use crate::error::{ErrorCode, GatewayError};
+
+/// The compiled header rules of a snapshot.
+pub struct HeaderRules {
+    /// Headers the gateway sets (identity, forwarding, `Host`, `Via`, request id,
+    /// framing): a client can never have them removed through `Connection`.
+    pub protected: HashSet<HeaderName>,
+    /// Identity headers any authenticator sets: a client's copies are removed.
+    pub identity: HashSet<HeaderName>,
+    pub underscore: UnderscoreHeaders,
+    /// Removed from every request.
+    pub strip: Vec<HeaderName>,
+    /// Removed unless the peer is a trusted proxy.
+    pub untrusted: Vec<HeaderName>,
+}
+
+/// Headers the gateway sets on every proxied request, whatever the config.
+pub fn gateway_headers(request_id: &HeaderName) -> HashSet<HeaderName> {
+    [
+        header::HOST,
+        header::VIA,
+        header::FORWARDED,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::UPGRADE,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderName::from_static("x-forwarded-host"),
+        HeaderName::from_static("x-real-ip"),
+        request_id.clone(),
+    ]
+    .into_iter()
+    .collect()
+}
+
+static HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Cleans a client's request headers in place. `Transfer-Encoding` is left to hyper
+/// (it has already decoded the framing); `TE` keeps only `trailers`.
+pub fn client_headers(
+    headers: &mut HeaderMap,
+    rules: &HeaderRules,
+    peer_trusted: bool,
+) -> Result<(), GatewayError> {
+    // 1. Names listed in `Connection`, computed before anything is added.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !rules.protected.contains(n))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        let trailers = te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+
+    // 2. Names with `_`: proxies and frameworks (CGI, WSGI, Rack) fold them onto the
+    //    dashed name, so `X_Org_ID` would reach an upstream as `X-Org-ID`.
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            let remove = match rules.underscore {
+                UnderscoreHeaders::Reject => {
+                    return Err(GatewayError::new(
+                        ErrorCode::BadRequest,
+                        "header names containing `_` are not accepted",
+                    ))
+                }
+                UnderscoreHeaders::Drop => true,
+                UnderscoreHeaders::Allow => {
+                    let dashed = name.as_str().replace('_', "-");
+                    HeaderName::from_bytes(dashed.as_bytes())
+                        .is_ok_and(|d| rules.identity.contains(&d) || rules.protected.contains(&d))
+                }
+            };
+            if remove {
+                headers.remove(&name);
+            }
+        }
+    }
+
+    // 3. Identity headers are ours to set.
+    for name in &rules.identity {
+        headers.remove(name);
+    }
+
+    // 4. Rewrite/override headers some upstreams believe, and client-address
+    //    headers only a trusted proxy may send.
+    for name in &rules.strip {
+        headers.remove(name);
+    }
+    if !peer_trusted {
+        for name in &rules.untrusted {
+            headers.remove(name);
+        }
+    }
+    Ok(())
+}
+
+/// Whether any `Via` element was received by `id` (this gateway): a loop.
+pub fn via_names(headers: &HeaderMap, id: &str) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|element| element.split_whitespace().nth(1) == Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(underscore: UnderscoreHeaders) -> HeaderRules {
+        let rid = HeaderName::from_static("x-request-id");
+        HeaderRules {
+            protected: gateway_headers(&rid),
+            identity: [HeaderName::from_static("x-org-id")].into_iter().collect(),
+            underscore,
+            strip: vec![HeaderName::from_static("x-original-url")],
+            untrusted: vec![HeaderName::from_static("true-client-ip")],
+        }
+    }
+
+    #[test]
+    fn connection_cannot_name_protected_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-forwarded-for, Host, x-custom, via"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        client_headers(&mut h, &rules(UnderscoreHeaders::Drop), false).unwrap();
+        assert!(!h.contains_key("x-custom"));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert_eq!(h[header::HOST], "a");
+    }
+
+    #[test]
+    fn underscores() {
+        let mut h = HeaderMap::new();
+        h.insert("x_org_id", HeaderValue::from_static("victim"));
+        h.insert("x_other", HeaderValue::from_static("1"));
+        let mut allow = h.clone();
+        client_headers(&mut h, &rules(UnderscoreHeaders::Drop), false).unwrap();
+        assert!(h.is_empty());
+        client_headers(&mut allow, &rules(UnderscoreHeaders::Allow), false).unwrap();
+        assert!(!allow.contains_key("x_org_id"));
+        assert!(allow.contains_key("x_other"));
+        let mut r = HeaderMap::new();
+        r.insert("x_other", HeaderValue::from_static("1"));
+        assert!(client_headers(&mut r, &rules(UnderscoreHeaders::Reject), false).is_err());
+    }
+
+    #[test]
+    fn strip_lists() {
+        let mut h = HeaderMap::new();
+        h.insert("x-original-url", HeaderValue::from_static("/admin"));
+        h.insert("true-client-ip", HeaderValue::from_static("1.2.3.4"));
+        let mut trusted = h.clone();
+        client_headers(&mut h, &rules(UnderscoreHeaders::Drop), false).unwrap();
+        assert!(h.is_empty());
+        client_headers(&mut trusted, &rules(UnderscoreHeaders::Drop), true).unwrap();
+        assert!(!trusted.contains_key("x-original-url"));
+        assert!(trusted.contains_key("true-client-ip"));
+    }
+
+    #[test]
+    fn via_loop() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::VIA,
+            HeaderValue::from_static("1.0 fred, 1.1 pc-1234"),
+        );
+        assert!(via_names(&h, "pc-1234"));
+        assert!(!via_names(&h, "pc-12"));
+        assert!(!via_names(&h, "fred1"));
+    }
+}
