@@ -19,9 +19,9 @@ pub struct HeaderRules {
     pub identity: HashSet<HeaderName>,
     pub underscore: UnderscoreHeaders,
     /// Removed from every request.
-    pub strip: Vec<HeaderName>,
+    pub strip: HashSet<HeaderName>,
     /// Removed unless the peer is a trusted proxy.
-    pub untrusted: Vec<HeaderName>,
+    pub untrusted: HashSet<HeaderName>,
 }
 
 /// Headers the gateway sets on every proxied request, whatever the config.
@@ -74,9 +74,6 @@ pub fn client_headers(
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
     if let Some(te) = headers.get(header::TE) {
         let trailers = te.to_str().is_ok_and(|v| {
             v.split(',')
@@ -89,16 +86,15 @@ pub fn client_headers(
         }
     }
 
-    // 2. Names with `_`: proxies and frameworks (CGI, WSGI, Rack) fold them onto the
-    //    dashed name, so `X_Org_ID` would reach an upstream as `X-Org-ID`.
-    if headers.keys().any(|k| k.as_str().contains('_')) {
-        let underscored: Vec<HeaderName> = headers
-            .keys()
-            .filter(|k| k.as_str().contains('_'))
-            .cloned()
-            .collect();
-        for name in underscored {
-            let remove = match rules.underscore {
+    // 2. One pass over what is left: hop-by-hop headers, names with `_` (proxies and frameworks — CGI,
+    //    WSGI, Rack — fold them onto the dashed name, so `X_Org_ID` would reach an
+    //    upstream as `X-Org-ID`), identity headers (ours to set), rewrite/override
+    //    headers some upstreams believe, and client-address headers only a trusted
+    //    proxy may send. Most requests have nothing to remove and allocate nothing.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let remove = if name.as_str().contains('_') {
+            match rules.underscore {
                 UnderscoreHeaders::Reject => {
                     return Err(GatewayError::new(
                         ErrorCode::BadRequest,
@@ -111,27 +107,19 @@ pub fn client_headers(
                     HeaderName::from_bytes(dashed.as_bytes())
                         .is_ok_and(|d| rules.identity.contains(&d) || rules.protected.contains(&d))
                 }
-            };
-            if remove {
-                headers.remove(&name);
             }
+        } else {
+            HOP_BY_HOP.contains(name)
+                || rules.identity.contains(name)
+                || rules.strip.contains(name)
+                || (!peer_trusted && rules.untrusted.contains(name))
+        };
+        if remove {
+            doomed.push(name.clone());
         }
     }
-
-    // 3. Identity headers are ours to set.
-    for name in &rules.identity {
-        headers.remove(name);
-    }
-
-    // 4. Rewrite/override headers some upstreams believe, and client-address
-    //    headers only a trusted proxy may send.
-    for name in &rules.strip {
-        headers.remove(name);
-    }
-    if !peer_trusted {
-        for name in &rules.untrusted {
-            headers.remove(name);
-        }
+    for name in doomed {
+        headers.remove(&name);
     }
     Ok(())
 }
@@ -156,8 +144,12 @@ mod tests {
             protected: gateway_headers(&rid),
             identity: [HeaderName::from_static("x-org-id")].into_iter().collect(),
             underscore,
-            strip: vec![HeaderName::from_static("x-original-url")],
-            untrusted: vec![HeaderName::from_static("true-client-ip")],
+            strip: [HeaderName::from_static("x-original-url")]
+                .into_iter()
+                .collect(),
+            untrusted: [HeaderName::from_static("true-client-ip")]
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -146,10 +146,7 @@ async fn accept_loop(
             continue;
         };
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, peer, ctx).await;
-            drop(slot);
-        });
+        tokio::spawn(async move { serve_connection(stream, peer, ctx, slot).await });
     }
 }
 
@@ -328,7 +325,14 @@ macro_rules! serve {
     }};
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    // Released when the connection ends, unless a tunnel took it over.
+    let own_slot = Arc::new(std::sync::Mutex::new(Some(slot)));
     let _alive = ctx.alive.clone();
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
@@ -355,6 +359,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
     let activity = Arc::new(ConnActivity::default());
     let tunnels = crate::tunnel::Tunnels {
         slots: ctx.shared.connection_slots.clone(),
+        own_slot,
         gauge: _open.0.clone(),
         alive: Some(ctx.alive.clone()),
     };

@@ -369,8 +369,8 @@ pub async fn compile(
             ),
         }
     }
-    let mut strip = Vec::new();
-    let mut untrusted = Vec::new();
+    let mut strip = HashSet::new();
+    let mut untrusted = HashSet::new();
     for (field, list, out) in [
         (
             "server.strip_headers",
@@ -385,7 +385,7 @@ pub async fn compile(
     ] {
         for h in list {
             if let Some(name) = header_name(h, Location::UNKNOWN, field.to_owned(), &mut errors) {
-                out.push(name);
+                out.insert(name);
             }
         }
     }

@@ -292,3 +292,14 @@ pub fn init_logging(format: portcullis_config::LogFormat, level: &str) {
     };
     let _ = result;
 }
+
+/// `portcullis check` / `routes`: warnings (weak secrets, open mode, plain-http JWKS)
+/// on stderr, one plain line each.
+pub fn init_check_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}

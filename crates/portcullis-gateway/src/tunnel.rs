@@ -23,6 +23,9 @@ use crate::error::{ErrorCode, GatewayError};
 #[derive(Clone)]
 pub struct Tunnels {
     pub slots: Arc<Semaphore>,
+    /// The connection's own slot: an HTTP/1 connection ends when it upgrades, so its
+    /// tunnel takes the slot over instead of needing a second one.
+    pub own_slot: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
     pub gauge: Gauge,
     /// Held while the tunnel is open: the drain waits for it.
     pub alive: Option<tokio::sync::mpsc::Sender<()>>,
@@ -30,9 +33,22 @@ pub struct Tunnels {
 
 /// An admitted tunnel, before the upgrade completes.
 pub struct Tunnel {
-    _slot: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
+    /// Where an inherited slot goes back if the upgrade does not happen (the
+    /// connection goes on serving requests).
+    home: Option<Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>>,
     gauge: Gauge,
     _alive: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(home)) = (self.slot.take(), &self.home) {
+            if let Ok(mut home) = home.lock() {
+                *home = Some(slot);
+            }
+        }
+    }
 }
 
 /// Checks an upgrade request and takes a connection slot for it.
@@ -47,12 +63,20 @@ pub fn admit(
             "invalid WebSocket handshake (Sec-WebSocket-Key / Sec-WebSocket-Version: 13)",
         ));
     }
-    let slot = tunnels.slots.clone().try_acquire_owned().map_err(|_| {
-        tracing::warn!("max_connections reached; refusing an upgrade");
-        GatewayError::server(ErrorCode::ServiceUnavailable)
-    })?;
+    let inherited = tunnels.own_slot.lock().ok().and_then(|mut s| s.take());
+    let (slot, home) = match inherited {
+        Some(slot) => (slot, Some(tunnels.own_slot.clone())),
+        None => {
+            let slot = tunnels.slots.clone().try_acquire_owned().map_err(|_| {
+                tracing::warn!("max_connections reached; refusing an upgrade");
+                GatewayError::server(ErrorCode::ServiceUnavailable)
+            })?;
+            (slot, None)
+        }
+    };
     Ok(Tunnel {
-        _slot: slot,
+        slot: Some(slot),
+        home,
         gauge: tunnels.gauge.clone(),
         _alive: tunnels.alive.clone(),
     })
@@ -78,11 +102,13 @@ fn valid_websocket(headers: &HeaderMap) -> bool {
 
 impl Tunnel {
     /// Copies both ways until either side closes or both stay silent for `idle`.
-    pub async fn run<A, B>(self, client: A, upstream: B, idle: Duration, route: &str)
+    pub async fn run<A, B>(mut self, client: A, upstream: B, idle: Duration, route: &str)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
+        // Held until the tunnel ends; never handed back to the finished connection.
+        let _slot = self.slot.take();
         self.gauge.inc();
         let start = Instant::now();
         let last = Arc::new(AtomicU64::new(0));

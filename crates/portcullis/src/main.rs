@@ -68,6 +68,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
+    portcullis_gateway::telemetry::init_check_logging();
     match load_blocking(path) {
         Some(shared) => {
             let snapshot = shared.snapshot.load();

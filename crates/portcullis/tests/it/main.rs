@@ -13,6 +13,7 @@ mod auth;
 mod basics;
 mod config;
 mod examples;
+mod hardening;
 mod ops;
 mod proxy;
 mod reload;
