@@ -347,9 +347,10 @@ fi
 # `auth` (none, JWT HS256, JWT RS256, API key). Each has its own embedded store.
 AUTH_FIXTURES="$ROOT/crates/portcullis-auth/tests/fixtures"
 AUTH_HS_SECRET="bench-secret-0123456789abcdef0123"
-# gen_auth NAME AUTHENTICATOR FILE (AUTHENTICATOR empty: no `auth` on the route)
+# gen_auth NAME AUTHENTICATOR FILE (AUTHENTICATOR empty: a `public` route; a route with
+# no auth beside configured authenticators is a config error)
 gen_auth() {
-    local name=$1 authn=$2 file=$3 auth_line=""
+    local name=$1 authn=$2 file=$3 auth_line="    public: true"
     [[ -z $authn ]] || auth_line="    auth: {authenticators: [$authn]}"
     cat >"$file" <<EOF
 listeners: [{address: "127.0.0.1:__PORT__"}]

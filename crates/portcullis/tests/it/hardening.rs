@@ -1044,3 +1044,86 @@ async fn static_dotfiles_are_not_served() {
     let gw = Gateway::start(&yaml(", dotfiles: allow"));
     assert_eq!(raw_get(gw.addr(), "/.env", "").await.status, 200);
 }
+
+/// SIGTERM keeps an open tunnel working through the grace period, then the process
+/// ends and the tunnel with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn tunnels_hold_the_drain_for_the_grace_period() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws_up = Upstream::ws_echo().await;
+    let mut gw = Gateway::start(&format!(
+        "listeners: [{{address: \"127.0.0.1:0\"}}]\nserver: {{shutdown_grace: 3s}}\nroutes:\n  - path_prefix: /ws\n    proxy: {{upstream: \"{}\"}}\n",
+        ws_up.url()
+    ));
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    gw.signal("TERM");
+    assert!(
+        gw.wait_log("no longer accepting", Duration::from_secs(10))
+            .await
+    );
+    ws.send(Message::text("still there?")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("echo during the grace period");
+    assert_eq!(got.unwrap().unwrap(), Message::text("still there?"));
+    let mut child = gw.child.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+/// Login and admin bodies must arrive quickly and small.
+#[tokio::test]
+async fn gateway_handled_bodies_have_a_deadline_and_a_limit() {
+    let gw = Gateway::start(&format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+admin: {{address: "127.0.0.1:0", token: adm}}
+store: {{data_dir: "{{{{dir}}}}/data"}}
+token_issuer: {{algorithm: HS256, secret: "{SECRET}"}}
+routes:
+  - path: /x
+    public: true
+    respond: {{body: x}}
+"#
+    ));
+    let res = client()
+        .post(gw.admin_url("/admin/apikeys"))
+        .bearer_auth("adm")
+        .body(vec![b' '; 70_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 413);
+    // A login body that stops half-way: 408 after the 10 s deadline, not never.
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"username\":")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("answered within the deadline")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
