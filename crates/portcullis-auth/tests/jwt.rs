@@ -603,11 +603,14 @@ async fn guest_tokens_are_refused_unless_accepted() {
             .await
             .unwrap_or_else(|e| panic!("typ {typ}: {e}"));
     }
-    // `guest: true` alone (no `typ`) is not what marks a guest token.
-    strict
-        .verify(&hs(json!({"exp": exp, "guest": true})))
-        .await
-        .unwrap();
+    // `guest: true` (guest tokens issued before `typ` existed) is refused too.
+    assert_eq!(
+        strict
+            .verify(&hs(json!({"exp": exp, "guest": true})))
+            .await
+            .unwrap_err(),
+        JwtError::GuestNotAccepted
+    );
 
     let welcoming = hs_verifier(|c| c.accept_guest = true).await;
     let t = welcoming.verify(&guest).await.unwrap();

@@ -153,8 +153,11 @@ pub struct ServerConfig {
     /// (HTTP/1 keep-alive and HTTP/2; HTTP/2 gets a GOAWAY).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Duration,
+    /// Cut a client that accepts no response bytes for this long (it stopped reading).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Duration,
     /// Max client connections per process (also counts WebSocket tunnels);
-    /// default 80 % of the open-files limit.
+    /// default 40 % of the open-files limit (two sockets per proxied connection).
     #[serde(default)]
     pub max_connections: Option<Scalar<usize>>,
 }
@@ -180,6 +183,7 @@ impl Default for ServerConfig {
             strip_headers: default_strip_headers(),
             untrusted_headers: default_untrusted_headers(),
             idle_timeout: default_idle_timeout(),
+            send_timeout: default_send_timeout(),
             max_connections: None,
         }
     }
@@ -210,6 +214,9 @@ fn default_dns_negative_ttl() -> Duration {
     Duration::secs(2)
 }
 fn default_idle_timeout() -> Duration {
+    Duration::secs(60)
+}
+fn default_send_timeout() -> Duration {
     Duration::secs(60)
 }
 fn default_strip_headers() -> Vec<Text> {

@@ -32,10 +32,11 @@ pub async fn serve(
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
-            let (header_timeout, idle) = {
+            let (header_timeout, idle, send) = {
                 let s = shared.snapshot.load();
-                (s.header_read_timeout, s.idle_timeout)
+                (s.header_read_timeout, s.idle_timeout, s.send_timeout)
             };
+            let stream = crate::server::SendDeadline::new(stream, send);
             let activity = Arc::new(crate::server::ConnActivity::default());
             let in_service = activity.clone();
             let service = service_fn(move |req| {
@@ -83,7 +84,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 .as_ref()
                 .and_then(|a| a.metrics_token.as_ref());
             if let Some(token) = token {
-                if let Err(e) = bearer_matches(&req, token) {
+                if let Err(e) = bearer_matches(req.headers(), token) {
                     return e.into_response("");
                 }
             }
@@ -167,12 +168,12 @@ fn authorize(
             "the admin API is disabled: set admin.token",
         ));
     };
-    bearer_matches(req, token)
+    bearer_matches(req.headers(), token)
 }
 
-fn bearer_matches(req: &Request<Incoming>, token: &[u8]) -> Result<(), GatewayError> {
-    let presented = req
-        .headers()
+/// `Authorization: Bearer <token>`, compared in constant time.
+pub fn bearer_matches(headers: &http::HeaderMap, token: &[u8]) -> Result<(), GatewayError> {
+    let presented = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))

@@ -585,7 +585,17 @@ pub fn remove_credentials<'s>(
     if sources.authorization {
         headers.remove(header::AUTHORIZATION);
     }
-    if !sources.cookies.is_empty() && headers.contains_key(header::COOKIE) {
+    let has_credential_cookie = !sources.cookies.is_empty()
+        && headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|pair| {
+                let k = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
+                sources.cookies.iter().any(|c| c == k)
+            });
+    if has_credential_cookie {
         let kept: Vec<String> = headers
             .get_all(header::COOKIE)
             .iter()
@@ -618,6 +628,9 @@ pub fn query_without_any(query: &str, names: &[String]) -> Option<String> {
     }
     let drop = |pair: &str| {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !key.contains(['%', '+']) {
+            return names.iter().any(|n| n == key);
+        }
         let decoded = percent_encoding::percent_decode_str(&key.replace('+', " "))
             .decode_utf8_lossy()
             .into_owned();

@@ -67,8 +67,27 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<RequestAuthority>
             return Ok(None);
         }
     };
-    let (host, _) = portcullis_routing::split_host_port(value.to_str().unwrap_or_default());
+    let (host, port) = portcullis_routing::split_host_port(value.to_str().unwrap_or_default());
+    let value = canonical(value, &host, port);
     Ok(Some(RequestAuthority { value, host }))
+}
+
+/// The authority as forwarded: lower-case host without a trailing dot, the port as
+/// given — the same host routing used. Already-canonical values are reused as is.
+fn canonical(value: HeaderValue, host: &str, port: Option<u16>) -> HeaderValue {
+    let b = value.as_bytes();
+    let host_part = match b.first() {
+        Some(b'[') => return value,
+        _ => b.split(|c| *c == b':').next().unwrap_or(b),
+    };
+    if !host_part.ends_with(b".") && !host_part.iter().any(u8::is_ascii_uppercase) {
+        return value;
+    }
+    let text = match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
+    HeaderValue::from_str(&text).unwrap_or(value)
 }
 
 /// `host[:port]` where host is a reg-name of letters, digits and `-._~`, or a
@@ -170,6 +189,11 @@ mod tests {
         let r = req("http://a.test/x", &["A.test:80"], Version::HTTP_11);
         let a = request_authority(&r).unwrap().unwrap();
         assert_eq!(a.value, "a.test");
+        let r = req("/x", &["Example.COM.:8080"], Version::HTTP_11);
+        assert_eq!(
+            request_authority(&r).unwrap().unwrap().value,
+            "example.com:8080"
+        );
         assert_eq!(a.host, "a.test");
         let r = req("http://a.test/x", &["b.test"], Version::HTTP_11);
         assert!(request_authority(&r).is_err());

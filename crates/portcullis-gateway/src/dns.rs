@@ -55,6 +55,8 @@ pub struct Resolver {
     cache: moka::future::Cache<String, Answer>,
     jobs: mpsc::SyncSender<Job>,
     hosts: HashMap<String, Vec<IpAddr>>,
+    /// Queue share of lookups for names clients chose (templated upstreams).
+    templated_slots: tokio::sync::Semaphore,
 }
 
 impl Resolver {
@@ -75,33 +77,62 @@ impl Resolver {
                 .build(),
             jobs: spawn_pool()?,
             hosts,
+            templated_slots: tokio::sync::Semaphore::new(QUEUE / 2),
         })
     }
 
-    /// The addresses of `host` (coalesced, cached).
-    pub async fn lookup(&self, host: &str) -> Result<Arc<[IpAddr]>, std::io::Error> {
+    /// The addresses of `host` (coalesced, cached). Lookups for templated upstreams
+    /// (names a client chose) may use at most half of the queue, so a flood of
+    /// random names never starves the fixed upstreams' lookups.
+    pub async fn lookup(
+        &self,
+        host: &str,
+        templated: bool,
+    ) -> Result<Arc<[IpAddr]>, std::io::Error> {
         let host = host.to_ascii_lowercase();
         if let Some(addrs) = self.hosts.get(&host) {
             return Ok(Arc::from(addrs.as_slice()));
         }
+        if let Some(answer) = self.cache.get(&host).await {
+            return answer.map_err(not_found);
+        }
+        let _slot = if templated {
+            match self.templated_slots.try_acquire() {
+                Ok(slot) => Some(slot),
+                Err(_) => return Err(busy()),
+            }
+        } else {
+            None
+        };
         let jobs = self.jobs.clone();
+        // Real answers (including "no such name") are cached; a full queue or a
+        // stopped pool is transient and is not.
         let answer = self
             .cache
-            .get_with(host.clone(), async move {
+            .try_get_with(host.clone(), async move {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 if jobs.try_send(Job { host, reply: tx }).is_err() {
-                    return Err(Arc::from("resolver queue is full"));
+                    return Err("resolver queue is full");
                 }
                 match rx.await {
-                    Ok(Ok(addrs)) if !addrs.is_empty() => Ok(Arc::from(addrs)),
-                    Ok(Ok(_)) => Err(Arc::from("no addresses")),
-                    Ok(Err(e)) => Err(Arc::from(e)),
-                    Err(_) => Err(Arc::from("resolver stopped")),
+                    Ok(Ok(addrs)) if !addrs.is_empty() => Ok(Ok(Arc::from(addrs))),
+                    Ok(Ok(_)) => Ok(Err(Arc::from("no addresses"))),
+                    Ok(Err(e)) => Ok(Err(Arc::from(e))),
+                    Err(_) => Err("resolver stopped"),
                 }
             })
-            .await;
-        answer.map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string()))
+            .await
+            .map_err(|_| busy())?;
+        answer.map_err(not_found)
     }
+}
+
+fn not_found(e: Arc<str>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotFound, e.to_string())
+}
+
+fn busy() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::WouldBlock, "resolver busy")
 }
 
 fn spawn_pool() -> std::io::Result<mpsc::SyncSender<Job>> {
@@ -167,7 +198,8 @@ impl tower::Service<Name> for UpstreamResolver {
     fn call(&mut self, name: Name) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let addrs = this.resolver.lookup(name.as_str()).await?;
+            let templated = this.rules.is_some();
+            let addrs = this.resolver.lookup(name.as_str(), templated).await?;
             let permitted: Vec<SocketAddr> = addrs
                 .iter()
                 .filter(|ip| this.rules.as_ref().is_none_or(|r| r.permits(**ip)))
@@ -201,11 +233,11 @@ mod tests {
             Resolver::new(Duration::from_secs(5), Duration::from_secs(5), 100, None).unwrap(),
         );
         let name = "no-such-name.invalid";
-        let (a, b) = tokio::join!(r.lookup(name), r.lookup(name));
+        let (a, b) = tokio::join!(r.lookup(name, true), r.lookup(name, false));
         assert!(a.is_err() && b.is_err());
         r.cache.run_pending_tasks().await;
         assert_eq!(r.cache.entry_count(), 1);
-        let ok = r.lookup("localhost").await.unwrap();
+        let ok = r.lookup("localhost", false).await.unwrap();
         assert!(ok.iter().any(|ip| ip.is_loopback()));
     }
 }

@@ -60,6 +60,9 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, proxies: &[IpNet]) -> Ip
 pub struct PeerHeaders {
     ip: HeaderValue,
     forwarded: HeaderValue,
+    /// `Forwarded` with the last authority seen on this connection (nearly always
+    /// the same one), so the common request builds nothing.
+    last_host: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl PeerHeaders {
@@ -68,7 +71,30 @@ impl PeerHeaders {
         Some(PeerHeaders {
             ip: HeaderValue::from_str(&ip.to_string()).ok()?,
             forwarded: HeaderValue::from_str(&forwarded_element(ip, scheme)).ok()?,
+            last_host: std::sync::Mutex::new(None),
         })
+    }
+
+    fn forwarded_for(&self, host: Option<&HeaderValue>) -> HeaderValue {
+        let Some(host) = host else {
+            return self.forwarded.clone();
+        };
+        let Ok(mut last) = self.last_host.lock() else {
+            return self.forwarded.clone();
+        };
+        if let Some((h, v)) = last.as_ref() {
+            if h == host {
+                return v.clone();
+            }
+        }
+        let value = self
+            .forwarded
+            .to_str()
+            .ok()
+            .and_then(|e| with_host(e, Some(host)))
+            .unwrap_or_else(|| self.forwarded.clone());
+        *last = Some((host.clone(), value.clone()));
+        value
     }
 }
 
@@ -102,8 +128,7 @@ pub fn set_forwarding_headers(
             Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
             None => headers.remove(&X_FORWARDED_HOST),
         };
-        let forwarded = p.forwarded.to_str().ok().and_then(|e| with_host(e, host));
-        headers.insert(FORWARDED, forwarded.unwrap_or_else(|| p.forwarded.clone()));
+        headers.insert(FORWARDED, p.forwarded_for(host));
         return;
     }
 

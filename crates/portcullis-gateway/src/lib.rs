@@ -229,6 +229,16 @@ impl Shared {
                 {
                     tracing::warn!("listener addresses changed: they take effect after a restart");
                 }
+                let (a, b) = (&old.config.server, &new.config.server);
+                if a.max_connections != b.max_connections
+                    || a.hosts_file != b.hosts_file
+                    || a.dns_cache_ttl != b.dns_cache_ttl
+                    || a.dns_negative_ttl != b.dns_negative_ttl
+                    || a.dns_cache_size != b.dns_cache_size
+                    || a.workers != b.workers
+                {
+                    tracing::warn!("server.max_connections, workers, hosts_file and dns_* changed: they take effect after a restart");
+                }
                 self.clients.retain(&new.used_clients);
                 self.snapshot.store(Arc::new(new));
                 *last = hash;
@@ -255,8 +265,9 @@ impl Shared {
     }
 }
 
-/// `server.max_connections`, or 80 % of the open-files limit (raised to its hard
-/// maximum at start by the binary).
+/// `server.max_connections`, or 40 % of the open-files limit (raised to its hard
+/// maximum at start by the binary): each proxied client connection also holds an
+/// upstream socket, so this keeps the pair within 80 % of the limit.
 fn max_connections(configured: Option<usize>) -> usize {
     if let Some(n) = configured {
         return n.max(1);
@@ -272,7 +283,7 @@ fn max_connections(configured: Option<usize>) -> usize {
         1024
     };
     let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
-    (soft / 10 * 8).max(16)
+    (soft / 10 * 4).max(16)
 }
 
 /// Raises the soft open-files limit to the hard limit (a gateway holds two sockets

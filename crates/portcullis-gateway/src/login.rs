@@ -95,24 +95,25 @@ impl LoginService {
             )
         })?;
         let ip = client_key(client);
-        let ip_key = format!("login:fail:ip:{ip}");
-        // Checked before it becomes part of a store key.
+        let ip_key = format!("login:ip:{ip}");
+        // Checked before it becomes part of a store key (and counted: it is an attempt).
         if !portcullis_auth::users::valid_username(&body.username) {
-            self.blocked(&ip_key, self.per_ip).await?;
-            self.count_failure(&ip_key).await;
+            self.admit(&ip_key, self.per_ip).await?;
             return Err(GatewayError::new(
                 ErrorCode::BadRequest,
                 "a username is 1–64 letters, digits or . _ @ -",
             ));
         }
         let username = body.username.to_ascii_lowercase();
-        let pair_key = format!("login:fail:pair:{ip}:{username}");
+        let pair_key = format!("login:pair:{ip}:{username}");
         let user_key = format!("login:fail:user:{username}");
-        // Failures, not attempts, are counted: per client (IPv6 by /64), and per
-        // (client, username) so an attack on a name from elsewhere never locks its
-        // owner out; across all clients a name under attack is only slowed down.
-        self.blocked(&ip_key, self.per_ip).await?;
-        self.blocked(&pair_key, self.per_username).await?;
+        // Attempts are admitted atomically before the (slow) password check, so
+        // parallel guesses cannot overtake the counters: per client (IPv6 by /64), and
+        // per (client, username) — cleared by a success, so it counts failures — so an
+        // attack on a name from elsewhere never locks its owner out. Across all
+        // clients, a name under attack is only slowed down.
+        self.admit(&ip_key, self.per_ip).await?;
+        self.admit(&pair_key, self.per_username).await?;
         if self.failures(&user_key).await >= self.per_username.saturating_mul(SLOWDOWN_FACTOR) {
             tokio::time::sleep(SLOWDOWN).await;
         }
@@ -127,58 +128,55 @@ impl LoginService {
         // One message for unknown users and wrong passwords (and the same work: see Users::verify).
         let Some(user) = user else {
             tracing::info!(client = %client, "login failed");
-            for key in [&ip_key, &pair_key, &user_key] {
-                self.count_failure(key).await;
+            if let Err(e) = self
+                .store
+                .consume_window(&user_key, 1, u64::MAX, self.window)
+                .await
+            {
+                tracing::warn!(error = %e, "login: cannot count a failure");
             }
             return Err(GatewayError::new(
                 ErrorCode::Unauthorized,
                 "invalid username or password",
             ));
         };
+        if let Err(e) = self.store.delete(&pair_key).await {
+            tracing::warn!(error = %e, "login: cannot clear the failure counter");
+        }
         self.issue(&user.username, &user.role, false, self.ttl)
     }
 
     async fn guest(&self, client: IpAddr) -> Result<Response<Body>, GatewayError> {
-        let key = format!("login:guest:ip:{}", client_key(client));
-        self.blocked(&key, self.per_ip).await?;
-        self.count_failure(&key).await;
+        self.admit(&format!("login:guest:{}", client_key(client)), self.per_ip)
+            .await?;
         let subject = format!("guest-{}", uuid::Uuid::new_v4());
         self.issue(&subject, &self.guest_role, true, self.guest_ttl)
     }
 
-    /// 429 when `key` already counted `limit` failures in the current window.
-    async fn blocked(&self, key: &str, limit: u64) -> Result<(), GatewayError> {
-        // Cost 0 against `limit - 1`: allowed while fewer than `limit` were counted.
+    /// Counts one attempt for `key`, atomically; beyond `limit` per window → 429.
+    async fn admit(&self, key: &str, limit: u64) -> Result<(), GatewayError> {
         let window = self
             .store
-            .consume_window(key, 0, limit.saturating_sub(1), self.window)
+            .consume_window(key, 1, limit, self.window)
             .await
             .map_err(|e| {
                 // Fail closed: an uncounted login endpoint invites password guessing.
                 tracing::warn!(error = %e, "login rate limit: store unavailable");
                 GatewayError::server(ErrorCode::ServiceUnavailable)
             })?;
-        if window.allowed && limit > 0 {
+        if window.allowed {
             return Ok(());
         }
         let retry = window.reset_after.as_secs().max(1);
         Err(GatewayError::new(
             ErrorCode::RateLimited,
-            "too many failed login attempts; try again later",
+            "too many login attempts; try again later",
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from(retry)))
     }
 
-    async fn count_failure(&self, key: &str) {
-        if let Err(e) = self
-            .store
-            .consume_window(key, 1, u64::MAX, self.window)
-            .await
-        {
-            tracing::warn!(error = %e, "login: cannot count a failure");
-        }
-    }
-
+    /// Failures counted for `key` in the current window (0 if the store cannot say:
+    /// the slow-down is a courtesy, the admission counters above fail closed).
     async fn failures(&self, key: &str) -> u64 {
         self.store
             .consume_window(key, 0, u64::MAX, self.window)

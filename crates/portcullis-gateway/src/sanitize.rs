@@ -3,25 +3,68 @@
 //! listed in `Connection`, `X_Org_ID` for `X-Org-ID`, `X-Original-URL`, our own `Via`)
 //! can remove, shadow or forge a header the gateway sets.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use portcullis_config::UnderscoreHeaders;
 
 use crate::error::{ErrorCode, GatewayError};
 
-/// The compiled header rules of a snapshot.
+/// What the gateway does with a request header name (bit flags: a name may be
+/// several of these).
+const PROTECTED: u8 = 1;
+const IDENTITY: u8 = 2;
+const STRIP: u8 = 4;
+const UNTRUSTED: u8 = 8;
+const HOP: u8 = 16;
+
+/// The compiled header rules of a snapshot: one map from name to class, so each
+/// request header costs one lookup.
 pub struct HeaderRules {
-    /// Headers the gateway sets (identity, forwarding, `Host`, `Via`, request id,
-    /// framing): a client can never have them removed through `Connection`.
-    pub protected: HashSet<HeaderName>,
-    /// Identity headers any authenticator sets: a client's copies are removed.
-    pub identity: HashSet<HeaderName>,
-    pub underscore: UnderscoreHeaders,
-    /// Removed from every request.
-    pub strip: HashSet<HeaderName>,
-    /// Removed unless the peer is a trusted proxy.
-    pub untrusted: HashSet<HeaderName>,
+    classes: HashMap<HeaderName, u8>,
+    underscore: UnderscoreHeaders,
+}
+
+impl HeaderRules {
+    /// `protected`: headers the gateway sets (a client can never have them removed
+    /// through `Connection`); `identity`: set by authenticators (a client's copies go);
+    /// `strip`: removed from every request; `untrusted`: removed unless the peer is a
+    /// trusted proxy.
+    pub fn new(
+        protected: HashSet<HeaderName>,
+        identity: &HashSet<HeaderName>,
+        underscore: UnderscoreHeaders,
+        strip: HashSet<HeaderName>,
+        untrusted: HashSet<HeaderName>,
+    ) -> Self {
+        let mut classes: HashMap<HeaderName, u8> = HashMap::new();
+        let sets = [
+            (PROTECTED, &protected),
+            (PROTECTED | IDENTITY, identity),
+            (STRIP, &strip),
+            (UNTRUSTED, &untrusted),
+        ];
+        for (class, names) in sets {
+            for n in names {
+                *classes.entry(n.clone()).or_default() |= class;
+            }
+        }
+        for n in &HOP_BY_HOP {
+            *classes.entry(n.clone()).or_default() |= HOP;
+        }
+        HeaderRules {
+            classes,
+            underscore,
+        }
+    }
+
+    fn class(&self, name: &HeaderName) -> u8 {
+        self.classes.get(name).copied().unwrap_or(0)
+    }
+
+    fn removed(&self, class: u8, peer_trusted: bool) -> bool {
+        class & (IDENTITY | STRIP | HOP) != 0 || (!peer_trusted && class & UNTRUSTED != 0)
+    }
 }
 
 /// Headers the gateway sets on every proxied request, whatever the config.
@@ -53,6 +96,13 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// `Connection` tokens that name no end-to-end header: nothing to look up.
+fn plain_connection_token(t: &str) -> bool {
+    t.eq_ignore_ascii_case("keep-alive")
+        || t.eq_ignore_ascii_case("close")
+        || t.eq_ignore_ascii_case("upgrade")
+}
+
 /// Cleans a client's request headers in place. `Transfer-Encoding` is left to hyper
 /// (it has already decoded the framing); `TE` keeps only `trailers`.
 pub fn client_headers(
@@ -60,18 +110,20 @@ pub fn client_headers(
     rules: &HeaderRules,
     peer_trusted: bool,
 ) -> Result<(), GatewayError> {
-    // 1. Names listed in `Connection`, computed before anything is added.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !rules.protected.contains(n))
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // 1. Names listed in `Connection`, computed before anything is added; a name the
+    //    gateway sets is never removed this way.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(v) = value.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            if t.is_empty() || plain_connection_token(t) {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                if rules.class(&n) & PROTECTED == 0 {
+                    doomed.push(n);
+                }
+            }
         }
     }
     if let Some(te) = headers.get(header::TE) {
@@ -86,12 +138,12 @@ pub fn client_headers(
         }
     }
 
-    // 2. One pass over what is left: hop-by-hop headers, names with `_` (proxies and frameworks — CGI,
-    //    WSGI, Rack — fold them onto the dashed name, so `X_Org_ID` would reach an
-    //    upstream as `X-Org-ID`), identity headers (ours to set), rewrite/override
-    //    headers some upstreams believe, and client-address headers only a trusted
-    //    proxy may send. Most requests have nothing to remove and allocate nothing.
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // 2. One pass over every name: hop-by-hop headers, names with `_` (proxies and
+    //    frameworks — CGI, WSGI, Rack — fold them onto the dashed name, so `X_Org_ID`
+    //    would reach an upstream as `X-Org-ID`), identity headers (ours to set),
+    //    rewrite/override headers some upstreams believe, and client-address headers
+    //    only a trusted proxy may send. Most requests have nothing to remove and
+    //    allocate nothing.
     for name in headers.keys() {
         let remove = if name.as_str().contains('_') {
             match rules.underscore {
@@ -102,17 +154,17 @@ pub fn client_headers(
                     ))
                 }
                 UnderscoreHeaders::Drop => true,
+                // Kept, unless its dashed form is a name we set, remove or distrust.
                 UnderscoreHeaders::Allow => {
                     let dashed = name.as_str().replace('_', "-");
-                    HeaderName::from_bytes(dashed.as_bytes())
-                        .is_ok_and(|d| rules.identity.contains(&d) || rules.protected.contains(&d))
+                    HeaderName::from_bytes(dashed.as_bytes()).is_ok_and(|d| {
+                        let class = rules.class(&d);
+                        class & PROTECTED != 0 || rules.removed(class, peer_trusted)
+                    })
                 }
             }
         } else {
-            HOP_BY_HOP.contains(name)
-                || rules.identity.contains(name)
-                || rules.strip.contains(name)
-                || (!peer_trusted && rules.untrusted.contains(name))
+            rules.removed(rules.class(name), peer_trusted)
         };
         if remove {
             doomed.push(name.clone());
@@ -140,17 +192,17 @@ mod tests {
 
     fn rules(underscore: UnderscoreHeaders) -> HeaderRules {
         let rid = HeaderName::from_static("x-request-id");
-        HeaderRules {
-            protected: gateway_headers(&rid),
-            identity: [HeaderName::from_static("x-org-id")].into_iter().collect(),
+        HeaderRules::new(
+            gateway_headers(&rid),
+            &[HeaderName::from_static("x-org-id")].into_iter().collect(),
             underscore,
-            strip: [HeaderName::from_static("x-original-url")]
+            [HeaderName::from_static("x-original-url")]
                 .into_iter()
                 .collect(),
-            untrusted: [HeaderName::from_static("true-client-ip")]
+            [HeaderName::from_static("true-client-ip")]
                 .into_iter()
                 .collect(),
-        }
+        )
     }
 
     #[test]
@@ -173,11 +225,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x_org_id", HeaderValue::from_static("victim"));
         h.insert("x_other", HeaderValue::from_static("1"));
+        h.insert("x_original_url", HeaderValue::from_static("/admin"));
+        h.insert("true_client_ip", HeaderValue::from_static("1.2.3.4"));
         let mut allow = h.clone();
         client_headers(&mut h, &rules(UnderscoreHeaders::Drop), false).unwrap();
         assert!(h.is_empty());
         client_headers(&mut allow, &rules(UnderscoreHeaders::Allow), false).unwrap();
         assert!(!allow.contains_key("x_org_id"));
+        assert!(!allow.contains_key("x_original_url"));
+        assert!(!allow.contains_key("true_client_ip"));
         assert!(allow.contains_key("x_other"));
         let mut r = HeaderMap::new();
         r.insert("x_other", HeaderValue::from_static("1"));

@@ -214,7 +214,7 @@ async fn dispatch(
         record.path = path.to_string();
     }
 
-    if let Some(res) = builtin(shared, snapshot, &path).await {
+    if let Some(res) = builtin(shared, snapshot, &path, req.headers()).await {
         record.route = Some(shared.labels.builtin.clone());
         return res;
     }
@@ -320,6 +320,7 @@ async fn builtin(
     shared: &Shared,
     snapshot: &Snapshot,
     path: &str,
+    headers: &http::HeaderMap,
 ) -> Option<Result<Response<Body>, GatewayError>> {
     if let Some(h) = &snapshot.health {
         if path == h.health || path == h.liveness {
@@ -330,6 +331,15 @@ async fn builtin(
         }
     }
     if snapshot.metrics_on_main && snapshot.metrics_path.as_deref() == Some(path) {
+        if let Some(token) = snapshot
+            .admin
+            .as_ref()
+            .and_then(|a| a.metrics_token.as_ref())
+        {
+            if let Err(e) = crate::admin::bearer_matches(headers, token) {
+                return Some(Err(e));
+            }
+        }
         return Some(Ok(metrics(shared)));
     }
     None

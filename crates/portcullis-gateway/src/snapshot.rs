@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub header_read_timeout: Duration,
     /// Close client connections with no request in flight for this long.
     pub idle_timeout: Duration,
+    /// Cut a client whose socket accepts no bytes for this long.
+    pub send_timeout: Duration,
     pub used_clients: Vec<ClientSettings>,
     /// What clients may not send (identity, hop-by-hop, underscored, rewrite headers).
     pub header_rules: crate::sanitize::HeaderRules,
@@ -339,6 +341,40 @@ pub async fn compile(
         }
     };
 
+    // `0` would mean "cut at once", never "off": refuse it where a deadline matters.
+    for (field, d) in [
+        (
+            "server.header_read_timeout",
+            config.server.header_read_timeout,
+        ),
+        ("server.idle_timeout", config.server.idle_timeout),
+        ("server.send_timeout", config.server.send_timeout),
+    ] {
+        if d.get().is_zero() {
+            errors.push(Location::UNKNOWN, field, "must be longer than 0");
+        }
+    }
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(p) = &r.value.proxy else { continue };
+        let t = &p.timeouts;
+        for (key, d) in [
+            ("connect", Some(t.connect)),
+            ("response", Some(t.response)),
+            ("idle", Some(t.idle)),
+            ("body", Some(t.body)),
+            ("tunnel_idle", Some(t.tunnel_idle)),
+            ("total", t.total),
+        ] {
+            if d.is_some_and(|d| d.get().is_zero()) {
+                errors.push(
+                    r.referenced,
+                    format!("routes[{i}].proxy.timeouts.{key}"),
+                    "must be longer than 0",
+                );
+            }
+        }
+    }
+
     for (field, path) in [
         ("health.health_path", &config.health.health_path),
         ("health.liveness_path", &config.health.liveness_path),
@@ -389,15 +425,13 @@ pub async fn compile(
             }
         }
     }
-    let mut protected = crate::sanitize::gateway_headers(&request_id_header);
-    protected.extend(identity_headers.iter().cloned());
-    let header_rules = crate::sanitize::HeaderRules {
-        protected,
-        identity: identity_headers,
-        underscore: config.server.underscore_headers,
+    let header_rules = crate::sanitize::HeaderRules::new(
+        crate::sanitize::gateway_headers(&request_id_header),
+        &identity_headers,
+        config.server.underscore_headers,
         strip,
         untrusted,
-    };
+    );
     let gateway_id: Arc<str> = match config.server.gateway_id.as_ref().filter(|g| !g.is_empty()) {
         Some(id) => Arc::from(id.as_str()),
         None => instance_id.clone(),
@@ -614,6 +648,7 @@ pub async fn compile(
         shutdown_grace: config.server.shutdown_grace.get(),
         header_read_timeout: config.server.header_read_timeout.get(),
         idle_timeout: config.server.idle_timeout.get(),
+        send_timeout: config.server.send_timeout.get(),
         used_clients,
         header_rules,
         via: via.ok_or_else(|| ConfigErrors(Vec::new()))?,

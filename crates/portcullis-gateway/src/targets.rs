@@ -34,22 +34,54 @@ pub struct TargetRules {
 impl TargetRules {
     pub fn permits(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        if always_denied(ip) || self.deny.iter().any(|n| n.contains(&ip)) {
-            return false;
+        // An IPv4 address carried inside IPv6 (NAT64, 6to4, IPv4-compatible) is judged
+        // as that IPv4 address too: DNS64 turns 169.254.169.254 into 64:ff9b::a9fe:a9fe.
+        let inner = embedded_v4(ip).map(IpAddr::V4);
+        for addr in std::iter::once(ip).chain(inner) {
+            if always_denied(addr) || self.deny.iter().any(|n| n.contains(&addr)) {
+                return false;
+            }
         }
         self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
     }
 }
 
+/// The IPv4 address inside a NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`), 6to4
+/// (`2002::/16`) or IPv4-compatible (`::a.b.c.d`) address.
+fn embedded_v4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let s = v6.segments();
+    let o = v6.octets();
+    let last = std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) {
+        return Some(last);
+    }
+    if s[0] == 0x2002 {
+        return Some(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if s[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback() {
+        return Some(last);
+    }
+    None
+}
+
 /// Never a function: unspecified (`0.0.0.0/8`, `::`), link-local and cloud metadata
-/// (`169.254.0.0/16`, `fe80::/10`), multicast, broadcast.
+/// (`169.254.0.0/16`, `fe80::/10`, AWS `fd00:ec2::254`, Alibaba `100.100.100.200`),
+/// multicast, broadcast.
 fn always_denied(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            v4.octets()[0] == 0 || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast()
+            v4.octets()[0] == 0
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.octets() == [100, 100, 100, 200]
         }
         IpAddr::V6(v6) => {
-            v6.is_unspecified() || v6.is_multicast() || (v6.segments()[0] & 0xffc0) == 0xfe80
+            v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.segments() == [0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x254]
         }
     }
 }
@@ -65,7 +97,7 @@ pub enum NamePattern {
 impl NamePattern {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.strip_prefix('~') {
-            Some(re) => regex::Regex::new(&format!("^(?:{re})$"))
+            Some(re) => regex::Regex::new(&format!("(?i)^(?:{re})$"))
                 .map(NamePattern::Regex)
                 .map_err(|e| format!("invalid regex: {e}")),
             None => Ok(NamePattern::Glob(s.to_ascii_lowercase())),
@@ -106,6 +138,9 @@ fn glob(pattern: &[u8], name: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// Names resolvers map to this machine (glibc, Debian and Red Hat `/etc/hosts`).
+const LOOPBACK_NAMES: [&str; 4] = ["localhost", "localhost6", "ip6-localhost", "ip6-loopback"];
+
 /// A param value that may be placed in an upstream host: one DNS label (letters,
 /// digits, `-`, `_`; not starting or ending with `-`), not `localhost`, not a
 /// number in any base (`2130706433`, `017700000001`, `0x7f000001`).
@@ -120,7 +155,8 @@ pub fn host_label_ok(s: &str) -> bool {
     {
         return false;
     }
-    if b.iter().all(u8::is_ascii_digit) || s.eq_ignore_ascii_case("localhost") {
+    if b.iter().all(u8::is_ascii_digit) || LOOPBACK_NAMES.iter().any(|n| s.eq_ignore_ascii_case(n))
+    {
         return false;
     }
     // inet_aton reads `0x…` as hexadecimal (`0x` alone is 0).
@@ -134,7 +170,10 @@ pub fn host_label_ok(s: &str) -> bool {
 pub fn host_is_address_like(host: &str) -> bool {
     let host = host.trim_end_matches('.');
     let lower = host.to_ascii_lowercase();
-    if lower == "localhost" || lower.ends_with(".localhost") {
+    if LOOPBACK_NAMES.contains(&lower.as_str())
+        || lower.ends_with(".localhost")
+        || lower.starts_with("localhost.")
+    {
         return true;
     }
     if host.starts_with('[') || host.parse::<std::net::Ipv6Addr>().is_ok() {
@@ -173,6 +212,8 @@ mod tests {
             "0x",
             "localhost",
             "LocalHost",
+            "ip6-localhost",
+            "localhost6",
             "-a",
             "a-",
             "a.b",
@@ -216,6 +257,12 @@ mod tests {
             "fe80::1",
             "ff02::1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "::a9fe:a9fe",
+            "fd00:ec2::254",
+            "100.100.100.200",
         ] {
             assert!(!default.permits(denied.parse().unwrap()), "{denied}");
         }
@@ -241,6 +288,7 @@ mod tests {
         assert!(q.matches("abc") && !q.matches("abbc"));
         let r = NamePattern::parse("~[a-z]+-v[0-9]").unwrap();
         assert!(r.matches("api-v2"));
+        assert!(r.matches("API-V2"));
         assert!(!r.matches("api-v2x"));
         assert!(NamePattern::parse("~(").is_err());
     }

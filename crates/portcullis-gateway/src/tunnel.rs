@@ -57,7 +57,10 @@ pub fn admit(
     protocol: &HeaderValue,
     headers: &HeaderMap,
 ) -> Result<Tunnel, GatewayError> {
-    if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") && !valid_websocket(headers) {
+    // `websocket/13` names the same protocol (see ProxyAction::allows_upgrade).
+    let p = protocol.as_bytes();
+    let name = p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii();
+    if name.eq_ignore_ascii_case(b"websocket") && !valid_websocket(headers) {
         return Err(GatewayError::new(
             ErrorCode::BadRequest,
             "invalid WebSocket handshake (Sec-WebSocket-Key / Sec-WebSocket-Version: 13)",

@@ -17,7 +17,7 @@
 //! * a JWKS verifier must check `aud` (or be told `allow_any_audience`):
 //!   an identity provider's keys sign tokens for all of its clients;
 //! * HMAC secrets have at least 16 bytes (a warning below 32);
-//! * guest tokens (`"typ": "guest"`) are refused unless `accept_guest`;
+//! * guest tokens (`"typ": "guest"`, or the older `"guest": true`) are refused unless `accept_guest`;
 //! * a token verified with a key that a JWKS refresh removed is never
 //!   answered from the cache again, even if its verification was in flight;
 //! * unknown-`kid` refetches are rate limited and single-flight.
@@ -917,9 +917,10 @@ impl Inner {
                 return Err(JwtError::InvalidAudience);
             }
         }
-        if !self.accept_guest
-            && claims.get(TOKEN_TYPE_CLAIM).and_then(Value::as_str) == Some(GUEST_TOKEN_TYPE)
-        {
+        // `guest: true` marks guest tokens issued before `typ` existed.
+        let guest = claims.get(TOKEN_TYPE_CLAIM).and_then(Value::as_str) == Some(GUEST_TOKEN_TYPE)
+            || claims.get("guest").and_then(Value::as_bool) == Some(true);
+        if !self.accept_guest && guest {
             return Err(JwtError::GuestNotAccepted);
         }
         Ok(exp)

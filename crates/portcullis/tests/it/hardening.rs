@@ -121,7 +121,7 @@ async fn resolved_addresses_are_checked_on_every_connect() {
     let hosts = dir.path().join("hosts");
     std::fs::write(
         &hosts,
-        "127.0.0.1 local-fn\n169.254.169.254 metadata\n0.0.0.0 zero\n224.0.0.1 multi\n",
+        "127.0.0.1 local-fn\n169.254.169.254 metadata\n0.0.0.0 zero\n224.0.0.1 multi\n64:ff9b::a9fe:a9fe nat64-metadata\nfd00:ec2::254 aws6\n",
     )
     .unwrap();
     let yaml = format!(
@@ -158,6 +158,8 @@ routes:
     let before = up.connections.load(Ordering::SeqCst);
     for path in [
         "/metadata/latest/meta-data",
+        "/nat64-metadata/latest/meta-data",
+        "/aws6/latest/meta-data",
         "/zero/x",
         "/multi/x",
         "/private/local-fn/x",
@@ -435,6 +437,16 @@ routes:
         .as_str()
         .unwrap()
         .contains("host=\"a.test\""));
+    // Forwarded in the same spelling routing used: lower case, no trailing dot.
+    let res = raw_request(
+        a,
+        "GET /x HTTP/1.1\r\nHost: A.Test.\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let h = &res.json()["headers"];
+    assert_eq!(h["host"], serde_json::json!(["a.test"]), "{h}");
+    assert_eq!(h["x-forwarded-host"], serde_json::json!(["a.test"]), "{h}");
     // Disagreement, duplicates, missing and malformed hosts: 400.
     for head in [
         "GET http://a.test/x HTTP/1.1\r\nHost: other.test\r\n",
@@ -825,6 +837,23 @@ routes:
     }
     let res = login("2001:db8:1:2::99", "alice's long password").await;
     assert_error(res, 429, "RATE_LIMITED").await;
+    // Parallel guesses cannot overtake the counter: at most 3 are checked.
+    let guesses = (0..12).map(|_| login("10.0.0.99", "parallel guess"));
+    let statuses: Vec<u16> = futures_util::future::join_all(guesses)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        9,
+        "{statuses:?}"
+    );
     // A username's shape is checked before it becomes a store key.
     let res = c
         .post(gw.url("/auth/login"))
@@ -982,12 +1011,14 @@ routes:
     assert!(end.is_ok(), "an idle tunnel stayed open");
 
     // A broken handshake never reaches the upstream; other protocols are not tunnelled.
-    let res = raw_request(
-        gw.addr(),
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
-    assert_eq!(res.status, 400, "{res:?}");
+    for upgrade in ["websocket", "WebSocket/13"] {
+        let res = raw_request(
+            gw.addr(),
+            &format!("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: {upgrade}\r\nConnection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(res.status, 400, "{upgrade}: {res:?}");
+    }
     let res = raw_request(
         gw.addr(),
         "GET /plain HTTP/1.1\r\nHost: x\r\nUpgrade: h2c, foo\r\nConnection: Upgrade, close\r\n\r\n",
@@ -999,6 +1030,23 @@ routes:
         h.get("upgrade").is_none() && h.get("connection").is_none(),
         "{h}"
     );
+}
+
+#[tokio::test]
+async fn metrics_token_on_the_main_listener() {
+    let gw = Gateway::start(
+        "listeners: [{address: \"127.0.0.1:0\"}]\nadmin: {address: \"127.0.0.1:0\", metrics_token: scrape-me}\nmetrics: {listener: main}\nroutes:\n  - path: /x\n    respond: {body: x}\n",
+    );
+    let c = client();
+    let res = c.get(gw.url("/metrics")).send().await.unwrap();
+    assert_error(res, 401, "UNAUTHORIZED").await;
+    let res = c
+        .get(gw.url("/metrics"))
+        .bearer_auth("scrape-me")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 }
 
 #[tokio::test]
@@ -1126,4 +1174,54 @@ routes:
         .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[test]
+fn zero_deadlines_are_refused() {
+    for (server, timeouts) in [
+        ("server: {idle_timeout: 0s}\n", ""),
+        ("server: {header_read_timeout: 0s}\n", ""),
+        ("server: {send_timeout: 0s}\n", ""),
+        ("", ", timeouts: {body: 0s}"),
+        ("", ", timeouts: {tunnel_idle: 0s}"),
+    ] {
+        let yaml = format!(
+            "listeners: [{{address: \"127.0.0.1:0\"}}]\n{server}routes:\n  - path_prefix: /\n    proxy: {{upstream: \"http://127.0.0.1:9\"{timeouts}}}\n"
+        );
+        let (code, out, err) = check_file(&yaml);
+        assert_eq!(code, 1, "accepted:\n{yaml}\n{out}");
+        assert!(err.contains("must be longer than 0"), "{err}");
+    }
+}
+
+/// A client that stops reading a large response is cut after `send_timeout`, freeing
+/// its slot (and the upstream connection) instead of holding them forever.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "listeners: [{{address: \"127.0.0.1:0\"}}]\nadmin: {{address: \"127.0.0.1:0\"}}\nserver: {{send_timeout: 1s}}\nroutes:\n  - path_prefix: /\n    proxy: {{upstream: \"{}\"}}\n",
+        up.url()
+    ));
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /big?download=200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let open = "portcullis_open_connections{listener=\"main\"} 1";
+    let closed = "portcullis_open_connections{listener=\"main\"} 0";
+    let mut seen_open = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = admin_metrics(&gw).await;
+        seen_open |= m.contains(open);
+        if seen_open && m.contains(closed) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a stalled reader kept its connection: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
 }
