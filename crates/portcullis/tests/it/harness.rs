@@ -505,19 +505,158 @@ async fn echo_handler(req: Request<Incoming>) -> Response<BoxBody> {
 // ---------------------------------------------------------------------------------
 // Clients
 
-pub fn client() -> reqwest::Client {
+/// Connect timeout of every test client: loopback connects are instant, so a hang
+/// here is a regression, reported in seconds instead of hanging CI.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Whole-exchange timeout of `client()` (request, response head and body).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for one read on a long stream (`stream_client()`, WebSockets).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Installs ring as the process's rustls provider (reqwest is built without one,
+/// so that aws-lc-rs is not compiled beside the ring the gateway uses).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The base of every test client: no proxy, no redirects, a connect timeout and a
+/// per-read timeout. Add `.timeout(..)` for a whole-exchange bound.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(READ_TIMEOUT)
+}
+
+/// The default test client: every exchange is over within `REQUEST_TIMEOUT`.
+pub fn client() -> reqwest::Client {
+    client_builder().timeout(REQUEST_TIMEOUT).build().unwrap()
+}
+
+/// For long streamed bodies (hundreds of MiB): no bound on the whole exchange, but
+/// every read must make progress within `READ_TIMEOUT`.
+pub fn stream_client() -> reqwest::Client {
+    client_builder().build().unwrap()
+}
+
+/// Opens a TCP connection, failing the test after `CONNECT_TIMEOUT`.
+pub async fn tcp_connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {addr} timed out"))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket handshake that fails the test after `READ_TIMEOUT` instead of hanging.
+pub async fn ws_connect(
+    url: &str,
+) -> Result<
+    (
+        WsStream,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    tokio::time::timeout(READ_TIMEOUT, tokio_tungstenite::connect_async(url))
+        .await
+        .unwrap_or_else(|_| panic!("WebSocket handshake with {url} timed out"))
+}
+
+/// The next WebSocket message; fails the test after `READ_TIMEOUT` or at the end of
+/// the stream.
+pub async fn ws_next(ws: &mut WsStream) -> tokio_tungstenite::tungstenite::Message {
+    use futures_util::StreamExt;
+    tokio::time::timeout(READ_TIMEOUT, ws.next())
+        .await
+        .expect("WebSocket message in time")
+        .expect("WebSocket still open")
+        .expect("WebSocket message")
+}
+
+/// Sends a WebSocket message, failing the test after `READ_TIMEOUT`.
+pub async fn ws_send(ws: &mut WsStream, msg: tokio_tungstenite::tungstenite::Message) {
+    use futures_util::SinkExt;
+    tokio::time::timeout(READ_TIMEOUT, ws.send(msg))
+        .await
+        .expect("WebSocket send in time")
+        .expect("WebSocket send");
+}
+
+/// Reads `data: N` server-sent events from a response, one at a time, each within
+/// `READ_TIMEOUT`.
+pub struct SseReader {
+    res: reqwest::Response,
+    buf: String,
+    /// Every byte received so far.
+    pub raw: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(res: reqwest::Response) -> SseReader {
+        SseReader {
+            res,
+            buf: String::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// The next event's N. Fails if it does not arrive within `READ_TIMEOUT`, or if
+    /// it arrives together with the start of the following one.
+    pub async fn next_event(&mut self) -> u64 {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let event: String = self.buf.drain(..end + 2).collect();
+                assert!(
+                    self.buf.is_empty(),
+                    "more than one event at once: {event:?} then {:?}",
+                    self.buf
+                );
+                return event
+                    .trim()
+                    .strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not a data event: {event:?}"))
+                    .parse()
+                    .unwrap();
+            }
+            let chunk = tokio::time::timeout(READ_TIMEOUT, self.res.chunk())
+                .await
+                .expect("the next event was held back (buffered?)")
+                .expect("stream error")
+                .expect("stream ended before the event");
+            self.raw.extend_from_slice(&chunk);
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Asserts the stream ends cleanly (within `READ_TIMEOUT`) with nothing more.
+    pub async fn expect_end(&mut self) {
+        let end = tokio::time::timeout(READ_TIMEOUT, self.res.chunk())
+            .await
+            .expect("stream end in time");
+        assert!(
+            matches!(end, Ok(None)),
+            "stream did not end cleanly: {end:?}"
+        );
+        assert!(self.buf.is_empty(), "partial event left: {:?}", self.buf);
+    }
 }
 
 /// A raw HTTP/1.1 exchange, for requests an HTTP client library would "fix"
 /// (dot segments, odd encodings). Sends `request` verbatim and reads until close.
 pub async fn raw(addr: SocketAddr, request: &str) -> RawResponse {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = tcp_connect(addr).await;
+    tokio::time::timeout(READ_TIMEOUT, stream.write_all(request.as_bytes()))
+        .await
+        .expect("raw request written in time")
+        .unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
     RawResponse::parse(&buf)

@@ -378,8 +378,8 @@ async fn http2_towards_upstream() {
 async fn http2_prior_knowledge_from_clients() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&simple(&up.url()));
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
+    let h2 = client_builder()
+        .timeout(REQUEST_TIMEOUT)
         .http2_prior_knowledge()
         .build()
         .unwrap();
@@ -412,8 +412,8 @@ async fn h2c_can_be_disabled_per_listener() {
     let echo = echo_json(client().get(gw.url("/api/x")).send().await.unwrap()).await;
     assert_eq!(echo["version"], "HTTP/1.1");
 
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
+    let h2 = client_builder()
+        .timeout(REQUEST_TIMEOUT)
         .http2_prior_knowledge()
         .build()
         .unwrap();
@@ -453,8 +453,8 @@ fn write_cert(dir: &std::path::Path, name: &str) -> TestCert {
 }
 
 fn tls_client(trust: &TestCert, addr: std::net::SocketAddr) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
+    client_builder()
+        .timeout(REQUEST_TIMEOUT)
         .resolve("a.test", addr)
         .resolve("b.test", addr)
         .tls_certs_only([reqwest::Certificate::from_pem(trust.pem.as_bytes()).unwrap()])
@@ -534,8 +534,8 @@ routes:
     assert!(err.is_err(), "a.test was served a certificate B trusts");
 
     // An HTTP/1.1-only client negotiates http/1.1 on the same listener.
-    let h1 = reqwest::Client::builder()
-        .no_proxy()
+    let h1 = client_builder()
+        .timeout(REQUEST_TIMEOUT)
         .http1_only()
         .resolve("a.test", gw.addr())
         .tls_certs_only([reqwest::Certificate::from_pem(a.pem.as_bytes()).unwrap()])
@@ -563,13 +563,9 @@ async fn websocket_is_tunnelled() {
         "",
         &[("ws", "/ws", &format!("upstream: {}", up.url()))],
     ));
-    let (mut ws, res) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("websocket handshake through the gateway");
+    let (mut ws, res) = ws_connect(&format!("ws://{}/ws", gw.addr()))
+        .await
+        .expect("websocket handshake through the gateway");
     assert_eq!(res.status(), 101);
     let seen_headers: serde_json::Value = serde_json::from_str(
         res.headers()
@@ -586,23 +582,16 @@ async fn websocket_is_tunnelled() {
 
     for i in 0..5 {
         let text = format!("hello {i}");
-        ws.send(Message::text(text.clone())).await.unwrap();
+        ws_send(&mut ws, Message::text(text.clone())).await;
         let bin: Vec<u8> = (0..=255u8).cycle().skip(i).take(1000 + i).collect();
-        ws.send(Message::binary(bin.clone())).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("text echo in time")
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, Message::text(text));
-        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("binary echo in time")
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, Message::binary(bin));
+        ws_send(&mut ws, Message::binary(bin.clone())).await;
+        assert_eq!(ws_next(&mut ws).await, Message::text(text));
+        assert_eq!(ws_next(&mut ws).await, Message::binary(bin));
     }
-    ws.close(None).await.unwrap();
+    tokio::time::timeout(READ_TIMEOUT, ws.close(None))
+        .await
+        .expect("close in time")
+        .unwrap();
 }
 
 /// Reads an SSE response, returning each `data: N` event with its arrival time
