@@ -640,9 +640,9 @@ async fn redis_hung_server_times_out() {
         .unwrap();
     store.set("a", b"A", None).await.unwrap();
     store.set("b", b"B", None).await.unwrap();
-    server.signal("STOP");
+    server.signal(libc::SIGSTOP);
     assert_unavailable_fast("get while hung", store.get("a")).await;
-    server.signal("CONT");
+    server.signal(libc::SIGCONT);
     let mut ok = false;
     for _ in 0..50 {
         match store.get("b").await {

@@ -47,14 +47,6 @@ pub fn redis_cli() -> PathBuf {
 }
 
 fn find_redis_server() -> Option<PathBuf> {
-    if let Ok(out) = Command::new("which").arg("redis-server").output() {
-        if out.status.success() {
-            let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !p.is_empty() {
-                return Some(PathBuf::from(p));
-            }
-        }
-    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from))
@@ -172,13 +164,18 @@ impl RedisServer {
         panic!("redis-server on port {} did not become ready", self.port);
     }
 
-    /// Send a signal (e.g. "STOP", "CONT") to the server process.
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed");
+    /// Send a signal (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the server process,
+    /// with kill(2) (no `kill` binary needed).
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Kill the server and wait until the port is closed.

@@ -181,18 +181,14 @@ impl Gateway {
         self.child.as_ref().unwrap().id() as i32
     }
 
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+    /// Sends `sig` (`libc::SIGHUP`, `libc::SIGTERM`, …) to the gateway process.
+    pub fn signal(&self, sig: libc::c_int) {
+        send_signal(self.pid(), sig);
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        self.signal("TERM");
+        self.signal(libc::SIGTERM);
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -237,6 +233,18 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// Sends `sig` to process `pid` with kill(2) (no `kill` binary needed).
+pub fn send_signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Runs `portcullis <args>` to completion: (exit code, stdout, stderr).

@@ -56,7 +56,7 @@ async fn sighup_reloads() {
     // No file watching: nothing changes until the signal.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(body_of(&gw.url("/version")).await, "one");
-    gw.signal("HUP");
+    gw.signal(libc::SIGHUP);
     assert!(eventually(&gw.url("/version"), "two").await);
 }
 
