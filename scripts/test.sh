@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests.
-# Installs what it needs when missing (a Rust toolchain with rustfmt and clippy is assumed).
+# Installs what it needs when missing: rustfmt and clippy (a Rust toolchain is assumed)
+# and redis-server (with apt-get, through sudo unless root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,15 @@ need_component() {
 }
 need_component fmt rustfmt
 need_component clippy clippy
+
+# The store and gateway tests start real redis-server processes (never the machine's
+# own Redis); the tests themselves install nothing.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "[test] installing redis-server"
+    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+fi
 
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check

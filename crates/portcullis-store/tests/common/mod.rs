@@ -10,27 +10,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Path of `redis-server`: `which redis-server`, then the usual locations, else install
-/// it with `apt-get update && apt-get install -y redis-server` (needs root, as in CI).
+/// Path of `redis-server`: the first on `PATH`, then the usual locations.
+/// `scripts/test.sh` installs it when missing; the tests never install anything.
 pub fn redis_server_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = find_redis_server() {
-            return p;
-        }
-        eprintln!("redis-server not found; installing it with apt-get");
-        let update = Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-        eprintln!("apt-get update: {update:?}");
-        let install = Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "redis-server"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-        eprintln!("apt-get install redis-server: {install:?}");
-        find_redis_server()
-            .expect("redis-server is not on PATH and could not be installed with apt-get")
+        find_redis_server().unwrap_or_else(|| {
+            panic!(
+                "redis-server not found on PATH or in /usr/bin, /usr/sbin, /usr/local/bin: \
+                 run the suite with scripts/test.sh (which installs it), or install it \
+                 yourself (Debian/Ubuntu: apt-get install -y redis-server)"
+            )
+        })
     })
     .clone()
 }
