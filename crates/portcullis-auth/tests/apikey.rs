@@ -169,7 +169,9 @@ fn tamper(raw: &str) -> String {
 #[tokio::test]
 async fn create_verify_revoke_lifecycle() {
     let (_dir, store) = embedded();
-    let ttl = Duration::from_millis(400);
+    // Long enough for b's entry to outlive the steps up to the revocation on a loaded
+    // machine; its end is waited for below.
+    let ttl = Duration::from_secs(2);
     let a = ApiKeys::new(store.clone(), ttl, 1000);
     let b = ApiKeys::new(store.clone(), ttl, 1000);
 
@@ -200,8 +202,14 @@ async fn create_verify_revoke_lifecycle() {
     // Another instance may serve its cached entry until the cache TTL...
     assert!(b.verify(&raw).await.unwrap().is_some());
     // ...but not longer.
-    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
-    assert!(b.verify(&raw).await.unwrap().is_none());
+    let deadline = Instant::now() + ttl + Duration::from_secs(10);
+    while b.verify(&raw).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "b kept the revoked key past its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Revoking again: nothing to delete.
     assert!(!a.revoke(&raw).await.unwrap());
@@ -312,12 +320,20 @@ async fn expired_keys_are_rejected() {
 
     // A key that expires while cached (cache TTL 60 s) stops verifying at expiry.
     let mut nk = new_key("alice");
-    nk.expires_at = Some(now() + 1);
+    nk.expires_at = Some(now() + 3);
     let (raw, rec) = keys.create(nk).await.unwrap();
     assert!(rec.expires_at.is_some_and(|e| e > rec.created_at));
     assert!(keys.verify(&raw).await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert!(keys.verify(&raw).await.unwrap().is_none());
+    // Waited for: valid (from the cache) until expiry, then refused.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while keys.verify(&raw).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the key never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        now() >= rec.expires_at.unwrap(),
+        "refused before its expiry"
+    );
     let fresh = ApiKeys::new(store.clone(), Duration::from_secs(60), 1000);
     assert!(fresh.verify(&raw).await.unwrap().is_none());
 
@@ -592,11 +608,14 @@ async fn two_instances_on_one_redis_share_keys_and_quota() {
     }
     assert_eq!(allowed, 20);
 
-    // Revocation on a reaches b within b's cache TTL.
+    // Revocation on a reaches b once b's cache entry (300 ms) expires.
     assert!(a.revoke(&raw).await.unwrap());
     assert!(a.verify(&raw).await.unwrap().is_none());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(b.verify(&raw).await.unwrap().is_none());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.verify(&raw).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "b kept the revoked key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(b.list().await.unwrap().is_empty());
 
     // Nothing stored in Redis contains the key.

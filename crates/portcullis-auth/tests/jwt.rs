@@ -659,11 +659,17 @@ async fn cached_token_is_not_accepted_after_exp() {
     let mut cfg = pem_config(vec![Algorithm::ES256], vec![fixture("ec256.pub.pem")]);
     cfg.leeway = Duration::ZERO;
     let v = JwtVerifier::new(cfg).await.unwrap();
-    let token = sign(Algorithm::ES256, None, &json!({"exp": now() + 1}));
+    let token = sign(Algorithm::ES256, None, &json!({"exp": now() + 3}));
     v.verify(&token).await.unwrap();
     v.verify(&token).await.unwrap();
     assert_eq!(v.stats().cache_hits, 1);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // Accepted (from the cache) until `exp`, refused from then on: waited for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while v.verify(&token).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(v.stats().cache_hits >= 2);
     assert_eq!(v.verify(&token).await, Err(JwtError::Expired));
 }
 
@@ -687,7 +693,9 @@ async fn cache_is_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_rotation_rate_limit_and_failures() {
-    let interval = Duration::from_millis(400);
+    // Each burst of calls below must land inside one interval, even on a loaded
+    // machine; the waits between bursts only need to be longer than it.
+    let interval = Duration::from_secs(1);
     let server = JwksServer::start(jwks(vec![jwk(Algorithm::RS256, "rsa1", "k1")])).await;
     let v = JwtVerifier::new(jwks_config(
         vec![Algorithm::RS256],
@@ -783,6 +791,7 @@ async fn jwks_unreachable_at_start_then_recovers() {
     assert_eq!(server.hits(), 1);
 
     server.set(200, jwks(vec![jwk(Algorithm::ES256, "", "ec")]));
+    // A lower bound: the refetch is allowed once the interval has passed.
     tokio::time::sleep(interval + Duration::from_millis(50)).await;
     v.verify(&token).await.unwrap();
     assert_eq!(server.hits(), 2);
@@ -825,9 +834,17 @@ async fn jwks_background_refresh() {
             jwk(Algorithm::RS256, "rsa1", "r1"),
         ]),
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(server.hits() >= 3, "hits {}", server.hits());
-    assert_eq!(v.key_count(), 2);
+    // Refreshed in the background, with no request asking for it (waited for).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while v.key_count() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background refresh (hits {})",
+            server.hits()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.hits() >= 2, "hits {}", server.hits());
     // Accepted via the background-refreshed set (unknown-kid refetch is
     // rate limited to once an hour here, so this proves the refresh).
     v.verify(&sign(Algorithm::RS256, Some("r1"), &claims()))

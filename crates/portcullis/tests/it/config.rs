@@ -399,10 +399,11 @@ fn run_with_an_invalid_config_exits_quickly_with_the_error() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if started.elapsed() > Duration::from_secs(5) {
+        // It exits in milliseconds; the bound only tells "exits" from "serves".
+        if started.elapsed() > Duration::from_secs(15) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("gateway with an invalid config still running after 5s");
+            panic!("gateway with an invalid config still running after 15s");
         }
         std::thread::sleep(Duration::from_millis(20));
     };

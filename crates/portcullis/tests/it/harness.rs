@@ -277,10 +277,12 @@ fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).boxed()
 }
 
-/// A test upstream server. Counts the TCP connections it accepted.
+/// A test upstream server. Counts the TCP connections it accepted and the requests
+/// whose head it received.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -293,6 +295,19 @@ impl Drop for Upstream {
 impl Upstream {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Waits until the upstream has received `n` requests in all (fails after 10 s).
+    pub async fn wait_requests(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.requests.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream received {} of {n} requests",
+                self.requests.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Echo: answers every request with JSON describing it:
@@ -396,7 +411,9 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let conns = connections.clone();
+        let reqs = requests.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -404,8 +421,10 @@ impl Upstream {
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
+                let reqs = reqs.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
+                        reqs.fetch_add(1, Ordering::SeqCst);
                         let handler = handler.clone();
                         async move { Ok::<_, Infallible>(handler(req).await) }
                     });
@@ -426,6 +445,7 @@ impl Upstream {
         Upstream {
             addr,
             connections,
+            requests,
             task,
         }
     }

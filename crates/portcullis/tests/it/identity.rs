@@ -451,18 +451,28 @@ async fn jwks_rotation_through_the_gateway() {
         401
     );
 
-    // The IdP rotates: k2 published, k1 retired.
+    // The IdP rotates: k2 published, k1 retired. k2's unknown `kid` makes the gateway
+    // refetch once `jwks_min_refetch` (200 ms) has passed since the last fetch.
     server.set(200, jwks(vec![jwk(A::RS256, "rsa2", "k2")]));
-    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    assert_eq!(
-        c.get(gw.url("/x"))
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = c
+            .get(gw.url("/x"))
             .bearer_auth(&k2)
             .send()
             .await
             .unwrap()
-            .status(),
-        200
-    );
+            .status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 401);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated key was never fetched"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let res = c.get(gw.url("/x")).bearer_auth(&k1).send().await.unwrap();
     assert_eq!(
         res.status(),

@@ -195,13 +195,7 @@ async fn admin_token_keys_quota_and_principal() {
     );
     let (code, _, err) = env.cli(&["apikey", "revoke", &key]);
     assert_eq!(code, 0, "{err}");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let res = c
-        .get(gw.url("/v1/workflows"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let res = until_status(&gw.url("/v1/workflows"), &key, 200, 401).await;
     assert_error(res, 401, "UNAUTHORIZED").await;
     // Keys never reach the logs (wait for the last request's access line first).
     assert!(gw.wait_log("\"status\":401", Duration::from_secs(5)).await);
@@ -352,13 +346,8 @@ async fn redis_outage_fails_closed_for_keys() {
         200
     );
     drop(redis);
-    tokio::time::sleep(Duration::from_millis(1300)).await; // past the key cache TTL
-    let res = client()
-        .get(gw.url("/v1/x"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    // Answered from the key cache until its TTL (1 s) passes, then refused.
+    let res = until_status(&gw.url("/v1/x"), &key, 200, 503).await;
     assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
     let res = client()
         .get(gw.url("/v1/x"))
@@ -374,7 +363,7 @@ async fn expired_keys_are_refused() {
     let up = Upstream::echo().await;
     let env = Env::new(&up.url(), true, None);
     let gw = env.gateway();
-    let key = env.create_key(&["frank", "--expires", "2s"]);
+    let key = env.create_key(&["frank", "--expires", "4s"]);
     assert_eq!(
         client()
             .get(gw.url("/v1/x"))
@@ -385,12 +374,25 @@ async fn expired_keys_are_refused() {
             .status(),
         200
     );
-    tokio::time::sleep(Duration::from_millis(3100)).await;
-    let res = client()
-        .get(gw.url("/v1/x"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let res = until_status(&gw.url("/v1/x"), &key, 200, 401).await;
     assert_error(res, 401, "UNAUTHORIZED").await;
+}
+
+/// GETs `url` with `key` until the answer is `to` (returned), allowing only `from`
+/// before it; fails after 15 s.
+async fn until_status(url: &str, key: &str, from: u16, to: u16) -> reqwest::Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let res = client().get(url).bearer_auth(key).send().await.unwrap();
+        let status = res.status().as_u16();
+        if status == to {
+            return res;
+        }
+        assert_eq!(status, from, "unexpected status before {to}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {from}, never {to}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

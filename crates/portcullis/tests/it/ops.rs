@@ -81,23 +81,16 @@ async fn metrics_by_route_never_by_raw_path() {
         .bytes()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        text.contains(r#"portcullis_requests_total{route="echo",method="GET",status="200"} 3"#),
-        "{text}"
-    );
-    assert!(
-        text.contains(r#"portcullis_requests_total{route="hello",method="GET",status="200"} 1"#),
-        "{text}"
-    );
+    // Requests are counted when their body ends, just after the client has it: wait
+    // for the last one's count rather than for a while.
+    let text = wait_metrics(
+        &gw,
+        &[
+            r#"portcullis_requests_total{route="echo",method="GET",status="200"} 3"#,
+            r#"portcullis_requests_total{route="hello",method="GET",status="200"} 1"#,
+        ],
+    )
+    .await;
     assert!(
         text.contains("portcullis_request_duration_seconds_bucket{"),
         "{text}"
@@ -290,7 +283,33 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .expect("in-flight request completed");
     assert_eq!(res.status(), 200);
     // No longer accepting.
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect answered in time");
+    assert!(connect.is_err());
+}
+
+/// The admin metrics page once it contains every one of `lines` (fails after 10 s).
+async fn wait_metrics(gw: &Gateway, lines: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client()
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if lines.iter().all(|l| text.contains(l)) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics never showed {lines:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn assert_error_no_id(res: reqwest::Response, status: u16, code: &str) {
@@ -304,7 +323,8 @@ async fn shutdown_grace_bounds_the_drain() {
     let up = Upstream::echo().await;
     let yaml = config(&up.url()).replace("routes:", "server:\n  shutdown_grace: 500ms\nroutes:");
     let mut gw = Gateway::start(&yaml);
-    let url = gw.url("/echo/slow?delay_ms=10000");
+    // The upstream would answer after a minute: only the grace period ends this.
+    let url = gw.url("/echo/slow?delay_ms=60000");
     let inflight =
         tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
     wait_in_flight(&up).await;
@@ -314,24 +334,15 @@ async fn shutdown_grace_bounds_the_drain() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}: the drain was not bounded by the 500ms grace period",
         started.elapsed()
     );
     // The request that outlived the grace period was cut.
     assert!(inflight.await.unwrap().is_err());
 }
 
-/// Waits until the upstream has accepted a connection: the request is in flight.
+/// Waits until the upstream has the request: it is in flight.
 async fn wait_in_flight(up: &Upstream) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while up.connections.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // The request head follows the connection within a moment.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.wait_requests(1).await;
 }

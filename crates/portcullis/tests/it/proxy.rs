@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::Response;
@@ -109,11 +109,17 @@ const DOWNLOAD: u64 = 1024 * MIB;
 const UPLOAD: u64 = 512 * MIB;
 const MAX_GROWTH_KIB: u64 = 64 * 1024;
 
+/// The 1 GiB / 512 MiB transfers run one at a time: two at once on a small CI
+/// machine starve each other (and every other test) of CPU.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_download_streams_without_buffering() {
+    let _heavy = HEAVY.lock().await;
     let up = Upstream::echo().await;
     let gw = Gateway::start(&simple(&up.url()));
-    let c = client();
+    // No bound on the whole (long) transfer, but every read must make progress.
+    let c = stream_client();
     let idle = warm_idle_rss(&gw, &c).await;
 
     let url = gw.url(&format!("/api/big?download={DOWNLOAD}"));
@@ -142,6 +148,7 @@ async fn large_download_streams_without_buffering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_upload_streams_without_buffering() {
+    let _heavy = HEAVY.lock().await;
     let up = Upstream::echo().await;
     // The default 10 MiB request body limit would stop the upload.
     let gw = Gateway::start(&config(
@@ -149,7 +156,7 @@ async fn large_upload_streams_without_buffering() {
         "",
         &[("api", "/api", &format!("upstream: {}", up.url()))],
     ));
-    let c = client();
+    let c = stream_client();
     let idle = warm_idle_rss(&gw, &c).await;
 
     let url = gw.url("/api/upload");
@@ -664,7 +671,7 @@ async fn idle_timeout_spares_a_busy_stream() {
         &[(
             "api",
             "/api",
-            &format!("upstream: {}\ntimeouts: {{idle: 500ms}}", up.url()),
+            &format!("upstream: {}\ntimeouts: {{idle: 1s}}", up.url()),
         )],
     ));
     let t0 = Instant::now();
@@ -672,8 +679,9 @@ async fn idle_timeout_spares_a_busy_stream() {
     assert_eq!(res.status(), 200);
     let (events, clean) = read_events(res, t0).await;
     assert!(clean, "busy stream was cut: {events:?}");
-    assert_eq!(events.len(), 11, "{events:?}");
-    assert!(t0.elapsed() >= Duration::from_millis(1800));
+    assert_eq!(events.len(), 9, "{events:?}");
+    // It outlived the idle timeout (a lower bound holds on any machine).
+    assert!(t0.elapsed() >= Duration::from_secs(2));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -682,10 +690,8 @@ async fn idle_timeout_cuts_a_silent_stream() {
         let stream = futures_util::stream::unfold(0u8, |i| async move {
             match i {
                 0 => Some((Ok::<_, Infallible>(Frame::data(Bytes::from("first\n"))), 1)),
-                1 => {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    Some((Ok(Frame::data(Bytes::from("second\n"))), 2))
-                }
+                // Silent for good: only the gateway's idle timeout can end this.
+                1 => futures_util::future::pending().await,
                 _ => None,
             }
         });
@@ -705,14 +711,25 @@ async fn idle_timeout_cuts_a_silent_stream() {
             &format!("upstream: {}\ntimeouts: {{idle: 500ms}}", up.url()),
         )],
     ));
-    let mut res = client().get(gw.url("/api/silent")).send().await.unwrap();
+    // The client's own timeouts are far beyond READ_TIMEOUT below, so whatever ends
+    // the stream within it is the gateway.
+    let patient = client_builder()
+        .read_timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let mut res = patient.get(gw.url("/api/silent")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    let first = res.chunk().await.unwrap().expect("first chunk");
+    let first = tokio::time::timeout(READ_TIMEOUT, res.chunk())
+        .await
+        .expect("first chunk in time")
+        .unwrap()
+        .expect("first chunk");
     assert_eq!(&first[..], b"first\n");
     let t1 = Instant::now();
     let mut rest = Vec::new();
     let ended_with = loop {
-        match tokio::time::timeout(Duration::from_secs(5), res.chunk()).await {
+        match tokio::time::timeout(READ_TIMEOUT, res.chunk()).await {
             Ok(Ok(Some(c))) => rest.extend_from_slice(&c),
             Ok(Ok(None)) => break "end",
             Ok(Err(_)) => break "error",
@@ -726,9 +743,11 @@ async fn idle_timeout_cuts_a_silent_stream() {
         "data after the silence: {:?}",
         String::from_utf8_lossy(&rest)
     );
+    // Not before the idle timeout (the gateway's clock started before ours: slack),
+    // and the upstream never ends it, so the cut within READ_TIMEOUT is the timeout's.
     assert!(
-        after >= Duration::from_millis(300) && after < Duration::from_millis(1500),
-        "cut after {after:?}, expected ~500ms"
+        after >= Duration::from_millis(250),
+        "cut after {after:?}, before the 500ms idle timeout"
     );
 }
 
@@ -774,8 +793,10 @@ async fn slow_upstream_is_a_504_after_the_response_timeout() {
         )],
     ));
     let t0 = Instant::now();
+    // The upstream would answer after a minute: a 504 well before that is the
+    // gateway's response timeout.
     let res = client()
-        .get(gw.url("/api/slow?delay_ms=2000"))
+        .get(gw.url("/api/slow?delay_ms=60000"))
         .send()
         .await
         .unwrap();
@@ -783,14 +804,15 @@ async fn slow_upstream_is_a_504_after_the_response_timeout() {
     let body = assert_error(res, 504, "UPSTREAM_TIMEOUT").await;
     assert_eq!(body["error"]["retryable"], true, "{body}");
     assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1200),
-        "504 after {took:?}, expected ~300ms"
+        took >= Duration::from_millis(300),
+        "504 after {took:?}, before the 300ms response timeout"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn total_timeout_cuts_a_long_stream() {
-    let up = Upstream::sse(20, Duration::from_millis(200)).await;
+    // A stream that would last 30 s (an event every 100 ms), cut by a 1 s total.
+    let up = Upstream::sse(300, Duration::from_millis(100)).await;
     let gw = Gateway::start(&config(
         "",
         "",
@@ -803,19 +825,20 @@ async fn total_timeout_cuts_a_long_stream() {
     let t0 = Instant::now();
     let res = client().get(gw.url("/api/events")).send().await.unwrap();
     assert_eq!(res.status(), 200);
-    let (events, _clean) = tokio::time::timeout(Duration::from_secs(6), read_events(res, t0))
+    let (events, _clean) = tokio::time::timeout(Duration::from_secs(15), read_events(res, t0))
         .await
         .expect("stream was never cut");
     let took = t0.elapsed();
     eprintln!("total timeout: {} events, cut after {took:?}", events.len());
+    // Data flowed, then the stream was cut long before its natural end.
     assert!(
-        events.len() >= 3 && events.len() < 20,
+        !events.is_empty() && events.len() < 300,
         "{} events: {events:?}",
         events.len()
     );
     assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_millis(2000),
-        "cut after {took:?}, expected ~1s"
+        took >= Duration::from_secs(1),
+        "cut after {took:?}, before the 1s total timeout"
     );
 }
 
@@ -963,18 +986,16 @@ async fn stalled_request_body_is_a_408() {
         up.url()
     );
     let gw = Gateway::start(&yaml);
-    let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let mut s = tcp_connect(gw.addr()).await;
     s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+    let n = tokio::time::timeout(READ_TIMEOUT, s.read(&mut buf))
         .await
         .expect("answered")
         .unwrap();
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }

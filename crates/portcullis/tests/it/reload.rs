@@ -1,6 +1,6 @@
 //! Hot reload: SIGHUP, admin API, file watching; in-flight work keeps its snapshot.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,13 +221,13 @@ async fn reload_under_load_loses_no_request() {
     let gw = Arc::new(Gateway::start(&config("one", false, &route("a"))));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let stop = Instant::now() + Duration::from_secs(3);
+    let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..8 {
-        let (gw, ok, failed) = (gw.clone(), ok.clone(), failed.clone());
+        let (gw, ok, failed, stop) = (gw.clone(), ok.clone(), failed.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             let c = client();
-            while Instant::now() < stop {
+            while !stop.load(Ordering::SeqCst) {
                 match c.get(gw.url("/api/x")).send().await {
                     Ok(r) if r.status() == 200 => {
                         r.bytes().await.unwrap();
@@ -242,7 +242,8 @@ async fn reload_under_load_loses_no_request() {
     }
     let c = client();
     for i in 0..10 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Between reloads, wait for requests to be served (not for wall-clock time).
+        wait_for_more(&ok, 25).await;
         gw.rewrite_config(&config(
             "x",
             false,
@@ -256,15 +257,27 @@ async fn reload_under_load_loses_no_request() {
             .unwrap();
         assert_eq!(res.status(), 200);
     }
+    wait_for_more(&ok, 25).await;
+    stop.store(true, Ordering::SeqCst);
     for w in workers {
         w.await.unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert!(ok > 100, "too few requests: {ok}");
+    assert!(ok >= 275, "too few requests: {ok}");
     assert_eq!(
         failed,
         0,
         "{failed} of {} requests failed during reloads",
         ok + failed
     );
+}
+
+/// Waits until `counter` has grown by `n` (fails after 30 s).
+async fn wait_for_more(counter: &AtomicUsize, n: usize) {
+    let target = counter.load(Ordering::Relaxed) + n;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "requests stopped being served");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
