@@ -732,11 +732,18 @@ async fn wait_for_start(start_ms: u64) {
     }
 }
 
-/// Worker for `embedded_cross_process_exact`: does nothing unless started by it.
+/// Not a test of its own: the child process of `embedded_cross_process_exact`, which
+/// runs this test binary with `--ignored --exact cross_process_child_worker` and the
+/// shared directory in the environment. Ignored, so an ordinary run neither counts it
+/// as a pass nor runs it; run alone, it fails instead of passing without checking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of embedded_cross_process_exact, not a test on its own"]
 async fn cross_process_child_worker() {
     let Some(dir) = std::env::var_os(CHILD_DIR_ENV) else {
-        return;
+        panic!(
+            "cross_process_child_worker only runs as the child of embedded_cross_process_exact \
+             ({CHILD_DIR_ENV} unset); run that test instead"
+        );
     };
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(std::path::Path::new(&dir)).unwrap());
     let start_ms: u64 = std::env::var(CHILD_START_ENV).unwrap().parse().unwrap();
@@ -770,6 +777,7 @@ async fn embedded_cross_process_exact() {
         .map(|_| {
             std::process::Command::new(&exe)
                 .args([
+                    "--ignored",
                     "--exact",
                     "cross_process_child_worker",
                     "--nocapture",
