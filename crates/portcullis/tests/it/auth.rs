@@ -175,23 +175,38 @@ async fn tokens_never_reach_the_logs() {
     let up = Upstream::echo().await;
     let gw = Gateway::start(&config(&up.url(), r#"["LogSecret-123"]"#));
     let c = client();
-    let _ = c
+    let res = c
         .get(gw.url("/x"))
         .bearer_auth("LogSecret-123")
         .header("cookie", "session=CookieSecret-9")
+        .header("x-request-id", "secret-ok")
         .send()
         .await
         .unwrap();
-    let _ = c
+    assert_eq!(res.status(), 200);
+    // The cookie went upstream (it is not the gateway's credential).
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["headers"]["cookie"][0], "session=CookieSecret-9");
+    let res = c
         .get(gw.url("/x"))
         .bearer_auth("WrongSecret-456")
+        .header("x-request-id", "secret-bad")
         .send()
         .await
         .unwrap();
-    assert!(
-        gw.wait_log("\"status\":401", std::time::Duration::from_secs(5))
-            .await
-    );
+    assert_error(res, 401, "UNAUTHORIZED").await;
+    // Both requests were logged (so the check below looks at their lines).
+    for id in ["secret-ok", "secret-bad"] {
+        assert!(
+            gw.wait_log(
+                &format!("\"request_id\":\"{id}\""),
+                std::time::Duration::from_secs(5)
+            )
+            .await,
+            "{}",
+            gw.logs()
+        );
+    }
     let logs = gw.logs();
     for secret in ["LogSecret-123", "CookieSecret-9", "WrongSecret-456"] {
         assert!(!logs.contains(secret), "{secret} leaked into logs:\n{logs}");

@@ -345,6 +345,40 @@ impl Upstream {
         .await
     }
 
+    /// Server-sent events `data: 0` … `data: {count-1}` sent one at a time at the
+    /// test's command: `data: 0` at once, each later event only after a permit is
+    /// added to the returned semaphore. A test that reads event N before allowing
+    /// N+1 proves the events are streamed one by one, with no wall-clock bound.
+    pub async fn sse_gated(count: usize) -> (Upstream, Arc<tokio::sync::Semaphore>) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        let up = Self::serve(false, move |_req| {
+            let gate = g.clone();
+            async move {
+                let stream = futures_util::stream::unfold(0usize, move |i| {
+                    let gate = gate.clone();
+                    async move {
+                        if i >= count {
+                            return None;
+                        }
+                        if i > 0 {
+                            gate.acquire().await.ok()?.forget();
+                        }
+                        let frame = Frame::data(Bytes::from(format!("data: {i}\n\n")));
+                        Some((Ok::<_, Infallible>(frame), i + 1))
+                    }
+                });
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .header("cache-control", "no-cache")
+                    .body(StreamBody::new(stream).boxed())
+                    .unwrap()
+            }
+        })
+        .await;
+        (up, gate)
+    }
+
     /// Accepts WebSocket upgrades and echoes every message back.
     pub async fn ws_echo() -> Upstream {
         Self::serve(false, |mut req| async move {

@@ -370,15 +370,28 @@ async fn websocket_authenticates_with_a_query_token() {
     );
     let gw = Gateway::start(&yaml);
     let token = hs256(eloquent_claims(&["read"]));
-    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr())).await;
-    assert!(
-        refused.is_err(),
-        "a WebSocket without a token must be refused"
+    // Without a token the handshake is answered 401 (not 101, and not just a
+    // dropped connection).
+    match ws_connect(&format!("ws://{}/ws", gw.addr())).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), 401, "{res:?}");
+            let body: serde_json::Value =
+                serde_json::from_slice(res.body().as_deref().unwrap_or_default())
+                    .expect("JSON error body");
+            assert_eq!(body["error"]["code"], "UNAUTHORIZED", "{body}");
+        }
+        Err(e) => panic!("expected a 401 handshake response, got {e:?}"),
+        Ok((_, res)) => panic!("a WebSocket without a token was accepted: {res:?}"),
+    }
+    assert_eq!(
+        ws.connections.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the refused handshake reached the upstream"
     );
-    let (socket, response) =
-        tokio_tungstenite::connect_async(format!("ws://{}/ws?access_token={token}", gw.addr()))
-            .await
-            .unwrap();
+    let (socket, response) = ws_connect(&format!("ws://{}/ws?access_token={token}", gw.addr()))
+        .await
+        .expect("handshake with a query token");
+    assert_eq!(response.status(), 101);
     let seen: serde_json::Value =
         serde_json::from_str(response.headers()["x-seen-headers"].to_str().unwrap()).unwrap();
     assert_eq!(seen["x-user-id"][0], "user-1");
