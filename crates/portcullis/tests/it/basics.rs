@@ -84,8 +84,8 @@ async fn health_endpoints() {
         assert_eq!(res.status(), 200);
         assert_eq!(res.text().await.unwrap(), "OK");
     }
-    let res = c.get(gw.url("/readyz")).send().await.unwrap();
-    assert_eq!(res.status(), 200);
+    let res = until_status(&gw.url("/readyz"), 200).await;
+    assert_eq!(res.text().await.unwrap(), "ready");
 }
 
 /// One worker runs on a current-thread runtime; it must serve, stream and reload alike.

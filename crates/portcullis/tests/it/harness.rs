@@ -796,6 +796,25 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// GETs `url` until it answers `status` and returns that response (fails after 10 s).
+/// For `/readyz` right after start: the gateway logs "listening" just before it
+/// marks itself ready, so a first probe may still see 503.
+pub async fn until_status(url: &str, status: u16) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = client().get(url).send().await.unwrap();
+        if res.status().as_u16() == status {
+            return res;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} still answers {} instead of {status}",
+            res.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Asserts an error envelope: status, code, and a request id.
 pub async fn assert_error(res: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(res.status().as_u16(), status, "unexpected status");

@@ -88,10 +88,7 @@ async fn admin_token_keys_quota_and_principal() {
         c.get(gw.url("/v1/healthz")).send().await.unwrap().status(),
         200
     );
-    assert_eq!(
-        c.get(gw.url("/v1/readyz")).send().await.unwrap().status(),
-        200
-    );
+    until_status(&gw.url("/v1/readyz"), 200).await;
 
     // The CLI works on the embedded store while the gateway runs on it.
     let key = env.create_key(&["alice", "--limit", "3", "--window", "1h", "--name", "ci"]);
@@ -195,7 +192,7 @@ async fn admin_token_keys_quota_and_principal() {
     );
     let (code, _, err) = env.cli(&["apikey", "revoke", &key]);
     assert_eq!(code, 0, "{err}");
-    let res = until_status(&gw.url("/v1/workflows"), &key, 200, 401).await;
+    let res = until_key_status(&gw.url("/v1/workflows"), &key, 200, 401).await;
     assert_error(res, 401, "UNAUTHORIZED").await;
     // Keys never reach the logs (wait for the last request's access line first).
     assert!(gw.wait_log("\"status\":401", Duration::from_secs(5)).await);
@@ -347,7 +344,7 @@ async fn redis_outage_fails_closed_for_keys() {
     );
     drop(redis);
     // Answered from the key cache until its TTL (1 s) passes, then refused.
-    let res = until_status(&gw.url("/v1/x"), &key, 200, 503).await;
+    let res = until_key_status(&gw.url("/v1/x"), &key, 200, 503).await;
     assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
     let res = client()
         .get(gw.url("/v1/x"))
@@ -374,13 +371,13 @@ async fn expired_keys_are_refused() {
             .status(),
         200
     );
-    let res = until_status(&gw.url("/v1/x"), &key, 200, 401).await;
+    let res = until_key_status(&gw.url("/v1/x"), &key, 200, 401).await;
     assert_error(res, 401, "UNAUTHORIZED").await;
 }
 
 /// GETs `url` with `key` until the answer is `to` (returned), allowing only `from`
 /// before it; fails after 15 s.
-async fn until_status(url: &str, key: &str, from: u16, to: u16) -> reqwest::Response {
+async fn until_key_status(url: &str, key: &str, from: u16, to: u16) -> reqwest::Response {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let res = client().get(url).bearer_auth(key).send().await.unwrap();

@@ -36,7 +36,7 @@ async fn wait_ready(gw: &Gateway, expected: u16) -> bool {
 #[tokio::test]
 async fn embedded_store_is_the_default() {
     let gw = Gateway::start(&config(""));
-    assert_eq!(ready_status(&gw).await, 200);
+    assert!(wait_ready(&gw, 200).await, "{}", gw.logs());
     assert!(
         gw.logs().contains("\"backend\":\"embedded\""),
         "{}",
