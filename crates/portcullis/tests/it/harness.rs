@@ -43,6 +43,11 @@ impl Gateway {
     }
 
     pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_with_args(yaml, &[], env)
+    }
+
+    /// Like `start_with_env`, with extra `portcullis run` arguments (`--workers 3`).
+    pub fn start_with_args(yaml: &str, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("portcullis.yaml");
         std::fs::write(
@@ -50,22 +55,28 @@ impl Gateway {
             yaml.replace("{{dir}}", &dir.path().display().to_string()),
         )
         .expect("write config");
-        Self::spawn(dir, config_path, env)
+        Self::spawn(dir, config_path, args, env)
     }
 
     /// Starts the gateway on an existing config file (e.g. `examples/*.yaml`).
     pub fn start_file(path: &Path, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::spawn(dir, path.to_owned(), env)
+        Self::spawn(dir, path.to_owned(), &[], env)
     }
 
-    fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
+    fn spawn(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let mut cmd = Command::new(BIN);
         // Each gateway works in its own directory, so its embedded store (`./data`)
         // is its own.
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
+            .args(args)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .env_remove("PORTCULLIS_WORKERS")

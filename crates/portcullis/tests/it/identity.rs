@@ -510,3 +510,91 @@ async fn jwks_rotation_through_the_gateway() {
         401
     );
 }
+
+/// PS256, ES256 and EdDSA tokens verified by the gateway against PEM public keys,
+/// each authenticator only for its own algorithm; `leeway` lets a token that
+/// expired moments ago through and refuses one beyond it with EXPIRED_TOKEN.
+#[tokio::test]
+async fn ps256_es256_eddsa_and_leeway_through_the_gateway() {
+    use crate::jwt_support::{sign, sign_with, signing_key};
+    use portcullis_auth::jwt::Algorithm as A;
+    let up = Upstream::echo().await;
+    let key = |name: &str| fixture(name).display().to_string();
+    let yaml = format!(
+        r#"listeners:
+  - address: 127.0.0.1:0
+authenticators:
+  ps:
+    jwt: {{algorithms: [PS256], public_keys: ["{rsa}"], principal_header: X-Principal}}
+  es:
+    jwt: {{algorithms: [ES256], public_keys: ["{ec}"], principal_header: X-Principal}}
+  ed:
+    jwt: {{algorithms: [EdDSA], public_keys: ["{ed}"], principal_header: X-Principal}}
+  lenient:
+    jwt: {{algorithms: [ES256], public_keys: ["{ec}"], leeway: 60s}}
+  strict:
+    jwt: {{algorithms: [ES256], public_keys: ["{ec}"], leeway: 0s}}
+routes:
+  - {{path_prefix: /ps, auth: {{authenticators: [ps]}}, proxy: {{upstream: {up}}}}}
+  - {{path_prefix: /es, auth: {{authenticators: [es]}}, proxy: {{upstream: {up}}}}}
+  - {{path_prefix: /ed, auth: {{authenticators: [ed]}}, proxy: {{upstream: {up}}}}}
+  - {{path_prefix: /lenient, auth: {{authenticators: [lenient]}}, proxy: {{upstream: {up}}}}}
+  - {{path_prefix: /strict, auth: {{authenticators: [strict]}}, proxy: {{upstream: {up}}}}}
+"#,
+        rsa = key("rsa1.pub.pem"),
+        ec = key("ec256.pub.pem"),
+        ed = key("ed25519.pub.pem"),
+        up = up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+    let get = |path: &str, token: &str| c.get(gw.url(path)).bearer_auth(token).send();
+
+    let claims = |sub: &str| json!({"sub": sub, "exp": now() + 600});
+    let ps = sign(A::PS256, None, &claims("ps-user"));
+    let es = sign(A::ES256, None, &claims("es-user"));
+    let ed = sign(A::EdDSA, None, &claims("ed-user"));
+    for (path, token, sub) in [
+        ("/ps/x", &ps, "ps-user"),
+        ("/es/x", &es, "es-user"),
+        ("/ed/x", &ed, "ed-user"),
+    ] {
+        let body = echo(get(path, token).await.unwrap()).await;
+        assert_eq!(body["headers"]["x-principal"][0], sub, "{path}: {body}");
+    }
+    // Each authenticator takes only its own algorithm: the others' tokens, and an
+    // RS256 token from the very RSA key PS256 uses, are refused.
+    let rs = sign_with(
+        A::RS256,
+        &signing_key(A::RS256, "rsa1"),
+        None,
+        &claims("rs"),
+    );
+    for (path, token) in [
+        ("/ps/x", &es),
+        ("/ps/x", &rs),
+        ("/es/x", &ed),
+        ("/ed/x", &ps),
+    ] {
+        let res = get(path, token).await.unwrap();
+        assert_error(res, 401, "UNAUTHORIZED").await;
+    }
+
+    // Leeway: 20 s past `exp` is inside 60 s of leeway (40 s of margin), 120 s is not.
+    let recently = sign(A::ES256, None, &json!({"sub": "late", "exp": now() - 20}));
+    let long_ago = sign(A::ES256, None, &json!({"sub": "later", "exp": now() - 120}));
+    assert_eq!(get("/lenient/x", &recently).await.unwrap().status(), 200);
+    let res = get("/lenient/x", &long_ago).await.unwrap();
+    assert_error(res, 401, "EXPIRED_TOKEN").await;
+    // Without leeway the recent one is expired too: the leeway is what let it in.
+    let res = get("/strict/x", &recently).await.unwrap();
+    assert_error(res, 401, "EXPIRED_TOKEN").await;
+    // `nbf` gets the same leeway.
+    let early = sign(
+        A::ES256,
+        None,
+        &json!({"sub": "early", "exp": now() + 600, "nbf": now() + 20}),
+    );
+    assert_eq!(get("/lenient/x", &early).await.unwrap().status(), 200);
+    assert_eq!(get("/strict/x", &early).await.unwrap().status(), 401);
+}

@@ -393,3 +393,196 @@ async fn until_key_status(url: &str, key: &str, from: u16, to: u16) -> reqwest::
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A gateway of our own with an `api_key` authenticator (`api_key_yaml` spliced
+/// under it), the admin API, and two routes: POST /q counts the key's quota,
+/// /write needs the `write` scope, anything else just a valid key.
+fn key_config(upstream: &str, store: &str, api_key_yaml: &str) -> String {
+    format!(
+        r#"listeners:
+  - address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+  token: adm
+store:
+  url: "{store}"
+  data_dir: "{{{{dir}}}}/data"
+  timeout: 500ms
+authenticators:
+  keys:
+    api_key:
+      principal_header: x-principal
+{api_key_yaml}
+auth:
+  default: [keys]
+routes:
+  - name: quota
+    path: /q
+    methods: [POST]
+    auth: {{quota: true}}
+    proxy: {{upstream: {upstream}}}
+  - name: write
+    path: /write
+    auth: {{scopes: [write]}}
+    proxy: {{upstream: {upstream}}}
+  - name: any
+    path_prefix: /
+    proxy: {{upstream: {upstream}}}
+"#
+    )
+}
+
+/// Creates a key through the admin API; returns the raw key.
+async fn admin_create_key(gw: &Gateway, body: serde_json::Value) -> String {
+    let res = client()
+        .post(gw.admin_url("/admin/apikeys"))
+        .bearer_auth("adm")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let created: serde_json::Value = res.json().await.unwrap();
+    created["key"].as_str().unwrap().to_owned()
+}
+
+/// A key's scopes are checked like a JWT's: without the route's scope 403
+/// INSUFFICIENT_SCOPE (the upstream never sees the request), with it 200.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_scopes_are_enforced() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&key_config(&up.url(), "", ""));
+    let reader = admin_create_key(
+        &gw,
+        serde_json::json!({"principal": "rita", "scopes": ["read"]}),
+    )
+    .await;
+    let writer = admin_create_key(
+        &gw,
+        serde_json::json!({"principal": "walt", "scopes": ["read", "write"]}),
+    )
+    .await;
+    let unscoped = admin_create_key(&gw, serde_json::json!({"principal": "una"})).await;
+    let c = client();
+
+    for key in [&reader, &unscoped] {
+        let res = c
+            .get(gw.url("/write"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let www = res.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            www.contains("error=\"insufficient_scope\"") && www.contains("scope=\"write\""),
+            "{www}"
+        );
+        assert_error(res, 403, "INSUFFICIENT_SCOPE").await;
+    }
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        0,
+        "refused requests went upstream"
+    );
+
+    let res = c
+        .get(gw.url("/write"))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["headers"]["x-principal"][0], "walt", "{body}");
+    // A route without scopes takes any valid key.
+    for key in [&reader, &unscoped] {
+        let res = c
+            .get(gw.url("/other"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let res = c.get(gw.url("/write")).send().await.unwrap();
+    assert_error(res, 401, "UNAUTHORIZED").await;
+}
+
+/// `quota_fail_open`: with the store (Redis) gone, a key still in the verification
+/// cache passes uncounted with fail-open, and is refused 503 without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn quota_fail_open_lets_requests_through_uncounted() {
+    let up = Upstream::echo().await;
+    let redis = RedisServer::start();
+    let store = redis.url();
+    // Verified keys are cached for a minute: only the quota needs the store.
+    let open = Gateway::start(&key_config(
+        &up.url(),
+        &store,
+        "      cache_ttl: 60s\n      quota_fail_open: true",
+    ));
+    let closed = Gateway::start(&key_config(&up.url(), &store, "      cache_ttl: 60s"));
+    let key = admin_create_key(
+        &open,
+        serde_json::json!({"principal": "quinn", "limit": 100, "window": 3600}),
+    )
+    .await;
+    let c = client();
+
+    // Store up: both count (one shared counter in Redis).
+    let mut remaining = Vec::new();
+    for gw in [&open, &closed] {
+        let res = c.post(gw.url("/q")).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        remaining.push(
+            res.headers()["x-ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(remaining, ["99", "98"]);
+
+    drop(redis);
+    let before = up.requests.load(Ordering::SeqCst);
+    // Fail-open: through to the upstream, without rate-limit headers (not counted).
+    let res = c
+        .post(open.url("/q"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        res.headers().get("x-ratelimit-remaining").is_none(),
+        "{:?}",
+        res.headers()
+    );
+    assert_eq!(up.requests.load(Ordering::SeqCst), before + 1);
+    assert!(
+        open.wait_log(
+            "letting the request through uncounted",
+            Duration::from_secs(5)
+        )
+        .await,
+        "{}",
+        open.logs()
+    );
+    // Fail-closed (the default): 503, and the upstream never sees it.
+    let res = c
+        .post(closed.url("/q"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
+    assert_eq!(up.requests.load(Ordering::SeqCst), before + 1);
+    // Routes that count nothing keep working on both (the key is cached).
+    for gw in [&open, &closed] {
+        let res = c.get(gw.url("/x")).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+}

@@ -287,3 +287,99 @@ async fn guest_tokens_and_login_failures_are_limited_per_ip() {
     let res = login(&gw, "someone-new", "whatever").await;
     assert_error(res, 429, "RATE_LIMITED").await;
 }
+
+/// `role_scopes`: the scopes of a user's role land in the `scope` claim of the
+/// token the gateway issues, and gate scoped routes through its JWT authenticator.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_scopes_land_in_tokens_and_gate_routes() {
+    let up = Upstream::echo().await;
+    let yaml = format!(
+        r#"listeners:
+  - address: 127.0.0.1:0
+store:
+  data_dir: "{{{{dir}}}}/data"
+token_issuer:
+  secret: "{SECRET}"
+  issuer: role-test
+  guest_path: ""
+  role_scopes:
+    admin: [deploy, read]
+    viewer: [read]
+authenticators:
+  issued:
+    jwt:
+      algorithms: [HS256]
+      secret: "{SECRET}"
+      issuer: [role-test]
+      claim_headers: {{role: X-Role}}
+auth:
+  default: [issued]
+routes:
+  - name: deploy
+    path: /deploy
+    auth: {{scopes: [deploy]}}
+    proxy: {{upstream: {up}}}
+  - name: read
+    path: /read
+    auth: {{scopes: [read]}}
+    proxy: {{upstream: {up}}}
+  - name: plain
+    path: /plain
+    proxy: {{upstream: {up}}}
+"#,
+        up = up.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let cfg = gw.config_path.to_str().unwrap().to_owned();
+    for (user, role) in [("ada", "admin"), ("vic", "viewer"), ("nora", "nobody")] {
+        let (code, out, err) = run_cli_stdin(
+            &["user", "add", user, "--role", role, "-c", &cfg],
+            &[],
+            "a long enough password\n",
+        );
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let mut tokens = std::collections::HashMap::new();
+    for user in ["ada", "vic", "nora"] {
+        let res = login(&gw, user, "a long enough password").await;
+        assert_eq!(res.status(), 200);
+        let body: serde_json::Value = res.json().await.unwrap();
+        tokens.insert(user, body["token"].as_str().unwrap().to_owned());
+    }
+
+    // The claim itself (the payload, base64url JSON).
+    let scope_of = |token: &str| {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        claims["scope"].clone()
+    };
+    assert_eq!(scope_of(&tokens["ada"]), "deploy read");
+    assert_eq!(scope_of(&tokens["vic"]), "read");
+    // A role without an entry gets no scope at all.
+    let none = scope_of(&tokens["nora"]);
+    assert!(none.is_null() || none == "", "{none}");
+
+    let c = client();
+    let status = |path: &'static str, user: &'static str| {
+        let req = c.get(gw.url(path)).bearer_auth(&tokens[user]);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(status("/deploy", "ada").await.status(), 200);
+    assert_eq!(status("/read", "ada").await.status(), 200);
+    let res = status("/deploy", "vic").await;
+    assert_error(res, 403, "INSUFFICIENT_SCOPE").await;
+    let res = status("/read", "vic").await;
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["headers"]["x-role"][0], "viewer", "{body}");
+    for path in ["/deploy", "/read"] {
+        let res = status(path, "nora").await;
+        assert_error(res, 403, "INSUFFICIENT_SCOPE").await;
+    }
+    // Any valid token opens a route without scopes.
+    assert_eq!(status("/plain", "nora").await.status(), 200);
+}

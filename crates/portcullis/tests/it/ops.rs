@@ -339,3 +339,108 @@ async fn shutdown_grace_bounds_the_drain() {
 async fn wait_in_flight(up: &Upstream) {
     up.wait_requests(1).await;
 }
+
+/// The worker count: `--workers` over `PORTCULLIS_WORKERS` over `server.workers`;
+/// the "starting" line reports it, and one worker (current-thread runtime) and
+/// several serve alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_flag_env_and_config() {
+    let up = Upstream::echo().await;
+    let yaml = config(&up.url()).replace("routes:", "server:\n  workers: 2\nroutes:");
+    for (args, env, expected) in [
+        (&["--workers", "1"][..], &[][..], 1),
+        (
+            &["--workers", "3"][..],
+            &[("PORTCULLIS_WORKERS", "5")][..],
+            3,
+        ),
+        (&[][..], &[("PORTCULLIS_WORKERS", "4")][..], 4),
+        (&[][..], &[][..], 2),
+    ] {
+        let gw = Gateway::start_with_args(&yaml, args, env);
+        let starting = gw
+            .logs()
+            .lines()
+            .find(|l| l.contains("\"message\":\"starting\""))
+            .unwrap_or_else(|| panic!("no starting line:\n{}", gw.logs()))
+            .to_owned();
+        let v: serde_json::Value = serde_json::from_str(&starting).unwrap();
+        assert_eq!(v["workers"], expected, "{args:?} {env:?}: {starting}");
+        // Concurrent requests, proxied and answered by the gateway itself.
+        let c = client();
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (c, url) = (c.clone(), gw.url(&format!("/echo/{i}")));
+            tasks.push(tokio::spawn(async move {
+                c.get(url)
+                    .bearer_auth("api-S3cret")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200, "{args:?} {env:?}");
+        }
+        assert_eq!(c.get(gw.url("/hello")).send().await.unwrap().status(), 200);
+    }
+}
+
+/// `logging.access_log: false`: requests are served and logged nowhere; the same
+/// requests with the default write one access line each.
+#[tokio::test]
+async fn access_log_can_be_turned_off() {
+    let up = Upstream::echo().await;
+    let requests = |gw: &Gateway| {
+        let c = client();
+        let (ok, missing, denied) = (
+            c.get(gw.url("/echo/a"))
+                .bearer_auth("api-S3cret")
+                .header("x-request-id", "quiet-1"),
+            c.get(gw.url("/nope"))
+                .bearer_auth("api-S3cret")
+                .header("x-request-id", "quiet-2"),
+            c.get(gw.url("/echo/b")).header("x-request-id", "quiet-3"),
+        );
+        async move {
+            assert_eq!(ok.send().await.unwrap().status(), 200);
+            assert_eq!(missing.send().await.unwrap().status(), 404);
+            assert_eq!(denied.send().await.unwrap().status(), 401);
+        }
+    };
+    let access_lines = |gw: &Gateway| {
+        gw.logs()
+            .lines()
+            .filter(|l| l.contains("\"target\":\"access\""))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    // The default: one line per request (so the pattern below is the right one).
+    let gw = Gateway::start(&config(&up.url()));
+    requests(&gw).await;
+    assert!(gw.wait_log("quiet-3", Duration::from_secs(5)).await);
+    assert_eq!(access_lines(&gw).len(), 3, "{}", gw.logs());
+
+    let quiet = config(&up.url()).replace("routes:", "logging:\n  access_log: false\nroutes:");
+    let gw = Gateway::start(&quiet);
+    requests(&gw).await;
+    // A later event that is logged: a reload through the admin API, sent after the
+    // responses above were complete (their access lines would already be written).
+    let res = client()
+        .post(gw.admin_url("/admin/reload"))
+        .bearer_auth("admin-S3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        gw.wait_log("\"generation\":2", Duration::from_secs(5))
+            .await,
+        "{}",
+        gw.logs()
+    );
+    assert!(access_lines(&gw).is_empty(), "{}", gw.logs());
+    assert!(!gw.logs().contains("quiet-"), "{}", gw.logs());
+}

@@ -997,3 +997,165 @@ async fn stalled_request_body_is_a_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
 }
+
+// ---------------------------------------------------------------------------------
+// Named upstreams and connect timeout
+
+/// `upstreams:` entries are used by name at run time: the route reaches that
+/// upstream, under its base path, with its own protocol.
+#[tokio::test(flavor = "multi_thread")]
+async fn named_upstreams_are_reached_under_their_base_path() {
+    let users = Upstream::echo().await;
+    let other = Upstream::echo().await;
+    let h2 = Upstream::echo_h2c().await;
+    let yaml = format!(
+        r#"listeners:
+  - address: 127.0.0.1:0
+upstreams:
+  users:
+    url: {users}/base/v2
+    pool_max_idle: 4
+  plain:
+    url: {other}
+  fast:
+    url: {h2}
+    protocol: http2
+routes:
+  - name: users
+    path_prefix: /users
+    proxy: {{upstream: users}}
+  - name: stripped
+    path_prefix: /s
+    proxy: {{upstream: users, strip_prefix: true}}
+  - name: rewritten
+    path: /r/{{id}}
+    proxy: {{upstream: users, rewrite: "/by-id/{{id}}"}}
+  - name: plain
+    path_prefix: /plain
+    proxy: {{upstream: plain}}
+  - name: h2
+    path_prefix: /h2
+    proxy: {{upstream: fast}}
+"#,
+        users = users.url(),
+        other = other.url(),
+        h2 = h2.url(),
+    );
+    let gw = Gateway::start(&yaml);
+    let c = client();
+
+    let echo = echo_json(c.get(gw.url("/users/42?x=1")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/base/v2/users/42", "{echo}");
+    assert_eq!(echo["query"], "x=1", "{echo}");
+    // Host is the named upstream's authority.
+    assert_eq!(seen(&echo, "host"), [users.addr.to_string()], "{echo}");
+
+    let echo = echo_json(c.get(gw.url("/s/a/b")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/base/v2/a/b", "{echo}");
+    let echo = echo_json(c.get(gw.url("/r/7")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/base/v2/by-id/7", "{echo}");
+    assert_eq!(
+        users.requests.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "every users request reached the users upstream"
+    );
+
+    // Another name, another upstream (without a base path).
+    let echo = echo_json(c.get(gw.url("/plain/x")).send().await.unwrap()).await;
+    assert_eq!(echo["path"], "/plain/x", "{echo}");
+    assert_eq!(other.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The named upstream's protocol: h2c prior knowledge.
+    let echo = echo_json(c.get(gw.url("/h2/x")).send().await.unwrap()).await;
+    assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
+
+    // A name that is not in `upstreams` is a config error, not a guess.
+    let bad = yaml.replace("proxy: {upstream: plain}", "proxy: {upstream: plian}");
+    let path = write_config(gw.dir.path(), &bad);
+    let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("routes[3].proxy.upstream") && err.contains("plian"),
+        "{err}"
+    );
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a TCP
+/// connect to it never completes (deterministic, and on loopback). Returns the
+/// listener and the connections that fill its queue (keep both alive).
+async fn unconnectable() -> (tokio::net::TcpListener, Vec<std::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Backlog 0: Linux queues one connection, then drops SYNs.
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    // Fill the queue until a connect attempt hangs; that one proves it is full.
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..16 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fill.push(s),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (listener, fill),
+                Err(e) => panic!("connect to the full listener: {e}"),
+            }
+        }
+        panic!("the accept queue of {addr} never filled up");
+    })
+    .await
+    .unwrap()
+}
+
+/// `timeouts.connect` bounds the TCP connect: an upstream that never completes the
+/// handshake is a 502 after the connect timeout, long before the response timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_is_a_502() {
+    let (listener, _fill) = unconnectable().await;
+    let addr = listener.local_addr().unwrap();
+    let gw = Gateway::start(&config(
+        "",
+        "",
+        &[
+            (
+                "api",
+                "/api",
+                &format!("upstream: http://{addr}\ntimeouts: {{connect: 500ms, response: 60s}}"),
+            ),
+            (
+                "patient",
+                "/patient",
+                &format!("upstream: http://{addr}\ntimeouts: {{connect: 60s, response: 60s}}"),
+            ),
+        ],
+    ));
+    // With a long connect timeout the request just waits: the connect really hangs.
+    let pending = tokio::time::timeout(
+        Duration::from_secs(3),
+        client().get(gw.url("/patient/x")).send(),
+    )
+    .await;
+    assert!(pending.is_err(), "the connect did not hang: {pending:?}");
+
+    let t0 = Instant::now();
+    let res = client().get(gw.url("/api/x")).send().await.unwrap();
+    let took = t0.elapsed();
+    let body = assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
+    assert_eq!(body["error"]["retryable"], true, "{body}");
+    // Not before the connect timeout, and long before the response timeout.
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "502 after {took:?}"
+    );
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"portcullis_upstream_errors_total{route="api",kind="connect"} 1"#),
+        "{metrics}"
+    );
+    drop(listener);
+}
