@@ -18,7 +18,9 @@ use crate::tls::SnapshotCertResolver;
 use crate::Shared;
 
 /// Runs every listener until `shutdown` resolves, then drains in-flight requests for
-/// up to the configured grace period.
+/// up to the configured grace period. The main listeners stop accepting at once; the
+/// admin listener keeps answering (health, `/readyz` with 503, metrics) until the
+/// drain is over, so the not-ready state can be observed.
 pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let snapshot = shared.snapshot.load_full();
     // Every connection task holds a sender; when all are gone, draining is done.
@@ -64,6 +66,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
         accept_loops.push(tokio::spawn(accept_loop(listener, ctx, stop_rx.clone())));
     }
 
+    // The admin listener has its own stop signal and its own drain: its connections
+    // (probes, scrapers) neither hold up the main drain nor end before it.
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
+    let (admin_alive_tx, mut admin_alive_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut admin_loop = None;
     if let Some(admin) = &snapshot.admin {
         let listener = TcpListener::bind(&admin.address).await.map_err(|e| {
             std::io::Error::new(
@@ -72,11 +79,11 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
             )
         })?;
         tracing::info!(listener = "admin", address = %listener.local_addr()?, "listening");
-        accept_loops.push(tokio::spawn(crate::admin::serve(
+        admin_loop = Some(tokio::spawn(crate::admin::serve(
             listener,
             shared.clone(),
-            stop_rx.clone(),
-            alive_tx.clone(),
+            admin_stop_rx,
+            admin_alive_tx.clone(),
         )));
     }
 
@@ -91,13 +98,22 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
         let _ = handle.await;
     }
     let grace = shared.snapshot.load().shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
     drop(alive_tx);
-    match tokio::time::timeout(grace, alive_rx.recv()).await {
+    match tokio::time::timeout_at(deadline, alive_rx.recv()).await {
         Ok(_) => tracing::info!("all connections drained"),
         Err(_) => {
             tracing::warn!(grace = ?grace, "grace period over; closing remaining connections")
         }
     }
+    // Now the admin listener: its in-flight requests may finish within what is left
+    // of the grace period.
+    let _ = admin_stop_tx.send(true);
+    if let Some(handle) = admin_loop {
+        let _ = handle.await;
+    }
+    drop(admin_alive_tx);
+    let _ = tokio::time::timeout_at(deadline, admin_alive_rx.recv()).await;
     Ok(())
 }
 
