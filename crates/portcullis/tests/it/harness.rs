@@ -200,6 +200,11 @@ impl Gateway {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
+        self.terminate_wait()
+    }
+
+    /// Waits (up to 30 s) for the process to exit after a SIGTERM already sent.
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -444,3 +444,82 @@ async fn access_log_can_be_turned_off() {
     assert!(access_lines(&gw).is_empty(), "{}", gw.logs());
     assert!(!gw.logs().contains("quiet-"), "{}", gw.logs());
 }
+
+/// While SIGTERM drains an in-flight request, the gateway reports not-ready:
+/// the main listener takes no new connections, and the admin listener answers
+/// `/readyz` with 503 (and still `/healthz` and metrics) until the drain is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_while_draining() {
+    // An upstream that holds the request until the test releases it.
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let up = Upstream::serve(false, move |_req| {
+        let gate = gate.clone();
+        async move {
+            let _ = gate.acquire().await;
+            hyper::Response::new(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"done"),
+            )))
+        }
+    })
+    .await;
+    let yaml = config(&up.url()).replace("routes:", "server:\n  shutdown_grace: 60s\nroutes:");
+    let mut gw = Gateway::start(&yaml);
+    until_status(&gw.admin_url("/readyz"), 200).await;
+    let (main, admin_url) = (gw.addr(), gw.admin_url("/readyz"));
+    let url = gw.url("/echo/slow");
+    let inflight =
+        tokio::spawn(async move { client().get(url).bearer_auth("api-S3cret").send().await });
+    up.wait_requests(1).await;
+
+    gw.signal(libc::SIGTERM);
+    assert!(
+        gw.wait_log("shutting down", Duration::from_secs(10)).await,
+        "{}",
+        gw.logs()
+    );
+    // Draining: not ready, on a fresh connection to the admin listener.
+    let res = client()
+        .get(&admin_url)
+        .send()
+        .await
+        .expect("admin listener open while draining");
+    assert_error_no_id(res, 503, "SERVICE_UNAVAILABLE").await;
+    let res = client()
+        .get(admin_url.replace("/readyz", "/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let metrics = client()
+        .get(admin_url.replace("/readyz", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("portcullis_open_connections"), "{metrics}");
+    // The main listener no longer accepts.
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(main))
+        .await
+        .expect("connect answered in time");
+    assert!(
+        connect.is_err(),
+        "main listener still accepting while draining"
+    );
+
+    // The drain ends with the in-flight request; then everything is closed.
+    release.add_permits(1);
+    let res = inflight
+        .await
+        .unwrap()
+        .expect("in-flight request completed");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "done");
+    let status = tokio::task::spawn_blocking(move || gw.terminate_wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(client().get(&admin_url).send().await.is_err());
+}
