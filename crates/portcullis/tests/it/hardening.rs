@@ -1111,7 +1111,7 @@ async fn tunnels_hold_the_drain_for_the_grace_period() {
     .await
     .unwrap()
     .unwrap();
-    gw.signal("TERM");
+    gw.signal(libc::SIGTERM);
     assert!(
         gw.wait_log("no longer accepting", Duration::from_secs(10))
             .await
