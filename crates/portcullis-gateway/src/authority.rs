@@ -90,6 +90,18 @@ fn canonical(value: HeaderValue, host: &str, port: Option<u16>) -> HeaderValue {
     HeaderValue::from_str(&text).unwrap_or(value)
 }
 
+/// Bytes of a reg-name host: letters, digits, `-._~`.
+static HOST_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~');
+        b += 1;
+    }
+    t
+};
+
 /// `host[:port]` where host is a reg-name of letters, digits and `-._~`, or a
 /// bracketed IPv6 address; port is 1–5 digits. No userinfo, no second `:`.
 pub fn valid_authority(bytes: &[u8]) -> bool {
@@ -108,11 +120,8 @@ pub fn valid_authority(bytes: &[u8]) -> bool {
     } else {
         let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
         let host = &bytes[..end];
-        let ok = !host.is_empty()
-            && host.len() <= 255
-            && host
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        let ok =
+            !host.is_empty() && host.len() <= 255 && host.iter().all(|&b| HOST_BYTE[b as usize]);
         (ok, &bytes[end..])
     };
     if !host_ok {

@@ -18,10 +18,36 @@ const STRIP: u8 = 4;
 const UNTRUSTED: u8 = 8;
 const HOP: u8 = 16;
 
+/// FNV-1a: header names are short and not attacker-chosen keys of a growing map
+/// (the map is built from the config), so a fast hash beats SipHash here.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 /// The compiled header rules of a snapshot: one map from name to class, so each
 /// request header costs one lookup.
 pub struct HeaderRules {
-    classes: HashMap<HeaderName, u8>,
+    classes: FnvMap<HeaderName, u8>,
     underscore: UnderscoreHeaders,
 }
 
@@ -37,7 +63,7 @@ impl HeaderRules {
         strip: HashSet<HeaderName>,
         untrusted: HashSet<HeaderName>,
     ) -> Self {
-        let mut classes: HashMap<HeaderName, u8> = HashMap::new();
+        let mut classes: FnvMap<HeaderName, u8> = FnvMap::default();
         let sets = [
             (PROTECTED, &protected),
             (PROTECTED | IDENTITY, identity),

@@ -223,6 +223,53 @@ impl ConnActivity {
     }
 }
 
+/// Why a connection is being closed.
+pub enum Close {
+    /// Shutdown: finish in-flight requests, then close.
+    Drain,
+    /// No request in flight for the connection's deadline.
+    Idle,
+}
+
+/// Watches a connection's shutdown signal and idle deadline in a task of its own;
+/// stopped when dropped with the connection.
+pub struct Watchdog {
+    fired: tokio::sync::oneshot::Receiver<Close>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watchdog {
+    pub fn spawn(
+        mut stop: tokio::sync::watch::Receiver<bool>,
+        activity: Arc<ConnActivity>,
+        first: Duration,
+        idle: Duration,
+    ) -> Self {
+        let (tx, fired) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let close = tokio::select! {
+                _ = stop.wait_for(|s| *s) => Close::Drain,
+                _ = activity.idle(first, idle) => Close::Idle,
+            };
+            let _ = tx.send(close);
+        });
+        Watchdog { fired, task }
+    }
+
+    pub async fn fired(&mut self) -> Close {
+        match (&mut self.fired).await {
+            Ok(close) => close,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// One request in flight; dropped with its response body.
 pub struct InFlight(Arc<ConnActivity>);
 
@@ -252,19 +299,23 @@ impl Drop for OpenConnection {
 macro_rules! drive {
     ($conn:expr, $stop:expr, $peer:expr, $activity:expr, $first:expr, $idle:expr) => {{
         let mut conn = std::pin::pin!($conn);
-        let mut stop = $stop;
+        // The deadlines are watched by a task of their own, so the connection's
+        // every wake-up polls one cheap receiver, not two timers.
+        let mut watchdog =
+            $crate::server::Watchdog::spawn($stop, $activity.clone(), $first, $idle);
         let result = tokio::select! {
             result = conn.as_mut() => result,
-            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+            close = watchdog.fired() => {
                 conn.as_mut().graceful_shutdown();
-                conn.as_mut().await
-            }
-            _ = $activity.idle($first, $idle) => {
-                tracing::debug!(peer = %$peer, "idle connection closed");
-                conn.as_mut().graceful_shutdown();
-                match tokio::time::timeout($first, conn.as_mut()).await {
-                    Ok(result) => result,
-                    Err(_) => Ok(()),
+                match close {
+                    $crate::server::Close::Drain => conn.as_mut().await,
+                    $crate::server::Close::Idle => {
+                        tracing::debug!(peer = %$peer, "idle connection closed");
+                        match tokio::time::timeout($first, conn.as_mut()).await {
+                            Ok(result) => result,
+                            Err(_) => Ok(()),
+                        }
+                    }
                 }
             }
         };

@@ -139,7 +139,10 @@ fn is_canonical(rest: &str, opts: NormalizeOptions) -> bool {
     let mut segments = rest.split('/').peekable();
     while let Some(segment) = segments.next() {
         let empty_inside = segment.is_empty() && segments.peek().is_some();
-        if empty_inside || segment == "." || segment == ".." || is_dot_with_parameter(segment) {
+        if empty_inside
+            || (segment.starts_with('.')
+                && (segment == "." || segment == ".." || is_dot_with_parameter(segment)))
+        {
             return false;
         }
     }
