@@ -585,34 +585,39 @@ pub fn remove_credentials<'s>(
     if sources.authorization {
         headers.remove(header::AUTHORIZATION);
     }
+    // Bytes, not `str`: a cookie value with non-ASCII bytes beside the credential
+    // must not hide the credential from this check.
+    let is_credential = |pair: &[u8]| {
+        let name = pair
+            .split(|b| *b == b'=')
+            .next()
+            .unwrap_or(pair)
+            .trim_ascii();
+        sources.cookies.iter().any(|c| c.as_bytes() == name)
+    };
     let has_credential_cookie = !sources.cookies.is_empty()
         && headers
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .any(|pair| {
-                let k = pair.split_once('=').map_or(pair, |(k, _)| k).trim();
-                sources.cookies.iter().any(|c| c == k)
-            });
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .any(is_credential);
     if has_credential_cookie {
-        let kept: Vec<String> = headers
+        let mut kept: Vec<u8> = Vec::new();
+        for pair in headers
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .map(str::trim)
-            .filter(|pair| {
-                !pair.is_empty()
-                    && pair
-                        .split_once('=')
-                        .is_none_or(|(k, _)| !sources.cookies.iter().any(|c| c == k.trim()))
-            })
-            .map(str::to_owned)
-            .collect();
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .map(<[u8]>::trim_ascii)
+            .filter(|pair| !pair.is_empty() && !is_credential(pair))
+        {
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(pair);
+        }
         headers.remove(header::COOKIE);
         if !kept.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            if let Ok(v) = HeaderValue::from_bytes(&kept) {
                 headers.insert(header::COOKIE, v);
             }
         }
@@ -676,6 +681,14 @@ mod tests {
         let params = remove_credentials(&mut h, &sources);
         assert!(!h.contains_key(header::AUTHORIZATION));
         assert_eq!(h[header::COOKIE], "a=1; b=2");
+        // A non-ASCII cookie value beside the credential does not hide it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes(b"token=secret; pref=\xc3\xa9").unwrap(),
+        );
+        remove_credentials(&mut h, &sources);
+        assert_eq!(h[header::COOKIE].as_bytes(), b"pref=\xc3\xa9");
         assert_eq!(
             query_without_any("a=1&access%5Ftoken=x&b=2&access_token=y", params).as_deref(),
             Some("a=1&b=2")

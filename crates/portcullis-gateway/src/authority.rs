@@ -68,6 +68,10 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<RequestAuthority>
         }
     };
     let (host, port) = portcullis_routing::split_host_port(value.to_str().unwrap_or_default());
+    // `.` or `..` pass the byte grammar but name no host.
+    if host.is_empty() || host.starts_with('.') {
+        return Err(bad("malformed Host"));
+    }
     let value = canonical(value, &host, port);
     Ok(Some(RequestAuthority { value, host }))
 }
@@ -77,15 +81,20 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<RequestAuthority>
 fn canonical(value: HeaderValue, host: &str, port: Option<u16>) -> HeaderValue {
     let b = value.as_bytes();
     let host_part = match b.first() {
-        Some(b'[') => return value,
+        Some(b'[') => b.split(|c| *c == b']').next().unwrap_or(b),
         _ => b.split(|c| *c == b':').next().unwrap_or(b),
     };
     if !host_part.ends_with(b".") && !host_part.iter().any(u8::is_ascii_uppercase) {
         return value;
     }
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
     let text = match port {
         Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
+        None => host,
     };
     HeaderValue::from_str(&text).unwrap_or(value)
 }
@@ -203,6 +212,17 @@ mod tests {
             request_authority(&r).unwrap().unwrap().value,
             "example.com:8080"
         );
+        let r = req("/x", &["[::FFFF:A]:80"], Version::HTTP_11);
+        assert_eq!(
+            request_authority(&r).unwrap().unwrap().value,
+            "[::ffff:a]:80"
+        );
+        for host in [".", "..", ".:8080", ".example.com"] {
+            assert!(
+                request_authority(&req("/x", &[host], Version::HTTP_11)).is_err(),
+                "{host}"
+            );
+        }
         assert_eq!(a.host, "a.test");
         let r = req("http://a.test/x", &["b.test"], Version::HTTP_11);
         assert!(request_authority(&r).is_err());

@@ -27,7 +27,17 @@ type Answer = Result<Arc<[IpAddr]>, Arc<str>>;
 
 struct Job {
     host: String,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<IpAddr>, String>>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<IpAddr>, LookupFailure>>,
+    /// A templated lookup's share of the queue, held until a worker is done with it
+    /// (not until the caller gives up).
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+enum LookupFailure {
+    /// The name does not resolve: cached for `dns_negative_ttl`.
+    Permanent(String),
+    /// The resolver could not answer now (`EAI_AGAIN`): not cached.
+    Temporary,
 }
 
 struct AnswerExpiry {
@@ -56,7 +66,7 @@ pub struct Resolver {
     jobs: mpsc::SyncSender<Job>,
     hosts: HashMap<String, Vec<IpAddr>>,
     /// Queue share of lookups for names clients chose (templated upstreams).
-    templated_slots: tokio::sync::Semaphore,
+    templated_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Resolver {
@@ -77,7 +87,7 @@ impl Resolver {
                 .build(),
             jobs: spawn_pool()?,
             hosts,
-            templated_slots: tokio::sync::Semaphore::new(QUEUE / 2),
+            templated_slots: Arc::new(tokio::sync::Semaphore::new(QUEUE / 2)),
         })
     }
 
@@ -96,28 +106,33 @@ impl Resolver {
         if let Some(answer) = self.cache.get(&host).await {
             return answer.map_err(not_found);
         }
-        let _slot = if templated {
-            match self.templated_slots.try_acquire() {
-                Ok(slot) => Some(slot),
-                Err(_) => return Err(busy()),
-            }
-        } else {
-            None
-        };
         let jobs = self.jobs.clone();
-        // Real answers (including "no such name") are cached; a full queue or a
-        // stopped pool is transient and is not.
+        let slots = self.templated_slots.clone();
+        // Real answers (including "no such name") are cached; a full queue, a
+        // stopped pool or a temporary resolver failure is not. Coalesced callers
+        // share the one lookup (and its one queue slot).
         let answer = self
             .cache
             .try_get_with(host.clone(), async move {
+                let slot = if templated {
+                    Some(slots.try_acquire_owned().map_err(|_| "resolver busy")?)
+                } else {
+                    None
+                };
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                if jobs.try_send(Job { host, reply: tx }).is_err() {
+                let job = Job {
+                    host,
+                    reply: tx,
+                    _slot: slot,
+                };
+                if jobs.try_send(job).is_err() {
                     return Err("resolver queue is full");
                 }
                 match rx.await {
                     Ok(Ok(addrs)) if !addrs.is_empty() => Ok(Ok(Arc::from(addrs))),
                     Ok(Ok(_)) => Ok(Err(Arc::from("no addresses"))),
-                    Ok(Err(e)) => Ok(Err(Arc::from(e))),
+                    Ok(Err(LookupFailure::Permanent(e))) => Ok(Err(Arc::from(e))),
+                    Ok(Err(LookupFailure::Temporary)) => Err("temporary resolver failure"),
                     Err(_) => Err("resolver stopped"),
                 }
             })
@@ -150,10 +165,22 @@ fn spawn_pool() -> std::io::Result<mpsc::SyncSender<Job>> {
                     },
                     Err(_) => return,
                 };
+                // Its caller gave up (timeout, reset stream): no lookup for nobody.
+                if job.reply.is_closed() {
+                    continue;
+                }
                 let answer = (job.host.as_str(), 0)
                     .to_socket_addrs()
                     .map(|it| it.map(|a| a.ip()).collect())
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| {
+                        // glibc's EAI_AGAIN ("Temporary failure in name resolution").
+                        let text = e.to_string();
+                        if text.contains("Temporary failure") || text.contains("try again") {
+                            LookupFailure::Temporary
+                        } else {
+                            LookupFailure::Permanent(text)
+                        }
+                    });
                 let _ = job.reply.send(answer);
             })?;
     }

@@ -183,10 +183,10 @@ pub fn client_headers(
                 // Kept, unless its dashed form is a name we set, remove or distrust.
                 UnderscoreHeaders::Allow => {
                     let dashed = name.as_str().replace('_', "-");
-                    HeaderName::from_bytes(dashed.as_bytes()).is_ok_and(|d| {
-                        let class = rules.class(&d);
-                        class & PROTECTED != 0 || rules.removed(class, peer_trusted)
-                    })
+                    let dashed_class =
+                        HeaderName::from_bytes(dashed.as_bytes()).map_or(0, |d| rules.class(&d));
+                    let class = rules.class(name) | dashed_class;
+                    class & PROTECTED != 0 || rules.removed(class, peer_trusted)
                 }
             }
         } else {

@@ -193,9 +193,14 @@ impl ConnActivity {
         InFlight(self.clone())
     }
 
+    /// A request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(ms, Ordering::Release);
     }
 
     /// Resolves once the connection has had no request in flight for `idle`
@@ -207,11 +212,14 @@ impl ConnActivity {
             } else {
                 first
             };
+            // In flight first: a request ending after this load leaves a fresh
+            // `last_ms` for the next round.
+            let busy = self.busy();
             let silent = self
                 .start
                 .elapsed()
-                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
-            let wait = if self.in_flight.load(Ordering::Acquire) > 0 {
+                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)));
+            let wait = if busy {
                 limit
             } else if silent >= limit {
                 return;
@@ -301,22 +309,35 @@ macro_rules! drive {
         let mut conn = std::pin::pin!($conn);
         // The deadlines are watched by a task of their own, so the connection's
         // every wake-up polls one cheap receiver, not two timers.
+        let stop = $stop;
         let mut watchdog =
-            $crate::server::Watchdog::spawn($stop, $activity.clone(), $first, $idle);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            close = watchdog.fired() => {
-                conn.as_mut().graceful_shutdown();
-                match close {
-                    $crate::server::Close::Drain => conn.as_mut().await,
+            $crate::server::Watchdog::spawn(stop.clone(), $activity.clone(), $first, $idle);
+        let result = loop {
+            tokio::select! {
+                result = conn.as_mut() => break result,
+                close = watchdog.fired() => match close {
+                    $crate::server::Close::Drain => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.as_mut().await;
+                    }
+                    // Decided on another task: a request may have begun since.
+                    $crate::server::Close::Idle if $activity.busy() => {
+                        watchdog = $crate::server::Watchdog::spawn(
+                            stop.clone(),
+                            $activity.clone(),
+                            $first,
+                            $idle,
+                        );
+                    }
                     $crate::server::Close::Idle => {
                         tracing::debug!(peer = %$peer, "idle connection closed");
-                        match tokio::time::timeout($first, conn.as_mut()).await {
+                        conn.as_mut().graceful_shutdown();
+                        break match tokio::time::timeout($first, conn.as_mut()).await {
                             Ok(result) => result,
                             Err(_) => Ok(()),
-                        }
+                        };
                     }
-                }
+                },
             }
         };
         if let Err(e) = result {

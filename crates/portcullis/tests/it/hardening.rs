@@ -364,6 +364,22 @@ async fn every_configured_credential_source_is_removed() {
     assert_eq!(echo["headers"]["cookie"], serde_json::json!(["keep=1"]));
     assert!(echo["headers"].get("authorization").is_none());
     assert!(!echo.to_string().contains(&token));
+    // A non-ASCII cookie beside the credential does not hide it.
+    let res = raw_get(
+        gw.addr(),
+        "/x",
+        &format!(
+            "Authorization: Bearer {token}\r\nCookie: app_token={token}; pref=\u{e9}t\u{e9}\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let echo = res.json();
+    assert!(!echo.to_string().contains(&token), "{echo}");
+    assert!(echo["headers"]["cookie"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("pref="));
 }
 
 /// Identity names smuggled as request trailers never reach an (HTTP/2) upstream.
