@@ -18,6 +18,9 @@ use crate::error::{ErrorCode, GatewayError};
 use crate::service::{metrics, readiness, text};
 use crate::Shared;
 
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// The admin listener gets the main listeners' protections: accept back-off, the
 /// header and idle deadlines, and the drain on shutdown.
 pub async fn serve(
@@ -26,12 +29,20 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
 ) {
+    // A cap of its own: the admin listener never shares the main listeners' slots
+    // (traffic there must not lock operators out), but is bounded too.
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     while let Some((stream, peer)) = crate::server::accept(&listener, &mut stop).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %peer, "admin connection limit reached; closed");
+            continue;
+        };
         let shared = shared.clone();
         let stop = stop.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
+            let _slot = slot;
             let (header_timeout, idle, send) = {
                 let s = shared.snapshot.load();
                 (s.header_read_timeout, s.idle_timeout, s.send_timeout)

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    UpgradeRequired,
     QuotaExceeded,
     RateLimited,
     UpstreamUnavailable,
@@ -33,7 +34,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -46,6 +47,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::RequestTimeout,
+        ErrorCode::UpgradeRequired,
         ErrorCode::QuotaExceeded,
         ErrorCode::RateLimited,
         ErrorCode::UpstreamUnavailable,
@@ -70,6 +72,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
+            ErrorCode::UpgradeRequired => "UPGRADE_REQUIRED",
             ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
@@ -93,6 +96,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::QuotaExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,

@@ -60,11 +60,27 @@ pub fn admit(
     // `websocket/13` names the same protocol (see ProxyAction::allows_upgrade).
     let p = protocol.as_bytes();
     let name = p.split(|b| *b == b'/').next().unwrap_or(p).trim_ascii();
-    if name.eq_ignore_ascii_case(b"websocket") && !valid_websocket(headers) {
-        return Err(GatewayError::new(
-            ErrorCode::BadRequest,
-            "invalid WebSocket handshake (Sec-WebSocket-Key / Sec-WebSocket-Version: 13)",
-        ));
+    if name.eq_ignore_ascii_case(b"websocket") {
+        if !valid_key(headers) {
+            return Err(GatewayError::new(
+                ErrorCode::BadRequest,
+                "invalid WebSocket handshake (Sec-WebSocket-Key)",
+            ));
+        }
+        // RFC 6455 §4.4: 426 naming the version we speak.
+        if headers
+            .get("sec-websocket-version")
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(GatewayError::new(
+                ErrorCode::UpgradeRequired,
+                "unsupported WebSocket version",
+            )
+            .with_header(
+                http::header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            ));
+        }
     }
     let inherited = tunnels.own_slot.lock().ok().and_then(|mut s| s.take());
     let (slot, home) = match inherited {
@@ -85,9 +101,9 @@ pub fn admit(
     })
 }
 
-/// RFC 6455 §4.1: a base64 nonce of 16 bytes and version 13.
-fn valid_websocket(headers: &HeaderMap) -> bool {
-    let key_ok = headers
+/// RFC 6455 §4.1: a base64 nonce of 16 bytes.
+fn valid_key(headers: &HeaderMap) -> bool {
+    headers
         .get("sec-websocket-key")
         .map(|k| k.as_bytes())
         .is_some_and(|k| {
@@ -96,11 +112,7 @@ fn valid_websocket(headers: &HeaderMap) -> bool {
                 && k[..22]
                     .iter()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))
-        });
-    let version_ok = headers
-        .get("sec-websocket-version")
-        .is_some_and(|v| v.as_bytes() == b"13");
-    key_ok && version_ok
+        })
 }
 
 impl Tunnel {
@@ -201,12 +213,8 @@ mod tests {
             "sec-websocket-key",
             HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
         );
-        h.insert("sec-websocket-version", HeaderValue::from_static("13"));
-        assert!(valid_websocket(&h));
-        h.insert("sec-websocket-version", HeaderValue::from_static("8"));
-        assert!(!valid_websocket(&h));
-        h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        assert!(valid_key(&h));
         h.insert("sec-websocket-key", HeaderValue::from_static("short"));
-        assert!(!valid_websocket(&h));
+        assert!(!valid_key(&h));
     }
 }

@@ -1027,6 +1027,13 @@ routes:
     assert!(end.is_ok(), "an idle tunnel stayed open");
 
     // A broken handshake never reaches the upstream; other protocols are not tunnelled.
+    let res = raw_request(
+        gw.addr(),
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 426, "{res:?}");
+    assert_eq!(res.header("sec-websocket-version"), Some("13"));
     for upgrade in ["websocket", "WebSocket/13"] {
         let res = raw_request(
             gw.addr(),
@@ -1240,4 +1247,31 @@ async fn a_client_that_stops_reading_is_cut() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(s);
+}
+
+/// The admin listener has a connection cap of its own (256).
+#[tokio::test]
+async fn admin_listener_connections_are_capped() {
+    let gw = Gateway::start(
+        "listeners: [{address: \"127.0.0.1:0\"}]\nadmin: {address: \"127.0.0.1:0\"}\nroutes:\n  - path: /x\n    respond: {body: x}\n",
+    );
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(TcpStream::connect(gw.admin()).await.unwrap());
+    }
+    // Each was accepted (served) before the next: the 257th is closed at once.
+    let mut extra = TcpStream::connect(gw.admin()).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(10)).await);
+    drop(held);
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok(res) = client().get(gw.admin_url("/health")).send().await {
+            if res.status() == 200 {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the admin listener never recovered");
 }
