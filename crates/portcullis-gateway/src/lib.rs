@@ -2,9 +2,11 @@
 //!
 //! A request reads top to bottom through [`service::handle`]: normalise the path,
 //! answer built-in endpoints, look the route up, check auth, run the route's action
-//! (proxy, static, respond, redirect). Everything a request needs comes from one
+//! ([`action`]: proxy, static, respond, redirect — each file holds its config compile
+//! and its runtime). Everything a request needs comes from one
 //! immutable [`snapshot::Snapshot`], swapped atomically on reload.
 
+pub mod action;
 pub mod admin;
 pub mod auth;
 pub mod authority;
@@ -13,7 +15,6 @@ pub mod dns;
 pub mod error;
 pub mod forwarded;
 pub mod login;
-pub mod proxy;
 pub mod reload;
 pub mod sanitize;
 pub mod server;

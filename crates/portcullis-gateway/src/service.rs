@@ -15,10 +15,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use portcullis_routing::{normalize_path, Lookup};
 
+use crate::action::proxy::{self, Forward};
+use crate::action::{redirect::redirect, respond::respond, static_files::serve_static, Action};
 use crate::body::{Body, BoxError};
 use crate::error::{ErrorCode, GatewayError};
-use crate::proxy::{self, Forward};
-use crate::snapshot::{Action, RedirectAction, RespondAction, Snapshot, StaticAction};
+use crate::snapshot::Snapshot;
 use crate::telemetry::AccessRecord;
 use crate::Shared;
 
@@ -203,7 +204,7 @@ async fn dispatch(
     let authority = crate::authority::request_authority(&req)?;
     // Before anything of ours is added: `Connection`-named, underscored, identity and
     // rewrite headers of the client go.
-    let upgrade = crate::proxy::upgrade_requested(&req);
+    let upgrade = crate::action::proxy::upgrade_requested(&req);
     let peer_trusted = crate::forwarded::is_trusted(conn.peer, &snapshot.trusted_proxies);
     crate::sanitize::client_headers(req.headers_mut(), &snapshot.header_rules, peer_trusted)?;
     // The URI is cheap to clone (shared bytes) and lets the path borrow outlive `req`.
@@ -370,115 +371,4 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     res
-}
-
-fn respond(action: &RespondAction, method: &Method) -> Response<Body> {
-    let body = if method == Method::HEAD {
-        Body::empty()
-    } else {
-        Body::full(action.body.clone())
-    };
-    let mut res = Response::new(body);
-    *res.status_mut() = action.status;
-    for (k, v) in &action.headers {
-        res.headers_mut().insert(k.clone(), v.clone());
-    }
-    res
-}
-
-fn redirect(
-    action: &RedirectAction,
-    params: &[(&str, &str)],
-    rest: Option<&str>,
-    query: Option<&str>,
-) -> Result<Response<Body>, GatewayError> {
-    let mut location = action
-        .to
-        .render(|name| crate::template::param_value(params, rest, name));
-    if let (true, Some(q)) = (action.keep_query, query) {
-        location.push(if location.contains('?') { '&' } else { '?' });
-        location.push_str(q);
-    }
-    let mut res = Response::new(Body::empty());
-    *res.status_mut() = action.status;
-    // Captured params are normalised path bytes, so this only fails for a `to:` the
-    // config check let through; it is logged, and the client gets the usual envelope.
-    let location = HeaderValue::from_str(&location).map_err(|_| {
-        tracing::error!(to = %location, "redirect target is not a valid Location header");
-        GatewayError::server(ErrorCode::InternalError)
-    })?;
-    res.headers_mut().insert(header::LOCATION, location);
-    Ok(res)
-}
-
-async fn serve_static(
-    action: &StaticAction,
-    path: &str,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, GatewayError> {
-    use tower::ServiceExt;
-    use tower_http::services::{ServeDir, ServeFile};
-
-    let path = if path.is_empty() { "/" } else { path };
-    // `.env`, `.git/config`, `.htpasswd`: never served unless the route says so.
-    if !action.dotfiles && path.split('/').any(|seg| seg.starts_with('.')) {
-        return Err(GatewayError::new(ErrorCode::NotFound, "file not found"));
-    }
-    let (mut parts, _body) = req.into_parts();
-    parts.uri = path
-        .parse()
-        .map_err(|_| GatewayError::new(ErrorCode::InvalidPath, "invalid path"))?;
-    let request = Request::from_parts(parts, http_body_util::Empty::<Bytes>::new());
-    let dir = ServeDir::new(&action.dir)
-        .append_index_html_on_directories(true)
-        .precompressed_gzip()
-        .precompressed_br();
-    let response = if action.spa_fallback && !has_extension(path) {
-        let index = ServeFile::new(action.dir.join(&action.index));
-        dir.fallback(index).oneshot(request).await
-    } else {
-        dir.oneshot(request).await
-    };
-    let response = response.map_err(|e| {
-        tracing::warn!(error = %e, "static file error");
-        GatewayError::server(ErrorCode::InternalError)
-    })?;
-    // Every error goes out in the one envelope, not as ServeDir's empty bodies.
-    match response.status() {
-        StatusCode::NOT_FOUND => {
-            return Err(GatewayError::new(ErrorCode::NotFound, "file not found"))
-        }
-        StatusCode::METHOD_NOT_ALLOWED => {
-            return Err(GatewayError::new(
-                ErrorCode::MethodNotAllowed,
-                "static files answer GET and HEAD only",
-            )
-            .with_header(header::ALLOW, HeaderValue::from_static("GET, HEAD")))
-        }
-        s if s.is_server_error() => {
-            tracing::warn!(status = s.as_u16(), "static file could not be served");
-            return Err(GatewayError::server(ErrorCode::InternalError));
-        }
-        s if s.is_client_error() && s != StatusCode::RANGE_NOT_SATISFIABLE => {
-            return Err(GatewayError::new(
-                ErrorCode::BadRequest,
-                "the request cannot be served from files",
-            ));
-        }
-        _ => {}
-    }
-    let mut response = response.map(Body::boxed);
-    if let Some(cc) = &action.cache_control {
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, cc.clone());
-    }
-    Ok(response)
-}
-
-/// SPA fallback applies to page-like paths only: a missing `/app.js` stays a 404.
-fn has_extension(path: &str) -> bool {
-    path.rsplit('/')
-        .next()
-        .is_some_and(|last| last.contains('.'))
 }

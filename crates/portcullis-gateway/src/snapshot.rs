@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
-use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderValue, Method};
 use ipnet::IpNet;
 use portcullis_config::{
     Config, ConfigError, ConfigErrors, EncodedSlashes, Location, MetricsListener, RouteConfig,
-    UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig,
 };
 use portcullis_routing::{
     EncodedSlash, HostPattern, NormalizeOptions, PathPattern, RouteSpec, RouteTable,
@@ -23,9 +21,8 @@ use portcullis_routing::{
 };
 
 use crate::auth::{AuthPolicy, Authenticator, TokenSources};
-use crate::template::Template;
 use crate::tls::CertStore;
-use crate::upstream::{ClientRegistry, ClientSettings, UpstreamClient};
+use crate::upstream::{ClientRegistry, ClientSettings};
 
 pub struct Snapshot {
     /// The config it was compiled from (served redacted by `/admin/config`).
@@ -113,6 +110,10 @@ pub struct HealthPaths {
     pub readiness: String,
 }
 
+pub use crate::action::{
+    Action, FixedTarget, ProxyAction, RedirectAction, RespondAction, StaticAction, Target,
+};
+
 pub struct Route {
     pub name: Arc<str>,
     pub auth: AuthPolicy,
@@ -120,93 +121,19 @@ pub struct Route {
     pub action: Action,
 }
 
-pub enum Action {
-    Proxy(Box<ProxyAction>),
-    Static(StaticAction),
-    Respond(RespondAction),
-    Redirect(RedirectAction),
-}
-
-pub struct ProxyAction {
-    pub target: Target,
-    pub strip_prefix: bool,
-    pub rewrite: Option<Template>,
-    pub preserve_host: bool,
-    pub response_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub total_timeout: Option<Duration>,
-    /// Max silence while reading the client's body.
-    pub body_timeout: Duration,
-    /// Max silence on an upgraded tunnel.
-    pub tunnel_idle: Duration,
-    /// `Upgrade` protocols tunnelled (lowercase).
-    pub upgrades: Vec<String>,
-    /// Templated upstreams: names a host param may take (empty: any DNS label).
-    pub allow_names: Vec<crate::targets::NamePattern>,
-    pub client: UpstreamClient,
-}
-
-impl ProxyAction {
-    pub fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
-        let p = protocol.as_bytes();
-        // `websocket/13`-style versions name the same protocol.
-        let name = p.split(|b| *b == b'/').next().unwrap_or(p);
-        self.upgrades
-            .iter()
-            .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
-    }
-}
-
-/// Where a proxy route sends requests.
-pub enum Target {
-    Fixed(FixedTarget),
-    /// Rendered per request from path params (FnKit: `http://{name}:8080`).
-    Template {
-        template: Template,
-        /// Params that land in the host part: must be one DNS label each.
-        authority_params: Vec<String>,
-        /// The upstream URL's path is templated: it replaces the request path.
-        path_is_templated: bool,
-    },
-}
-
-pub struct FixedTarget {
-    pub scheme: Scheme,
-    pub authority: Authority,
-    /// Upstream URL path prefix without a trailing slash; empty for none.
-    pub base_path: String,
-    pub label: Arc<str>,
-}
-
-pub struct StaticAction {
-    pub dir: PathBuf,
-    pub index: String,
-    pub spa_fallback: bool,
-    pub cache_control: Option<HeaderValue>,
-    /// Serve paths with a segment starting with `.` (`.env`, `.git/`).
-    pub dotfiles: bool,
-}
-
-pub struct RespondAction {
-    pub status: StatusCode,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub body: bytes::Bytes,
-}
-
-pub struct RedirectAction {
-    pub to: Template,
-    pub status: StatusCode,
-    pub keep_query: bool,
-}
-
 /// Collects errors with positions.
-struct Errors<'a> {
-    file: &'a Path,
+pub(crate) struct Errors<'a> {
+    pub(crate) file: &'a Path,
     list: Vec<ConfigError>,
 }
 
 impl Errors<'_> {
-    fn push(&mut self, location: Location, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(
+        &mut self,
+        location: Location,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.list
             .push(ConfigError::at(self.file, location, field, message));
     }
@@ -544,7 +471,7 @@ pub async fn compile(
             open_routes.push(name.clone());
         }
         let is_prefix = matches!(pattern, PathPattern::Prefix(_));
-        let Some(action) = compile_action(
+        let Some(action) = crate::action::compile(
             &config,
             route,
             r.referenced,
@@ -688,7 +615,7 @@ fn static_authenticator(
     })))
 }
 
-fn header_name(
+pub(crate) fn header_name(
     value: &str,
     at: Location,
     field: String,
@@ -1177,348 +1104,6 @@ fn parse_methods(
     Some(Some(out))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compile_action(
-    config: &Config,
-    route: &RouteConfig,
-    at: Location,
-    field: &str,
-    params: &[String],
-    is_prefix: bool,
-    clients: &ClientRegistry,
-    used_clients: &mut Vec<ClientSettings>,
-    errors: &mut Errors<'_>,
-) -> Option<Action> {
-    let count = [
-        route.proxy.is_some(),
-        route.static_files.is_some(),
-        route.respond.is_some(),
-        route.redirect.is_some(),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
-    if count != 1 {
-        errors.push(
-            at,
-            field,
-            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`",
-        );
-        return None;
-    }
-    let known = |name: &str| params.iter().any(|p| p == name) || (is_prefix && name == "rest");
-    let check_params = |t: &Template, loc: Location, f: String, errors: &mut Errors<'_>| -> bool {
-        for p in t.params() {
-            if !known(p) {
-                errors.push(
-                    loc,
-                    f.clone(),
-                    format!("template uses {{{p}}}, which the route's path does not capture"),
-                );
-                return false;
-            }
-        }
-        true
-    };
-
-    if let Some(p) = &route.proxy {
-        let f = format!("{field}.proxy.upstream");
-        let raw = p.upstream.value.to_string();
-        // A named upstream, or an inline URL.
-        let (url, upstream_cfg): (String, Option<&UpstreamConfig>) =
-            match config.upstreams.get(&raw) {
-                Some(u) => (u.value.url.to_string(), Some(&u.value)),
-                None => (raw.clone(), None),
-            };
-        let template = match Template::parse(&url) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(p.upstream.referenced, f, e);
-                return None;
-            }
-        };
-        if !check_params(&template, p.upstream.referenced, f.clone(), errors) {
-            return None;
-        }
-        let target = if template.is_literal() {
-            match parse_fixed_target(&url) {
-                Ok(t) => Target::Fixed(t),
-                Err(e) => {
-                    errors.push(p.upstream.referenced, f, e);
-                    return None;
-                }
-            }
-        } else {
-            let after = match url.split_once("://") {
-                Some((s, a)) if s == "http" || s == "https" => a,
-                _ => {
-                    errors.push(
-                        p.upstream.referenced,
-                        f,
-                        format!("{url:?} must start with http:// or https://"),
-                    );
-                    return None;
-                }
-            };
-            let (authority, path) = match after.find('/') {
-                Some(i) => (&after[..i], &after[i..]),
-                None => (after, ""),
-            };
-            let authority_params = Template::parse(authority)
-                .map(|t| t.params().map(str::to_owned).collect())
-                .unwrap_or_default();
-            Target::Template {
-                template,
-                authority_params,
-                path_is_templated: path.contains('{'),
-            }
-        };
-        let rewrite = match &p.rewrite {
-            Some(r) => match Template::parse(&r.value) {
-                Ok(t) if r.value.starts_with('/') => {
-                    if !check_params(&t, r.referenced, format!("{field}.proxy.rewrite"), errors) {
-                        return None;
-                    }
-                    Some(t)
-                }
-                Ok(_) => {
-                    errors.push(
-                        r.referenced,
-                        format!("{field}.proxy.rewrite"),
-                        "must start with `/`",
-                    );
-                    return None;
-                }
-                Err(e) => {
-                    errors.push(r.referenced, format!("{field}.proxy.rewrite"), e);
-                    return None;
-                }
-            },
-            None => None,
-        };
-        if p.strip_prefix.0 && !is_prefix {
-            errors.push(
-                at,
-                format!("{field}.proxy.strip_prefix"),
-                "needs a `path_prefix` route",
-            );
-            return None;
-        }
-        let default_tls = UpstreamTlsConfig::default();
-        let (protocol, tls, idle, max_idle) = match upstream_cfg {
-            Some(u) => (u.protocol, &u.tls, u.pool_idle_timeout, u.pool_max_idle.0),
-            None => (
-                p.protocol.unwrap_or(UpstreamProtocol::Auto),
-                p.tls.as_ref().unwrap_or(&default_tls),
-                portcullis_config::default_pool_idle(),
-                portcullis_config::default_pool_max_idle().0,
-            ),
-        };
-        let templated = matches!(target, Target::Template { .. });
-        if !templated && (p.targets.is_some() || !p.allow_names.is_empty()) {
-            errors.push(
-                at,
-                format!("{field}.proxy"),
-                "`targets` and `allow_names` apply to templated upstreams (`http://{name}:8080`) only",
-            );
-            return None;
-        }
-        let mut allow_names = Vec::new();
-        for (i, n) in p.allow_names.iter().enumerate() {
-            match crate::targets::NamePattern::parse(&n.value) {
-                Ok(pattern) => allow_names.push(pattern),
-                Err(e) => {
-                    errors.push(n.referenced, format!("{field}.proxy.allow_names[{i}]"), e);
-                    return None;
-                }
-            }
-        }
-        // Templated upstreams always get address rules (the built-in denials at least).
-        let targets = if templated {
-            let mut rules = crate::targets::TargetRules::default();
-            if let Some(t) = &p.targets {
-                for (key, list, out) in [
-                    ("allow", &t.allow, &mut rules.allow),
-                    ("deny", &t.deny, &mut rules.deny),
-                ] {
-                    for (i, c) in list.iter().enumerate() {
-                        let text = c.value.trim();
-                        match text
-                            .parse::<IpNet>()
-                            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-                        {
-                            Ok(net) => out.push(net),
-                            Err(_) => errors.push(
-                                c.referenced,
-                                format!("{field}.proxy.targets.{key}[{i}]"),
-                                format!("{text:?} is not an IP address or CIDR"),
-                            ),
-                        }
-                    }
-                }
-            }
-            Some(Arc::new(rules))
-        } else {
-            None
-        };
-        let mut upgrades = Vec::new();
-        for u in &p.upgrades {
-            let u = u.trim().to_ascii_lowercase();
-            if u.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
-                errors.push(
-                    at,
-                    format!("{field}.proxy.upgrades"),
-                    format!("{u:?} is not a protocol name"),
-                );
-                return None;
-            }
-            upgrades.push(u);
-        }
-        let settings = ClientSettings {
-            protocol,
-            ca_file: tls.ca_file.as_ref().map(|c| relative_to(errors.file, c)),
-            insecure_skip_verify: tls.insecure_skip_verify.0,
-            connect_timeout: p.timeouts.connect.get(),
-            pool_idle_timeout: idle.get(),
-            pool_max_idle: max_idle,
-            targets,
-        };
-        let client = match clients.client(&settings) {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(p.upstream.referenced, format!("{field}.proxy.tls"), e);
-                return None;
-            }
-        };
-        if !used_clients.contains(&settings) {
-            used_clients.push(settings);
-        }
-        return Some(Action::Proxy(Box::new(ProxyAction {
-            target,
-            strip_prefix: p.strip_prefix.0,
-            rewrite,
-            preserve_host: p.preserve_host.0,
-            response_timeout: p.timeouts.response.get(),
-            idle_timeout: p.timeouts.idle.get(),
-            total_timeout: p.timeouts.total.map(|d| d.get()),
-            body_timeout: p.timeouts.body.get(),
-            tunnel_idle: p.timeouts.tunnel_idle.get(),
-            upgrades,
-            allow_names,
-            client,
-        })));
-    }
-
-    if let Some(s) = &route.static_files {
-        let dir = PathBuf::from(relative_to(errors.file, &s.dir.value));
-        if !dir.is_dir() {
-            errors.push(
-                s.dir.referenced,
-                format!("{field}.static.dir"),
-                format!("{} is not a directory", dir.display()),
-            );
-            return None;
-        }
-        let cache_control = match &s.cache_control {
-            Some(c) => match HeaderValue::from_str(c) {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    errors.push(
-                        at,
-                        format!("{field}.static.cache_control"),
-                        "not a valid header value",
-                    );
-                    return None;
-                }
-            },
-            None => None,
-        };
-        return Some(Action::Static(StaticAction {
-            dir,
-            index: s.index.to_string(),
-            spa_fallback: s.spa_fallback.0,
-            cache_control,
-            dotfiles: s.dotfiles == portcullis_config::Dotfiles::Allow,
-        }));
-    }
-
-    if let Some(r) = &route.respond {
-        let status = match StatusCode::from_u16(r.status.0) {
-            Ok(s) => s,
-            Err(_) => {
-                errors.push(
-                    at,
-                    format!("{field}.respond.status"),
-                    format!("{} is not an HTTP status", r.status.0),
-                );
-                return None;
-            }
-        };
-        let mut headers = Vec::new();
-        let content_type = r
-            .content_type
-            .as_ref()
-            .map_or("text/plain; charset=utf-8", |c| c.as_str());
-        for (k, v) in std::iter::once(("content-type", content_type))
-            .chain(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        {
-            match (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v),
-            ) {
-                (Ok(k), Ok(v)) => headers.push((k, v)),
-                _ => {
-                    errors.push(
-                        at,
-                        format!("{field}.respond.headers.{k}"),
-                        "invalid header name or value",
-                    );
-                    return None;
-                }
-            }
-        }
-        return Some(Action::Respond(RespondAction {
-            status,
-            headers,
-            body: bytes::Bytes::from(r.body.to_string()),
-        }));
-    }
-
-    if let Some(r) = &route.redirect {
-        let f = format!("{field}.redirect");
-        let status = match StatusCode::from_u16(r.status.0) {
-            Ok(s) if s.is_redirection() => s,
-            _ => {
-                errors.push(
-                    at,
-                    format!("{f}.status"),
-                    format!(
-                        "{} is not a redirect status (301, 302, 303, 307, 308)",
-                        r.status.0
-                    ),
-                );
-                return None;
-            }
-        };
-        let to = match Template::parse(&r.to.value) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(r.to.referenced, format!("{f}.to"), e);
-                return None;
-            }
-        };
-        if !check_params(&to, r.to.referenced, format!("{f}.to"), errors) {
-            return None;
-        }
-        return Some(Action::Redirect(RedirectAction {
-            to,
-            status,
-            keep_query: r.keep_query.0,
-        }));
-    }
-    None
-}
-
 /// Relative file paths in the config are relative to the config file's directory,
 /// so a config works whatever the working directory.
 pub(crate) fn relative_to(config: &Path, path: &str) -> String {
@@ -1530,40 +1115,6 @@ pub(crate) fn relative_to(config: &Path, path: &str) -> String {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(p).display().to_string(),
         _ => path.to_owned(),
     }
-}
-
-pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::HTTP,
-        Some("https") => Scheme::HTTPS,
-        _ => return Err(format!("{url:?} must start with http:// or https://")),
-    };
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("{url:?} has no host"))?;
-    if authority.host().is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!(
-            "{url:?}: an upstream URL cannot have a query string"
-        ));
-    }
-    if authority.as_str().contains('@') {
-        // They would never be sent, and would show up in logs as the upstream label.
-        return Err("an upstream URL cannot carry credentials (user:password@)".to_owned());
-    }
-    let base_path = uri.path().trim_end_matches('/').to_owned();
-    Ok(FixedTarget {
-        scheme,
-        label: Arc::from(authority.as_str()),
-        authority,
-        base_path,
-    })
 }
 
 /// Pretty table for `portcullis routes`: name, host, path, methods, auth, action.

@@ -16,8 +16,12 @@ use ipnet::IpNet;
 use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut, IdleTimeout};
 use crate::error::{ErrorCode, GatewayError};
 use crate::forwarded;
-use crate::snapshot::{ProxyAction, Target};
+use crate::snapshot::relative_to;
 use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
+use crate::template::Template;
+use crate::upstream::{ClientSettings, UpstreamClient};
+use portcullis_config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+use std::time::Duration;
 
 /// What the request path hands the proxy besides the request itself.
 pub struct Forward<'a> {
@@ -408,4 +412,287 @@ fn build_uri(scheme: Scheme, authority: Authority, pq: PathAndQuery) -> Result<U
 /// For the FnKit-style message naming the upstream a templated route tried.
 pub fn unreachable_message(label: &str) -> String {
     format!("upstream {label:?} is not found or not running")
+}
+
+pub struct ProxyAction {
+    pub target: Target,
+    pub strip_prefix: bool,
+    pub rewrite: Option<Template>,
+    pub preserve_host: bool,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Option<Duration>,
+    /// Max silence while reading the client's body.
+    pub body_timeout: Duration,
+    /// Max silence on an upgraded tunnel.
+    pub tunnel_idle: Duration,
+    /// `Upgrade` protocols tunnelled (lowercase).
+    pub upgrades: Vec<String>,
+    /// Templated upstreams: names a host param may take (empty: any DNS label).
+    pub allow_names: Vec<crate::targets::NamePattern>,
+    pub client: UpstreamClient,
+}
+
+impl ProxyAction {
+    pub fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
+        let p = protocol.as_bytes();
+        // `websocket/13`-style versions name the same protocol.
+        let name = p.split(|b| *b == b'/').next().unwrap_or(p);
+        self.upgrades
+            .iter()
+            .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
+    }
+}
+
+/// Where a proxy route sends requests.
+pub enum Target {
+    Fixed(FixedTarget),
+    /// Rendered per request from path params (FnKit: `http://{name}:8080`).
+    Template {
+        template: Template,
+        /// Params that land in the host part: must be one DNS label each.
+        authority_params: Vec<String>,
+        /// The upstream URL's path is templated: it replaces the request path.
+        path_is_templated: bool,
+    },
+}
+
+pub struct FixedTarget {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Upstream URL path prefix without a trailing slash; empty for none.
+    pub base_path: String,
+    pub label: Arc<str>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compile(
+    config: &portcullis_config::Config,
+    p: &portcullis_config::ProxyConfig,
+    at: portcullis_config::Location,
+    field: &str,
+    is_prefix: bool,
+    known: &super::Known<'_>,
+    clients: &crate::upstream::ClientRegistry,
+    used_clients: &mut Vec<crate::upstream::ClientSettings>,
+    errors: &mut crate::snapshot::Errors<'_>,
+) -> Option<ProxyAction> {
+    let f = format!("{field}.proxy.upstream");
+    let raw = p.upstream.value.to_string();
+    // A named upstream, or an inline URL.
+    let (url, upstream_cfg): (String, Option<&UpstreamConfig>) = match config.upstreams.get(&raw) {
+        Some(u) => (u.value.url.to_string(), Some(&u.value)),
+        None => (raw.clone(), None),
+    };
+    let template = match Template::parse(&url) {
+        Ok(t) => t,
+        Err(e) => {
+            errors.push(p.upstream.referenced, f, e);
+            return None;
+        }
+    };
+    if !known.check(&template, p.upstream.referenced, f.clone(), errors) {
+        return None;
+    }
+    let target = if template.is_literal() {
+        match parse_fixed_target(&url) {
+            Ok(t) => Target::Fixed(t),
+            Err(e) => {
+                errors.push(p.upstream.referenced, f, e);
+                return None;
+            }
+        }
+    } else {
+        let after = match url.split_once("://") {
+            Some((s, a)) if s == "http" || s == "https" => a,
+            _ => {
+                errors.push(
+                    p.upstream.referenced,
+                    f,
+                    format!("{url:?} must start with http:// or https://"),
+                );
+                return None;
+            }
+        };
+        let (authority, path) = match after.find('/') {
+            Some(i) => (&after[..i], &after[i..]),
+            None => (after, ""),
+        };
+        let authority_params = Template::parse(authority)
+            .map(|t| t.params().map(str::to_owned).collect())
+            .unwrap_or_default();
+        Target::Template {
+            template,
+            authority_params,
+            path_is_templated: path.contains('{'),
+        }
+    };
+    let rewrite = match &p.rewrite {
+        Some(r) => match Template::parse(&r.value) {
+            Ok(t) if r.value.starts_with('/') => {
+                if !known.check(&t, r.referenced, format!("{field}.proxy.rewrite"), errors) {
+                    return None;
+                }
+                Some(t)
+            }
+            Ok(_) => {
+                errors.push(
+                    r.referenced,
+                    format!("{field}.proxy.rewrite"),
+                    "must start with `/`",
+                );
+                return None;
+            }
+            Err(e) => {
+                errors.push(r.referenced, format!("{field}.proxy.rewrite"), e);
+                return None;
+            }
+        },
+        None => None,
+    };
+    if p.strip_prefix.0 && !is_prefix {
+        errors.push(
+            at,
+            format!("{field}.proxy.strip_prefix"),
+            "needs a `path_prefix` route",
+        );
+        return None;
+    }
+    let default_tls = UpstreamTlsConfig::default();
+    let (protocol, tls, idle, max_idle) = match upstream_cfg {
+        Some(u) => (u.protocol, &u.tls, u.pool_idle_timeout, u.pool_max_idle.0),
+        None => (
+            p.protocol.unwrap_or(UpstreamProtocol::Auto),
+            p.tls.as_ref().unwrap_or(&default_tls),
+            portcullis_config::default_pool_idle(),
+            portcullis_config::default_pool_max_idle().0,
+        ),
+    };
+    let templated = matches!(target, Target::Template { .. });
+    if !templated && (p.targets.is_some() || !p.allow_names.is_empty()) {
+        errors.push(
+            at,
+            format!("{field}.proxy"),
+            "`targets` and `allow_names` apply to templated upstreams (`http://{name}:8080`) only",
+        );
+        return None;
+    }
+    let mut allow_names = Vec::new();
+    for (i, n) in p.allow_names.iter().enumerate() {
+        match crate::targets::NamePattern::parse(&n.value) {
+            Ok(pattern) => allow_names.push(pattern),
+            Err(e) => {
+                errors.push(n.referenced, format!("{field}.proxy.allow_names[{i}]"), e);
+                return None;
+            }
+        }
+    }
+    // Templated upstreams always get address rules (the built-in denials at least).
+    let targets = if templated {
+        let mut rules = crate::targets::TargetRules::default();
+        if let Some(t) = &p.targets {
+            for (key, list, out) in [
+                ("allow", &t.allow, &mut rules.allow),
+                ("deny", &t.deny, &mut rules.deny),
+            ] {
+                for (i, c) in list.iter().enumerate() {
+                    let text = c.value.trim();
+                    match text
+                        .parse::<IpNet>()
+                        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+                    {
+                        Ok(net) => out.push(net),
+                        Err(_) => errors.push(
+                            c.referenced,
+                            format!("{field}.proxy.targets.{key}[{i}]"),
+                            format!("{text:?} is not an IP address or CIDR"),
+                        ),
+                    }
+                }
+            }
+        }
+        Some(Arc::new(rules))
+    } else {
+        None
+    };
+    let mut upgrades = Vec::new();
+    for u in &p.upgrades {
+        let u = u.trim().to_ascii_lowercase();
+        if u.is_empty() || !u.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+            errors.push(
+                at,
+                format!("{field}.proxy.upgrades"),
+                format!("{u:?} is not a protocol name"),
+            );
+            return None;
+        }
+        upgrades.push(u);
+    }
+    let settings = ClientSettings {
+        protocol,
+        ca_file: tls.ca_file.as_ref().map(|c| relative_to(errors.file, c)),
+        insecure_skip_verify: tls.insecure_skip_verify.0,
+        connect_timeout: p.timeouts.connect.get(),
+        pool_idle_timeout: idle.get(),
+        pool_max_idle: max_idle,
+        targets,
+    };
+    let client = match clients.client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(p.upstream.referenced, format!("{field}.proxy.tls"), e);
+            return None;
+        }
+    };
+    if !used_clients.contains(&settings) {
+        used_clients.push(settings);
+    }
+    Some(ProxyAction {
+        target,
+        strip_prefix: p.strip_prefix.0,
+        rewrite,
+        preserve_host: p.preserve_host.0,
+        response_timeout: p.timeouts.response.get(),
+        idle_timeout: p.timeouts.idle.get(),
+        total_timeout: p.timeouts.total.map(|d| d.get()),
+        body_timeout: p.timeouts.body.get(),
+        tunnel_idle: p.timeouts.tunnel_idle.get(),
+        upgrades,
+        allow_names,
+        client,
+    })
+}
+
+pub fn parse_fixed_target(url: &str) -> Result<FixedTarget, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        _ => return Err(format!("{url:?} must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    if authority.host().is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{url:?}: an upstream URL cannot have a query string"
+        ));
+    }
+    if authority.as_str().contains('@') {
+        // They would never be sent, and would show up in logs as the upstream label.
+        return Err("an upstream URL cannot carry credentials (user:password@)".to_owned());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok(FixedTarget {
+        scheme,
+        label: Arc::from(authority.as_str()),
+        authority,
+        base_path,
+    })
 }
