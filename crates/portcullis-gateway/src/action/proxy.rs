@@ -277,8 +277,9 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
-/// `Connection`. `TE: trailers` survives: gRPC needs it.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1) from an upstream's response,
+/// including those named in `Connection` (`TE` is a request header: an upstream's
+/// is dropped too). Requests are cleaned on arrival by [`crate::sanitize`].
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         remove_connection_named(headers);
@@ -286,17 +287,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    if let Some(te) = headers.get(header::TE) {
-        let trailers = te.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        } else {
-            headers.remove(header::TE);
-        }
-    }
+    headers.remove(header::TE);
 }
 
 /// Removes the headers that `Connection` names as hop-by-hop for this message.
