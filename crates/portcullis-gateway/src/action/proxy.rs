@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -12,6 +12,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
+use portcullis_config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 
 use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut, IdleTimeout};
 use crate::error::{ErrorCode, GatewayError};
@@ -20,8 +21,6 @@ use crate::snapshot::relative_to;
 use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
 use crate::template::Template;
 use crate::upstream::{ClientSettings, UpstreamClient};
-use portcullis_config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
-use std::time::Duration;
 
 /// What the request path hands the proxy besides the request itself.
 pub struct Forward<'a> {
