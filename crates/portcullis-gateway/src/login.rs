@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +14,12 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use portcullis_auth::issuer::{TokenIssuer, TokenKind};
 use portcullis_auth::users::Users;
+use portcullis_config::Location;
 use portcullis_store::Store;
 
 use crate::body::Body;
 use crate::error::{ErrorCode, GatewayError};
+use crate::snapshot::{relative_to, Errors};
 
 pub struct LoginService {
     pub issuer: TokenIssuer,
@@ -220,6 +223,92 @@ impl LoginService {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         Ok(res)
     }
+}
+
+/// Compiles `token_issuer` (the login and guest endpoints).
+pub(crate) fn compile(
+    t: &portcullis_config::TokenIssuerConfig,
+    at: Location,
+    source: &Path,
+    store: &Arc<dyn portcullis_store::Store>,
+    errors: &mut Errors<'_>,
+) -> Option<crate::login::LoginService> {
+    use portcullis_auth::issuer::{IssuerConfig, SigningKey, TokenIssuer};
+    let field = "token_issuer";
+    let algorithm = match t.algorithm.parse::<portcullis_auth::jwt::Algorithm>() {
+        Ok(a) => a,
+        Err(_) => {
+            errors.push(
+                at,
+                format!("{field}.algorithm"),
+                format!("unsupported algorithm {:?}", t.algorithm.as_str()),
+            );
+            return None;
+        }
+    };
+    let key = match (&t.secret, &t.private_key) {
+        (Some(secret), None) => {
+            if portcullis_auth::jwt::weak_hs_secret(secret.expose().as_bytes()) {
+                tracing::warn!("token_issuer.secret is shorter than 32 bytes; RFC 7518 §3.2 asks for at least the hash size");
+            }
+            SigningKey::Secret(secret.expose().as_bytes().to_vec())
+        }
+        (None, Some(file)) => {
+            let path = relative_to(source, file);
+            match std::fs::read(&path) {
+                Ok(pem) => SigningKey::PrivatePem(pem),
+                Err(e) => {
+                    errors.push(at, format!("{field}.private_key"), format!("{path}: {e}"));
+                    return None;
+                }
+            }
+        }
+        _ => {
+            errors.push(at, field, "set exactly one of `secret`, `private_key`");
+            return None;
+        }
+    };
+    let issuer = match TokenIssuer::new(IssuerConfig {
+        algorithm,
+        key,
+        issuer: t.issuer.as_ref().map(|s| s.to_string()),
+        audience: t.audience.as_ref().map(|s| s.to_string()),
+        kid: None,
+    }) {
+        Ok(i) => i,
+        Err(e) => {
+            errors.push(at, field, e.to_string());
+            return None;
+        }
+    };
+    for (name, path) in [("login_path", &t.login_path), ("guest_path", &t.guest_path)] {
+        if !path.is_empty() && !path.starts_with('/') {
+            errors.push(at, format!("{field}.{name}"), "must start with `/`");
+        }
+    }
+    Some(crate::login::LoginService {
+        issuer,
+        users: portcullis_auth::users::Users::new(store.clone()),
+        store: store.clone(),
+        login_path: t.login_path.to_string(),
+        guest_path: (!t.guest_path.is_empty()).then(|| t.guest_path.to_string()),
+        ttl: t.ttl.get(),
+        guest_ttl: t.guest_ttl.get(),
+        guest_role: t.guest_role.to_string(),
+        role_scopes: t
+            .role_scopes
+            .iter()
+            .map(|(role, scopes)| (role.clone(), scopes.iter().map(|s| s.to_string()).collect()))
+            .collect(),
+        claims: t
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.to_string())))
+            .collect(),
+        per_ip: t.login_per_ip.0,
+        per_username: t.login_per_username.0,
+        window: t.login_window.get(),
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ pub mod redirect;
 pub mod respond;
 pub mod static_files;
 
-use portcullis_config::{Config, Location, RouteConfig};
+use std::collections::BTreeMap;
+
+use portcullis_config::{Location, RouteConfig, Spanned, UpstreamConfig};
 
 pub use proxy::{FixedTarget, ProxyAction, Target};
 pub use redirect::RedirectAction;
@@ -24,13 +26,16 @@ pub enum Action {
     Redirect(RedirectAction),
 }
 
-/// The params a route's path captures: what templates may use.
-pub(crate) struct Known<'a> {
-    params: &'a [String],
-    is_prefix: bool,
+/// Where a route sits in the config: the position and field its errors name, and
+/// the params its path captures (what its templates may use).
+pub(crate) struct RouteSite<'a> {
+    pub at: Location,
+    pub field: &'a str,
+    pub params: &'a [String],
+    pub is_prefix: bool,
 }
 
-impl Known<'_> {
+impl RouteSite<'_> {
     /// False (with an error) if `t` uses a param the path does not capture.
     pub(crate) fn check(
         &self,
@@ -54,17 +59,19 @@ impl Known<'_> {
     }
 }
 
+/// What proxy actions share while a snapshot compiles: the named `upstreams:`, the
+/// client registry (pools outlive snapshots) and the client settings in use.
+pub(crate) struct Clients<'a> {
+    pub named: &'a BTreeMap<String, Spanned<UpstreamConfig>>,
+    pub registry: &'a ClientRegistry,
+    pub used: Vec<ClientSettings>,
+}
+
 /// Compiles the one action a route has.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn compile(
-    config: &Config,
     route: &RouteConfig,
-    at: Location,
-    field: &str,
-    params: &[String],
-    is_prefix: bool,
-    clients: &ClientRegistry,
-    used_clients: &mut Vec<ClientSettings>,
+    site: &RouteSite<'_>,
+    clients: &mut Clients<'_>,
     errors: &mut Errors<'_>,
 ) -> Option<Action> {
     let count = [
@@ -78,35 +85,23 @@ pub(crate) fn compile(
     .count();
     if count != 1 {
         errors.push(
-            at,
-            field,
+            site.at,
+            site.field,
             "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`",
         );
         return None;
     }
-    let known = Known { params, is_prefix };
     if let Some(p) = &route.proxy {
-        return proxy::compile(
-            config,
-            p,
-            at,
-            field,
-            is_prefix,
-            &known,
-            clients,
-            used_clients,
-            errors,
-        )
-        .map(|a| Action::Proxy(Box::new(a)));
+        return proxy::compile(p, site, clients, errors).map(|a| Action::Proxy(Box::new(a)));
     }
     if let Some(s) = &route.static_files {
-        return static_files::compile(s, at, field, errors).map(Action::Static);
+        return static_files::compile(s, site.at, site.field, errors).map(Action::Static);
     }
     if let Some(r) = &route.respond {
-        return respond::compile(r, at, field, errors).map(Action::Respond);
+        return respond::compile(r, site.at, site.field, errors).map(Action::Respond);
     }
     if let Some(r) = &route.redirect {
-        return redirect::compile(r, at, field, &known, errors).map(Action::Redirect);
+        return redirect::compile(r, site, errors).map(Action::Redirect);
     }
     None
 }

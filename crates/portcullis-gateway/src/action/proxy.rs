@@ -455,22 +455,17 @@ pub struct FixedTarget {
     pub label: Arc<str>,
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn compile(
-    config: &portcullis_config::Config,
     p: &portcullis_config::ProxyConfig,
-    at: portcullis_config::Location,
-    field: &str,
-    is_prefix: bool,
-    known: &super::Known<'_>,
-    clients: &crate::upstream::ClientRegistry,
-    used_clients: &mut Vec<crate::upstream::ClientSettings>,
+    site: &super::RouteSite<'_>,
+    clients: &mut super::Clients<'_>,
     errors: &mut crate::snapshot::Errors<'_>,
 ) -> Option<ProxyAction> {
+    let (at, field) = (site.at, site.field);
     let f = format!("{field}.proxy.upstream");
     let raw = p.upstream.value.to_string();
     // A named upstream, or an inline URL.
-    let (url, upstream_cfg): (String, Option<&UpstreamConfig>) = match config.upstreams.get(&raw) {
+    let (url, upstream_cfg): (String, Option<&UpstreamConfig>) = match clients.named.get(&raw) {
         Some(u) => (u.value.url.to_string(), Some(&u.value)),
         None => (raw.clone(), None),
     };
@@ -481,7 +476,7 @@ pub(crate) fn compile(
             return None;
         }
     };
-    if !known.check(&template, p.upstream.referenced, f.clone(), errors) {
+    if !site.check(&template, p.upstream.referenced, f.clone(), errors) {
         return None;
     }
     let target = if template.is_literal() {
@@ -520,7 +515,7 @@ pub(crate) fn compile(
     let rewrite = match &p.rewrite {
         Some(r) => match Template::parse(&r.value) {
             Ok(t) if r.value.starts_with('/') => {
-                if !known.check(&t, r.referenced, format!("{field}.proxy.rewrite"), errors) {
+                if !site.check(&t, r.referenced, format!("{field}.proxy.rewrite"), errors) {
                     return None;
                 }
                 Some(t)
@@ -540,7 +535,7 @@ pub(crate) fn compile(
         },
         None => None,
     };
-    if p.strip_prefix.0 && !is_prefix {
+    if p.strip_prefix.0 && !site.is_prefix {
         errors.push(
             at,
             format!("{field}.proxy.strip_prefix"),
@@ -627,15 +622,15 @@ pub(crate) fn compile(
         pool_max_idle: max_idle,
         targets,
     };
-    let client = match clients.client(&settings) {
+    let client = match clients.registry.client(&settings) {
         Ok(c) => c,
         Err(e) => {
             errors.push(p.upstream.referenced, format!("{field}.proxy.tls"), e);
             return None;
         }
     };
-    if !used_clients.contains(&settings) {
-        used_clients.push(settings);
+    if !clients.used.contains(&settings) {
+        clients.used.push(settings);
     }
     Some(ProxyAction {
         target,

@@ -2,7 +2,6 @@
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
-use portcullis_config::Location;
 
 use crate::body::Body;
 use crate::error::{ErrorCode, GatewayError};
@@ -17,11 +16,10 @@ pub struct RedirectAction {
 
 pub(crate) fn compile(
     r: &portcullis_config::RedirectConfig,
-    at: Location,
-    field: &str,
-    known: &super::Known<'_>,
+    site: &super::RouteSite<'_>,
     errors: &mut Errors<'_>,
 ) -> Option<RedirectAction> {
+    let (at, field) = (site.at, site.field);
     let f = format!("{field}.redirect");
     let status = match StatusCode::from_u16(r.status.0) {
         Ok(s) if s.is_redirection() => s,
@@ -44,7 +42,7 @@ pub(crate) fn compile(
             return None;
         }
     };
-    if !known.check(&to, r.to.referenced, format!("{f}.to"), errors) {
+    if !site.check(&to, r.to.referenced, format!("{f}.to"), errors) {
         return None;
     }
     Some(RedirectAction {

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+pub(crate) mod compile;
+
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 use portcullis_auth::apikey::{ApiKeyRecord, ApiKeys};
