@@ -177,6 +177,34 @@ impl Gateway {
     }
 
     /// Waits until a log line containing `needle` appears.
+    /// The admin listener's metrics page.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The admin metrics page once it contains every one of `lines` (fails after 30 s).
+    pub async fn wait_metrics(&self, lines: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.metrics().await;
+            if lines.iter().all(|l| text.contains(l)) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metrics never showed {lines:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {

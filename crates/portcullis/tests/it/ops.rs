@@ -83,14 +83,12 @@ async fn metrics_by_route_never_by_raw_path() {
         .unwrap();
     // Requests are counted when their body ends, just after the client has it: wait
     // for the last one's count rather than for a while.
-    let text = wait_metrics(
-        &gw,
-        &[
+    let text = gw
+        .wait_metrics(&[
             r#"portcullis_requests_total{route="echo",method="GET",status="200"} 3"#,
             r#"portcullis_requests_total{route="hello",method="GET",status="200"} 1"#,
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(
         text.contains("portcullis_request_duration_seconds_bucket{"),
         "{text}"
@@ -128,14 +126,7 @@ async fn upstream_errors_are_counted() {
         .await
         .unwrap();
     assert_error(res, 502, "UPSTREAM_UNAVAILABLE").await;
-    let text = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert!(
         text.contains(r#"portcullis_upstream_errors_total{route="echo",kind="connect"} 1"#),
         "{text}"
@@ -280,29 +271,6 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .await
         .expect("connect answered in time");
     assert!(connect.is_err());
-}
-
-/// The admin metrics page once it contains every one of `lines` (fails after 10 s).
-async fn wait_metrics(gw: &Gateway, lines: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = client()
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if lines.iter().all(|l| text.contains(l)) {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "metrics never showed {lines:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn assert_error_no_id(res: reqwest::Response, status: u16, code: &str) {

@@ -1145,14 +1145,7 @@ async fn connect_timeout_is_a_502() {
         took >= Duration::from_millis(500) && took < Duration::from_secs(10),
         "502 after {took:?}"
     );
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"portcullis_upstream_errors_total{route="api",kind="connect"} 1"#),
         "{metrics}"
