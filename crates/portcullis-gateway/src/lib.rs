@@ -11,10 +11,12 @@ pub mod admin;
 pub mod auth;
 pub mod authority;
 pub mod body;
+pub mod context;
 pub mod dns;
 pub mod error;
 pub mod forwarded;
-pub mod login;
+pub mod policy;
+
 pub mod reload;
 pub mod sanitize;
 pub mod server;

@@ -1,5 +1,7 @@
 //! The request path, in one place:
-//! listener → normalise → built-in endpoints → route table → auth → action.
+//! listener → normalise → built-in endpoints → route table → policy chain
+//! (`on_request` …) → action (`on_upstream_request` per attempt) → `on_response`
+//! in reverse, on error envelopes too.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,11 +17,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use portcullis_routing::{normalize_path, Lookup};
 
-use crate::action::proxy::{self, Forward};
-use crate::action::{redirect::redirect, respond::respond, static_files::serve_static, Action};
 use crate::body::{Body, BoxError};
+use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
-use crate::snapshot::Snapshot;
+use crate::policy::Flow;
+use crate::snapshot::{Route, Snapshot};
 use crate::telemetry::AccessRecord;
 use crate::Shared;
 
@@ -127,35 +129,19 @@ pub async fn handle(
         bytes: 0,
         completed: false,
     };
-    let result = dispatch(
-        &shared,
-        &snapshot,
-        &conn,
-        req,
-        &request_id,
+    let request = Arrived {
+        shared: &shared,
+        snapshot: &snapshot,
+        conn: &conn,
+        request_id: &request_id,
         client_ip,
-        &mut record,
-    )
-    .await;
-    let request_id_str = request_id.to_str().unwrap_or_default();
-    let mut res = match result {
-        Ok(res) => res,
-        Err(e) => {
-            if e.code.status().is_server_error() {
-                tracing::debug!(
-                    request_id = request_id_str,
-                    code = e.code.as_str(),
-                    "gateway error"
-                );
-            }
-            e.into_response(request_id_str)
-        }
     };
+    let mut res = dispatch(request, req, &mut record).await;
     res.headers_mut()
         .insert(snapshot.request_id_header.clone(), request_id.clone());
     record.status = res.status().as_u16();
     if record.log {
-        record.request_id = request_id_str.to_owned();
+        record.request_id = request_id.to_str().unwrap_or_default().to_owned();
     }
     // hyper never polls a body that is already at its end (redirects, 204, HEAD…).
     Ok(res.map(|body| {
@@ -186,134 +172,157 @@ fn request_id(req: &Request<Incoming>, name: &HeaderName) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn dispatch(
-    shared: &Arc<Shared>,
-    snapshot: &Snapshot,
-    conn: &ConnInfo,
-    mut req: Request<Incoming>,
-    request_id: &HeaderValue,
+/// What is known of a request before its route: where it came from and its id.
+#[derive(Clone, Copy)]
+struct Arrived<'a> {
+    shared: &'a Arc<Shared>,
+    snapshot: &'a Snapshot,
+    conn: &'a ConnInfo,
+    request_id: &'a HeaderValue,
     client_ip: std::net::IpAddr,
+}
+
+/// The one place a [`GatewayError`] becomes the response a client sees.
+fn error_response(e: GatewayError, request_id: &HeaderValue) -> Response<Body> {
+    let request_id = request_id.to_str().unwrap_or_default();
+    if e.code.status().is_server_error() {
+        tracing::debug!(request_id, code = e.code.as_str(), "gateway error");
+    }
+    e.into_response(request_id)
+}
+
+async fn dispatch(
+    at: Arrived<'_>,
+    mut req: Request<Incoming>,
     record: &mut AccessRecord,
-) -> Result<Response<Body>, GatewayError> {
+) -> Response<Body> {
+    let Arrived {
+        shared, snapshot, ..
+    } = at;
     // A request that already passed through this gateway: a loop.
     if crate::sanitize::via_names(req.headers(), &snapshot.via.id) {
         shared.metrics.loops_detected.inc();
-        return Err(GatewayError::server(ErrorCode::LoopDetected));
+        return error_response(GatewayError::server(ErrorCode::LoopDetected), at.request_id);
     }
-    let authority = crate::authority::request_authority(&req)?;
+    let authority = match crate::authority::request_authority(&req) {
+        Ok(a) => a,
+        Err(e) => return error_response(e, at.request_id),
+    };
     // Before anything of ours is added: `Connection`-named, underscored, identity and
     // rewrite headers of the client go.
     let upgrade = crate::action::proxy::upgrade_requested(&req);
-    let peer_trusted = crate::forwarded::is_trusted(conn.peer, &snapshot.trusted_proxies);
-    crate::sanitize::client_headers(req.headers_mut(), &snapshot.header_rules, peer_trusted)?;
+    let peer_trusted = crate::forwarded::is_trusted(at.conn.peer, &snapshot.trusted_proxies);
+    if let Err(e) =
+        crate::sanitize::client_headers(req.headers_mut(), &snapshot.header_rules, peer_trusted)
+    {
+        return error_response(e, at.request_id);
+    }
     // The URI is cheap to clone (shared bytes) and lets the path borrow outlive `req`.
     let uri = req.uri().clone();
-    let path = normalize_path(uri.path(), snapshot.normalize)
-        .map_err(|e| GatewayError::new(ErrorCode::InvalidPath, e.to_string()))?;
+    let path = match normalize_path(uri.path(), snapshot.normalize) {
+        Ok(p) => p,
+        Err(e) => {
+            let e = GatewayError::new(ErrorCode::InvalidPath, e.to_string());
+            return error_response(e, at.request_id);
+        }
+    };
     if record.log {
         record.path = path.to_string();
     }
 
     if let Some(res) = builtin(shared, snapshot, &path, req.headers()).await {
         record.route = Some(shared.labels.builtin.clone());
-        return res;
-    }
-
-    if let Some(login) = &snapshot.login {
-        if login.handles(&path) {
-            record.route = Some(shared.labels.login.clone());
-            return login.handle(&path, req, client_ip).await;
-        }
+        return res.unwrap_or_else(|e| error_response(e, at.request_id));
     }
 
     // `port:` on a route is the listener's port, never what a client writes in Host.
     let host = authority.as_ref().map(|a| a.host.as_str());
     let found = match snapshot
         .routes
-        .lookup(host, Some(conn.local.port()), req.method(), &path)
+        .lookup(host, Some(at.conn.local.port()), req.method(), &path)
     {
         Lookup::Found(m) => m,
         Lookup::MethodNotAllowed { allowed } => {
-            let allow = allowed
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut err = GatewayError::new(
-                ErrorCode::MethodNotAllowed,
-                "method not allowed on this path",
-            );
-            if let Ok(v) = HeaderValue::from_str(&allow) {
-                err = err.with_header(header::ALLOW, v);
-            }
-            return Err(err);
+            return error_response(method_not_allowed(&allowed), at.request_id)
         }
         Lookup::NotFound => {
-            return Err(GatewayError::new(
-                ErrorCode::NotFound,
-                "no route matches this request",
-            ))
+            let e = GatewayError::new(ErrorCode::NotFound, "no route matches this request");
+            return error_response(e, at.request_id);
         }
     };
-    let route = found.value;
+    let route: &Route = found.value;
     record.route = Some(route.name.clone());
 
-    let authenticated = route.auth.check(req.headers(), uri.query()).await?;
-    let mut query = uri.query().map(std::borrow::Cow::Borrowed);
-    let mut query_changed = false;
-    // Every credential source the route knows goes, not just the one that matched.
-    if let Some(sources) = route.auth.credential_sources() {
-        let params = crate::auth::remove_credentials(req.headers_mut(), sources);
-        if let Some(q) = query.as_deref() {
-            if let Some(stripped) = crate::auth::query_without_any(q, params) {
-                query_changed = true;
-                query = (!stripped.is_empty()).then_some(std::borrow::Cow::Owned(stripped));
+    let mut ctx = RequestCtx {
+        shared,
+        snapshot,
+        conn: at.conn,
+        request_id: at.request_id,
+        client_ip: at.client_ip,
+        method: req.method().clone(),
+        authority: authority.map(|a| a.value),
+        upgrade,
+        origin: req.headers().get(header::ORIGIN).cloned(),
+        path: &path,
+        path_changed: matches!(path, std::borrow::Cow::Owned(_)),
+        query: uri.query().map(std::borrow::Cow::Borrowed),
+        route,
+        params: &found.params,
+        rest: found.rest,
+        identity: None,
+        limits: Default::default(),
+        record,
+    };
+    run_chain(&mut ctx, req).await
+}
+
+/// The executor: `on_request` front to back (any policy may answer), the action,
+/// then `on_response` back to front for every policy that ran — error envelopes
+/// included.
+async fn run_chain(ctx: &mut RequestCtx<'_>, mut req: Request<Incoming>) -> Response<Body> {
+    let route = ctx.route;
+    let policies = route.chain.policies();
+    let mut ran = 0;
+    let mut answer = None;
+    for policy in policies {
+        ran += 1;
+        match policy.on_request(ctx, &mut req).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Respond(res)) => {
+                answer = Some(Ok(*res));
+                break;
+            }
+            Err(e) => {
+                answer = Some(Err(e));
+                break;
             }
         }
     }
-    if let Some(identity) = &authenticated.identity {
-        record.principal = Some(identity.principal.clone());
-        for (name, value) in &identity.headers {
-            req.headers_mut().insert(name.clone(), value.clone());
-        }
-    }
-
-    let result = match &route.action {
-        Action::Proxy(action) => {
-            let forward = Forward {
-                shared,
-                route: &route.name,
-                params: &found.params,
-                rest: found.rest,
-                path: &path,
-                path_changed: matches!(path, std::borrow::Cow::Owned(_)) || query_changed,
-                query: query.as_deref(),
-                peer: conn.peer,
-                client_ip,
-                scheme: conn.scheme,
-                peer_headers: conn.peer_headers.as_ref(),
-                trusted_proxies: &snapshot.trusted_proxies,
-                request_id_header: &snapshot.request_id_header,
-                request_id,
-                max_body: route.max_body,
-                authority: authority.as_ref().map(|a| &a.value),
-                upgrade,
-                via: snapshot.via.for_version(req.version()),
-                tunnels: &conn.tunnels,
-            };
-            proxy::forward(action, forward, req, &mut record.upstream).await
-        }
-        Action::Static(action) => serve_static(action, found.rest.unwrap_or(&path), req).await,
-        Action::Respond(action) => Ok(respond(action, req.method())),
-        Action::Redirect(action) => redirect(action, &found.params, found.rest, uri.query()),
+    let result = match answer {
+        Some(a) => a,
+        None => route.action.run(ctx, req).await,
     };
-    result.map(|mut res| {
-        for (name, value) in authenticated.response_headers {
-            res.headers_mut().insert(name, value);
-        }
-        res
-    })
+    let mut res = result.unwrap_or_else(|e| error_response(e, ctx.request_id));
+    for policy in policies[..ran].iter().rev() {
+        policy.on_response(ctx, &mut res);
+    }
+    res
+}
+
+fn method_not_allowed(allowed: &[Method]) -> GatewayError {
+    let allow = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut err = GatewayError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this path",
+    );
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        err = err.with_header(header::ALLOW, v);
+    }
+    err
 }
 
 /// Health, liveness, readiness and (when configured on the main listener) metrics.

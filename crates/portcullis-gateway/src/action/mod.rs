@@ -1,6 +1,7 @@
 //! The terminal action of a route. Each file holds its config compile and its
-//! runtime: `proxy`, `static_files`, `respond`, `redirect`.
+//! runtime: `proxy`, `static_files`, `respond`, `redirect`, `login`.
 
+pub mod login;
 pub mod proxy;
 pub mod redirect;
 pub mod respond;
@@ -15,6 +16,12 @@ pub use redirect::RedirectAction;
 pub use respond::RespondAction;
 pub use static_files::StaticAction;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
+use crate::context::RequestCtx;
+use crate::error::GatewayError;
 use crate::snapshot::Errors;
 use crate::template::Template;
 use crate::upstream::{ClientRegistry, ClientSettings};
@@ -24,6 +31,42 @@ pub enum Action {
     Static(StaticAction),
     Respond(RespondAction),
     Redirect(RedirectAction),
+    /// `token_issuer`'s login and guest endpoints, on routes the compiler generates.
+    Login(login::LoginAction),
+}
+
+impl Action {
+    pub async fn run(
+        &self,
+        ctx: &mut RequestCtx<'_>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, GatewayError> {
+        match self {
+            Action::Proxy(action) => proxy::forward(action, ctx, req).await,
+            Action::Static(action) => {
+                static_files::serve_static(action, ctx.rest.unwrap_or(ctx.path), req).await
+            }
+            Action::Respond(action) => Ok(respond::respond(action, req.method())),
+            Action::Redirect(action) => {
+                redirect::redirect(action, ctx.params, ctx.rest, req.uri().query())
+            }
+            Action::Login(action) => action.run(req, ctx.client_ip).await,
+        }
+    }
+
+    /// One line for `portcullis routes` and `/admin/routes`.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::Proxy(p) => match &p.target {
+                Target::Fixed(t) => format!("proxy {}://{}{}", t.scheme, t.authority, t.base_path),
+                Target::Template { .. } => "proxy (templated)".to_owned(),
+            },
+            Action::Static(s) => format!("static {}", s.dir.display()),
+            Action::Respond(r) => format!("respond {}", r.status.as_u16()),
+            Action::Redirect(r) => format!("redirect {}", r.status.as_u16()),
+            Action::Login(l) => l.describe().to_owned(),
+        }
+    }
 }
 
 /// Where a route sits in the config: the position and field its errors name, and

@@ -2,7 +2,6 @@
 //! response back. Bodies are never buffered; `Upgrade` (WebSocket) is tunnelled.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use ipnet::IpNet;
 use portcullis_config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 
 use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut, IdleTimeout};
+use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
 use crate::forwarded;
 use crate::snapshot::relative_to;
@@ -22,59 +22,37 @@ use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
 use crate::template::Template;
 use crate::upstream::{ClientSettings, UpstreamClient};
 
-/// What the request path hands the proxy besides the request itself.
-pub struct Forward<'a> {
-    pub shared: &'a crate::Shared,
-    pub route: &'a Arc<str>,
-    pub params: &'a [(&'a str, &'a str)],
-    pub rest: Option<&'a str>,
-    /// The normalised request path.
-    pub path: &'a str,
-    /// Whether normalisation changed the path (else the original bytes are reused).
-    pub path_changed: bool,
-    pub query: Option<&'a str>,
-    pub peer: SocketAddr,
-    pub client_ip: IpAddr,
-    pub scheme: &'static str,
-    pub peer_headers: Option<&'a forwarded::PeerHeaders>,
-    pub trusted_proxies: &'a [IpNet],
-    pub request_id_header: &'a HeaderName,
-    pub request_id: &'a HeaderValue,
-    pub max_body: u64,
-    /// The request's one authority (see [`crate::authority`]).
-    pub authority: Option<&'a HeaderValue>,
-    /// The `Upgrade` protocol the client asked for, read before hop-by-hop removal.
-    pub upgrade: Option<HeaderValue>,
-    /// Our `Via` element for this request's protocol version.
-    pub via: &'a HeaderValue,
-    pub tunnels: &'a crate::tunnel::Tunnels,
-}
-
 pub async fn forward(
     action: &ProxyAction,
-    f: Forward<'_>,
+    ctx: &mut RequestCtx<'_>,
     mut req: Request<Incoming>,
-    upstream_label: &mut Option<Arc<str>>,
 ) -> Result<Response<Body>, GatewayError> {
-    let (uri, label) = upstream_uri(action, &f, req.uri())?;
-    *upstream_label = Some(label.clone());
+    let (uri, label) = upstream_uri(action, ctx, req.uri())?;
+    ctx.record.upstream = Some(label.clone());
+    let this_route = ctx.route;
+    let max_body = this_route.max_body;
+    let route = &this_route.name;
 
     if let Some(len) = content_length(req.headers()) {
-        if len > f.max_body {
-            return Err(too_large(f.max_body));
+        if len > max_body {
+            return Err(too_large(max_body));
         }
     }
 
     // Only the protocols the route lists are tunnelled; any other `Upgrade` (h2c from
     // curl, say) is dropped and the request goes on as plain HTTP.
-    let upgrade = f.upgrade.filter(|p| action.allows_upgrade(p));
+    let upgrade = ctx.upgrade.clone().filter(|p| action.allows_upgrade(p));
     let tunnel = match &upgrade {
-        Some(protocol) => Some(crate::tunnel::admit(f.tunnels, protocol, req.headers())?),
+        Some(protocol) => Some(crate::tunnel::admit(
+            &ctx.conn.tunnels,
+            protocol,
+            req.headers(),
+        )?),
         None => None,
     };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
-    let original_host = f.authority.cloned();
+    let original_host = ctx.authority.clone();
     let (mut parts, body) = req.into_parts();
     let headers = &mut parts.headers;
     // Hop-by-hop headers were removed when the request arrived (crate::sanitize),
@@ -83,17 +61,23 @@ pub async fn forward(
         headers.insert(header::UPGRADE, protocol.clone());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    headers.append(header::VIA, f.via.clone());
+    headers.append(
+        header::VIA,
+        ctx.snapshot.via.for_version(parts.version).clone(),
+    );
     forwarded::set_forwarding_headers(
         headers,
-        f.peer,
-        f.client_ip,
-        f.scheme,
+        ctx.conn.peer,
+        ctx.client_ip,
+        ctx.conn.scheme,
         original_host.as_ref(),
-        f.trusted_proxies,
-        f.peer_headers,
+        &ctx.snapshot.trusted_proxies,
+        ctx.conn.peer_headers.as_ref(),
     );
-    headers.insert(f.request_id_header.clone(), f.request_id.clone());
+    headers.insert(
+        ctx.snapshot.request_id_header.clone(),
+        ctx.request_id.clone(),
+    );
     if action.preserve_host {
         if let Some(h) = original_host {
             headers.insert(header::HOST, h);
@@ -104,12 +88,13 @@ pub async fn forward(
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
+    ctx.route.chain.on_upstream_request(ctx, &mut parts);
     let deadline = action
         .total_timeout
         .map(|t| tokio::time::Instant::now() + t);
     let body = Body::Upstream(
         IdleTimeout::new(body, action.body_timeout)
-            .with_limit(f.max_body)
+            .with_limit(max_body)
             .with_deadline(deadline)
             .without_trailers(),
     );
@@ -123,19 +108,19 @@ pub async fn forward(
         None => action.response_timeout,
     };
     let result = tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
-    let metrics = &f.shared.metrics;
+    let metrics = &ctx.shared.metrics;
     let mut res = match result {
         Ok(Ok(res)) => res,
         Ok(Err(err)) => {
             if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
-                count_error(metrics, f.route, "forbidden");
-                tracing::warn!(route = %f.route, upstream = %label, "upstream name resolves only to forbidden addresses");
+                count_error(metrics, route, "forbidden");
+                tracing::warn!(route = %route, upstream = %label, "upstream name resolves only to forbidden addresses");
                 return Err(GatewayError::new(
                     ErrorCode::UpstreamForbidden,
                     format!("upstream {label:?} is not an allowed target"),
                 ));
             }
-            let e = classify(&err, f.route, &label, metrics);
+            let e = classify(&err, route, &label, metrics);
             // A templated upstream (FnKit function) is named: the name came from the
             // client's own path, so it reveals nothing internal.
             if e.code == ErrorCode::UpstreamUnavailable
@@ -149,22 +134,22 @@ pub async fn forward(
             return Err(e);
         }
         Err(_) => {
-            count_error(metrics, f.route, "timeout");
-            tracing::warn!(route = %f.route, upstream = %label, "upstream timed out before responding");
+            count_error(metrics, route, "timeout");
+            tracing::warn!(route = %route, upstream = %label, "upstream timed out before responding");
             return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
         }
     };
     metrics
         .upstream_duration
         .get_or_create(&RouteLabels {
-            route: f.route.clone(),
+            route: route.clone(),
         })
         .observe(started.elapsed().as_secs_f64());
 
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(tunnel)) = (client_upgrade, tunnel) {
             let upstream_upgrade = hyper::upgrade::on(&mut res);
-            let route = f.route.clone();
+            let route = route.clone();
             let idle = action.tunnel_idle;
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -305,7 +290,7 @@ fn remove_connection_named(headers: &mut HeaderMap) {
 
 fn upstream_uri(
     action: &ProxyAction,
-    f: &Forward<'_>,
+    f: &RequestCtx<'_>,
     original: &Uri,
 ) -> Result<(Uri, Arc<str>), GatewayError> {
     let lookup = |name: &str| crate::template::param_value(f.params, f.rest, name);
@@ -330,7 +315,7 @@ fn upstream_uri(
                     .cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/"))
             } else {
-                build_pq(&t.base_path, &request_path, f.query)?
+                build_pq(&t.base_path, &request_path, f.query.as_deref())?
             };
             let uri = build_uri(t.scheme.clone(), t.authority.clone(), pq)?;
             Ok((uri, t.label.clone()))
@@ -366,9 +351,13 @@ fn upstream_uri(
             }
             let label: Arc<str> = Arc::from(authority.host());
             let pq = if *path_is_templated {
-                build_pq("", parsed.path(), f.query)?
+                build_pq("", parsed.path(), f.query.as_deref())?
             } else {
-                build_pq(parsed.path().trim_end_matches('/'), &request_path, f.query)?
+                build_pq(
+                    parsed.path().trim_end_matches('/'),
+                    &request_path,
+                    f.query.as_deref(),
+                )?
             };
             Ok((build_uri(scheme, authority, pq)?, label))
         }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use portcullis_config::{Config, Location, RouteConfig};
 
-use super::{AuthPolicy, Authenticator, TokenSources};
+use super::{Authenticator, TokenSources};
+use crate::policy::auth::AuthPolicy;
 use crate::snapshot::{header_name, relative_to, Errors};
 
 /// The implicit authenticator of a `tokens:` list; None for no list. A list whose
@@ -356,7 +357,6 @@ pub(crate) fn route_policy(
         optional,
         scopes: scopes.into(),
         forward_credential: forward,
-        quota,
         sources,
     }
 }

@@ -14,8 +14,6 @@ use portcullis_auth::apikey::{ApiKeyRecord, ApiKeys};
 use portcullis_auth::jwt::{JwtError, JwtVerifier, VerifiedToken};
 use subtle::ConstantTimeEq;
 
-use crate::error::{ErrorCode, GatewayError};
-
 /// Where an authenticator looks for its credential.
 #[derive(Debug, Clone)]
 pub struct TokenSources {
@@ -115,7 +113,7 @@ impl Authenticator {
         }
     }
 
-    async fn verify(&self, credential: &str) -> Result<Identity, Failure> {
+    pub(crate) async fn verify(&self, credential: &str) -> Result<Identity, Failure> {
         match self {
             Authenticator::StaticToken {
                 tokens,
@@ -239,7 +237,7 @@ fn jwt_identity(
     }
 }
 
-enum Failure {
+pub(crate) enum Failure {
     Invalid,
     Expired,
     KeysUnavailable,
@@ -305,229 +303,8 @@ impl CredentialSources {
     }
 }
 
-/// A route's authentication rule.
-#[derive(Clone)]
-pub enum AuthPolicy {
-    /// Nothing configured anywhere: open mode.
-    Open,
-    /// The route is marked `public`.
-    Public,
-    Required {
-        /// A request passes if any of these accepts it.
-        authenticators: Arc<[Arc<Authenticator>]>,
-        /// No credential at all: continue anonymously.
-        optional: bool,
-        /// All of these must be granted.
-        scopes: Arc<[String]>,
-        forward_credential: bool,
-        /// Count requests against the API key's quota.
-        quota: bool,
-        sources: Arc<CredentialSources>,
-    },
-}
-
-/// The outcome of a successful check.
-pub struct Authenticated {
-    pub identity: Option<Identity>,
-    /// Remove the credential from where it was found before proxying.
-    pub strip_credential: bool,
-    /// Headers for the response (quota state).
-    pub response_headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-impl AuthPolicy {
-    /// Where credentials must be removed from before proxying; `None` when the
-    /// route has no authenticator or forwards credentials.
-    pub fn credential_sources(&self) -> Option<&CredentialSources> {
-        match self {
-            AuthPolicy::Required {
-                forward_credential: false,
-                sources,
-                ..
-            } => Some(sources),
-            _ => None,
-        }
-    }
-
-    /// For `portcullis routes` and `/admin/routes`.
-    pub fn describe(&self) -> String {
-        match self {
-            AuthPolicy::Open => "open".to_owned(),
-            AuthPolicy::Public => "public".to_owned(),
-            AuthPolicy::Required {
-                authenticators,
-                optional,
-                scopes,
-                ..
-            } => {
-                let names: Vec<&str> = authenticators.iter().map(|a| a.name()).collect();
-                let mut out = names.join("|");
-                if *optional {
-                    out.push_str(" (optional)");
-                }
-                if !scopes.is_empty() {
-                    out.push_str(&format!(" scopes={}", scopes.join(",")));
-                }
-                out
-            }
-        }
-    }
-
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<Authenticated, GatewayError> {
-        let AuthPolicy::Required {
-            authenticators,
-            optional,
-            scopes,
-            forward_credential,
-            quota,
-            ..
-        } = self
-        else {
-            return Ok(Authenticated {
-                identity: None,
-                strip_credential: false,
-                response_headers: Vec::new(),
-            });
-        };
-        let mut presented = false;
-        let mut expired = false;
-        let mut unavailable = false;
-        let mut store_down = false;
-        for authenticator in authenticators.iter() {
-            let Some((credential, source)) =
-                find_credential(&authenticator.sources(), headers, query)
-            else {
-                continue;
-            };
-            presented = true;
-            match authenticator.verify(&credential).await {
-                Ok(mut identity) => {
-                    identity.source = source;
-                    if let Some(missing) = scopes.iter().find(|s| !identity.scopes.contains(s)) {
-                        return Err(insufficient_scope(scopes, missing));
-                    }
-                    let response_headers = match (&identity.api_key, quota) {
-                        (Some(key), true) => consume_quota(key).await?,
-                        _ => Vec::new(),
-                    };
-                    return Ok(Authenticated {
-                        identity: Some(identity),
-                        strip_credential: !forward_credential,
-                        response_headers,
-                    });
-                }
-                Err(Failure::Expired) => expired = true,
-                Err(Failure::KeysUnavailable) => unavailable = true,
-                Err(Failure::StoreUnavailable) => store_down = true,
-                Err(Failure::Invalid) => {}
-            }
-        }
-        if !presented {
-            if *optional {
-                return Ok(Authenticated {
-                    identity: None,
-                    strip_credential: false,
-                    response_headers: Vec::new(),
-                });
-            }
-            return Err(unauthorized(
-                ErrorCode::Unauthorized,
-                "missing credential",
-                "Bearer",
-            ));
-        }
-        if expired {
-            return Err(unauthorized(
-                ErrorCode::ExpiredToken,
-                "the token has expired",
-                "Bearer error=\"invalid_token\", error_description=\"the token has expired\"",
-            ));
-        }
-        if unavailable || store_down {
-            // A credential we could not check is neither accepted nor called invalid.
-            tracing::warn!("credential could not be verified (JWKS or store unavailable)");
-            return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
-        }
-        Err(unauthorized(
-            ErrorCode::Unauthorized,
-            "invalid credential",
-            "Bearer error=\"invalid_token\"",
-        ))
-    }
-}
-
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-
-/// Counts one request against the key's quota; the store does it atomically, so
-/// instances sharing a Redis never admit more than the limit together.
-async fn consume_quota(key: &ApiKeyUse) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
-    if key.record.quota.is_none() {
-        return Ok(Vec::new());
-    }
-    let window = match key.keys.consume_quota(&key.record, 1).await {
-        Ok(w) => w,
-        Err(e) => {
-            if key.fail_open {
-                tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; letting the request through uncounted");
-                return Ok(Vec::new());
-            }
-            tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; refusing the request");
-            return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
-        }
-    };
-    let reset = window.reset_after.as_secs_f64().ceil() as u64;
-    let headers = vec![
-        (RATELIMIT_LIMIT.clone(), HeaderValue::from(window.limit)),
-        (
-            RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(window.limit.saturating_sub(window.count)),
-        ),
-        (RATELIMIT_RESET.clone(), HeaderValue::from(reset)),
-    ];
-    if window.allowed {
-        return Ok(headers);
-    }
-    let mut e = GatewayError::new(
-        ErrorCode::QuotaExceeded,
-        "the API key's quota is used up for this window",
-    )
-    .with_header(header::RETRY_AFTER, HeaderValue::from(reset.max(1)));
-    for (k, v) in headers {
-        e = e.with_header(k, v);
-    }
-    Err(e)
-}
-
-fn unauthorized(code: ErrorCode, message: &str, challenge: &'static str) -> GatewayError {
-    GatewayError::new(code, message).with_header(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    )
-}
-
-fn insufficient_scope(required: &[String], missing: &str) -> GatewayError {
-    let challenge = format!(
-        "Bearer error=\"insufficient_scope\", scope=\"{}\"",
-        required.join(" ")
-    );
-    let mut e = GatewayError::new(
-        ErrorCode::InsufficientScope,
-        format!("the token lacks the scope {missing:?}"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&challenge) {
-        e = e.with_header(header::WWW_AUTHENTICATE, v);
-    }
-    e
-}
-
 /// Finds a credential: `Authorization: Bearer`, then the cookie, then the query parameter.
-fn find_credential(
+pub(crate) fn find_credential(
     sources: &TokenSources,
     headers: &HeaderMap,
     query: Option<&str>,

@@ -4,25 +4,27 @@
 //! A snapshot is swapped in atomically; requests keep the one they started with.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
-use http::{HeaderValue, Method};
+use http::HeaderValue;
 use ipnet::IpNet;
 use portcullis_config::{
-    Config, ConfigError, ConfigErrors, EncodedSlashes, Location, MetricsListener, RouteConfig,
+    Config, ConfigError, ConfigErrors, EncodedSlashes, Location, MetricsListener,
 };
-use portcullis_routing::{
-    EncodedSlash, HostPattern, NormalizeOptions, PathPattern, RouteSpec, RouteTable,
-    RouteTableBuilder,
-};
+use portcullis_routing::{EncodedSlash, NormalizeOptions, RouteTable};
 
-use crate::auth::{AuthPolicy, Authenticator};
+use crate::auth::Authenticator;
 use crate::tls::CertStore;
+
+mod listeners;
+mod routes;
+
 use crate::upstream::{ClientRegistry, ClientSettings};
+pub use listeners::{AdminSpec, ListenerSpec};
+pub use routes::describe_routes;
 
 pub struct Snapshot {
     /// The config it was compiled from (served redacted by `/admin/config`).
@@ -53,23 +55,6 @@ pub struct Snapshot {
     pub via: ViaHeaders,
     /// The API-key cache shared by the api_key authenticators and the admin API.
     pub api_keys: portcullis_auth::apikey::ApiKeys,
-    /// `/auth/login` and `/auth/guest`, when `token_issuer` is configured.
-    pub login: Option<crate::login::LoginService>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSpec {
-    pub name: String,
-    pub address: String,
-    pub tls: bool,
-    pub h2c: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct AdminSpec {
-    pub address: String,
-    pub token: Option<Arc<[u8]>>,
-    pub metrics_token: Option<Arc<[u8]>>,
 }
 
 /// `Via: <version> <gateway-id>` for each protocol version a client may speak.
@@ -116,7 +101,9 @@ pub use crate::action::{
 
 pub struct Route {
     pub name: Arc<str>,
-    pub auth: AuthPolicy,
+    pub chain: crate::policy::Chain,
+    /// `open` or `public` when the chain has no auth policy (`portcullis routes`).
+    pub unauthenticated: &'static str,
     pub max_body: u64,
     pub action: Action,
 }
@@ -151,93 +138,8 @@ pub async fn compile(
         list: Vec::new(),
     };
 
-    // Listeners and their certificates.
-    let mut listeners = Vec::new();
-    let mut certs = HashMap::new();
-    let mut names = HashSet::new();
-    if config.listeners.is_empty() {
-        errors.push(
-            Location::UNKNOWN,
-            "listeners",
-            "at least one listener is required",
-        );
-    }
-    for (i, l) in config.listeners.iter().enumerate() {
-        let field = format!("listeners[{i}]");
-        let name = l.value.name.to_string();
-        if !names.insert(name.clone()) {
-            errors.push(
-                l.referenced,
-                format!("{field}.name"),
-                format!("duplicate listener name {name:?}"),
-            );
-        }
-        let address = l.value.address.value.to_string();
-        if address.parse::<SocketAddr>().is_err() {
-            errors.push(
-                l.value.address.referenced,
-                format!("{field}.address"),
-                format!("{address:?} is not an IP:port address"),
-            );
-        }
-        if let Some(tls) = &l.value.tls {
-            let mut store = CertStore::default();
-            if tls.certificates.is_empty() {
-                errors.push(
-                    l.referenced,
-                    format!("{field}.tls.certificates"),
-                    "at least one certificate is required",
-                );
-            }
-            for (j, c) in tls.certificates.iter().enumerate() {
-                let cert_file = relative_to(source, &c.value.cert_file);
-                let key_file = relative_to(source, &c.value.key_file);
-                match crate::tls::load_certified_key(&cert_file, &key_file) {
-                    Ok(key) => {
-                        let names: Vec<String> =
-                            c.value.server_names.iter().map(|n| n.to_string()).collect();
-                        store.add(key, &names);
-                    }
-                    Err(e) => {
-                        errors.push(c.referenced, format!("{field}.tls.certificates[{j}]"), e)
-                    }
-                }
-            }
-            certs.insert(name.clone(), store);
-        }
-        listeners.push(ListenerSpec {
-            name,
-            address,
-            tls: l.value.tls.is_some(),
-            h2c: l.value.h2c.0,
-        });
-    }
-
-    let admin = config.admin.as_ref().map(|a| {
-        let address = a.address.value.to_string();
-        if address.parse::<SocketAddr>().is_err() {
-            errors.push(
-                a.address.referenced,
-                "admin.address",
-                format!("{address:?} is not an IP:port address"),
-            );
-        }
-        let token = (!a.token.is_empty()).then(|| Arc::from(a.token.expose().as_bytes()));
-        let metrics_token =
-            (!a.metrics_token.is_empty()).then(|| Arc::from(a.metrics_token.expose().as_bytes()));
-        AdminSpec {
-            address,
-            token,
-            metrics_token,
-        }
-    });
-    if config.metrics.enabled.0
-        && config.metrics.listener == MetricsListener::Admin
-        && admin.is_none()
-    {
-        // Not an error: metrics simply have nowhere to go. Say so in `check`.
-        tracing::warn!("metrics.listener is `admin` but no admin listener is configured; /metrics is not served");
-    }
+    let (listeners, certs) = listeners::compile(&config, source, &mut errors);
+    let admin = listeners::compile_admin(&config, &mut errors);
 
     let mut trusted_proxies = Vec::new();
     for (i, p) in config.server.trusted_proxies.iter().enumerate() {
@@ -415,129 +317,25 @@ pub async fn compile(
             "`open: true` cannot be combined with `tokens` or `default`",
         );
     }
-    let mut open_routes = Vec::new();
-    // Credentials configured somewhere: a route left without any is a mistake, not
-    // open mode, unless `auth.open` says so.
-    let credentials_configured = !config.authenticators.is_empty()
-        || !global_set.is_empty()
-        || config.routes.iter().any(|r| {
-            r.value
-                .auth
-                .as_ref()
-                .is_some_and(|a| !a.tokens.is_empty() || !a.authenticators.is_empty())
-        });
-    let mut table = RouteTableBuilder::new();
-    let mut action_clients = crate::action::Clients {
-        named: &config.upstreams,
-        registry: clients,
-        used: Vec::new(),
-    };
-    let mut route_names = HashSet::new();
-    for (i, r) in config.routes.iter().enumerate() {
-        let field = format!("routes[{i}]");
-        let route = &r.value;
-        let name = route
-            .name
-            .as_ref()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| format!("route-{i}"));
-        if !route_names.insert(name.clone()) {
-            errors.push(
-                r.referenced,
-                format!("{field}.name"),
-                format!("duplicate route name {name:?}"),
-            );
-        }
-        let Some((pattern, params)) = path_pattern(route, r.referenced, &field, &mut errors) else {
-            continue;
-        };
-        let methods = match parse_methods(route, &field, &mut errors) {
-            Some(m) => m,
-            None => continue,
-        };
-        let auth = crate::auth::compile::route_policy(
-            &config,
-            route,
-            r.referenced,
-            &field,
-            &authenticators,
-            &global_set,
-            &mut errors,
-        );
-        if matches!(auth, AuthPolicy::Open) {
-            if credentials_configured && !config.auth.open.0 {
-                errors.push(
-                    r.referenced,
-                    format!("{field}.auth"),
-                    "no authenticator applies to this route while others are configured; give it `auth`, mark it `public: true`, or set `auth.open: true`",
-                );
-            }
-            open_routes.push(name.clone());
-        }
-        let site = crate::action::RouteSite {
-            at: r.referenced,
-            field: &field,
-            params: &params,
-            is_prefix: matches!(pattern, PathPattern::Prefix(_)),
-        };
-        let Some(action) = crate::action::compile(route, &site, &mut action_clients, &mut errors)
-        else {
-            continue;
-        };
-        let compiled = Arc::new(Route {
-            name: Arc::from(name.as_str()),
-            auth,
-            max_body: route
-                .max_request_body
-                .unwrap_or(config.server.max_request_body)
-                .0,
-            action,
-        });
-        let hosts: Vec<HostPattern> = if route.hosts.is_empty() {
-            vec![HostPattern::Any]
-        } else {
-            route
-                .hosts
-                .iter()
-                .enumerate()
-                .filter_map(|(j, h)| match HostPattern::parse(&h.value) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        errors.push(h.referenced, format!("{field}.hosts[{j}]"), e.to_string());
-                        None
-                    }
-                })
-                .collect()
-        };
-        for host in hosts {
-            let spec = RouteSpec {
-                host,
-                port: route.port.map(|p| p.0),
-                path: pattern.clone(),
-                methods: methods.clone(),
-            };
-            if let Err(e) = table.add(spec, compiled.clone()) {
-                errors.push(r.referenced, field.clone(), format!("route {name:?}: {e}"));
-            }
-        }
-    }
-
-    let login = config
-        .token_issuer
-        .as_ref()
-        .and_then(|t| crate::login::compile(&t.value, t.referenced, source, store, &mut errors));
-
+    let compiled = routes::compile(
+        &config,
+        source,
+        store,
+        &authenticators,
+        &global_set,
+        clients,
+        &mut errors,
+    );
     if !errors.list.is_empty() {
         return Err(ConfigErrors(errors.list));
     }
-    if !open_routes.is_empty() {
+    if !compiled.open_routes.is_empty() {
         tracing::warn!(
-            routes = %open_routes.join(","),
+            routes = %compiled.open_routes.join(","),
             explicit = config.auth.open.0,
             "open mode: these routes accept requests without any credential"
         );
     }
-    let routes = table.build();
     let health = config.health.enabled.0.then(|| HealthPaths {
         health: config.health.health_path.to_string(),
         liveness: config.health.liveness_path.to_string(),
@@ -550,7 +348,7 @@ pub async fn compile(
         .then(|| config.metrics.path.to_string());
     Ok(Snapshot {
         route_count: config.routes.len(),
-        routes,
+        routes: compiled.table,
         certs,
         listeners,
         admin,
@@ -576,11 +374,10 @@ pub async fn compile(
         header_read_timeout: config.server.header_read_timeout.get(),
         idle_timeout: config.server.idle_timeout.get(),
         send_timeout: config.server.send_timeout.get(),
-        used_clients: action_clients.used,
+        used_clients: compiled.used_clients,
         header_rules,
         via: via.ok_or_else(|| ConfigErrors(Vec::new()))?,
         api_keys,
-        login,
         source: source.to_owned(),
         config,
     })
@@ -601,73 +398,6 @@ pub(crate) fn header_name(
     }
 }
 
-/// The route's path pattern and the names of its params.
-fn path_pattern(
-    route: &RouteConfig,
-    at: Location,
-    field: &str,
-    errors: &mut Errors<'_>,
-) -> Option<(PathPattern, Vec<String>)> {
-    let (raw, location, exact) = match (&route.path, &route.path_prefix) {
-        (Some(_), Some(_)) => {
-            errors.push(at, field, "set either `path` or `path_prefix`, not both");
-            return None;
-        }
-        (Some(p), None) => (p.value.to_string(), p.referenced, true),
-        (None, Some(p)) => (p.value.to_string(), p.referenced, false),
-        (None, None) => ("/".to_owned(), at, false),
-    };
-    let key = if exact { "path" } else { "path_prefix" };
-    if !raw.starts_with('/') {
-        errors.push(
-            location,
-            format!("{field}.{key}"),
-            format!("{raw:?} must start with `/`"),
-        );
-        return None;
-    }
-    let params = raw
-        .split('/')
-        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|s| s.trim_start_matches('*').to_owned())
-        .collect();
-    let pattern = if exact {
-        PathPattern::Exact(raw)
-    } else {
-        PathPattern::Prefix(raw)
-    };
-    Some((pattern, params))
-}
-
-fn parse_methods(
-    route: &RouteConfig,
-    field: &str,
-    errors: &mut Errors<'_>,
-) -> Option<Option<Vec<Method>>> {
-    if route.methods.is_empty() {
-        return Some(None);
-    }
-    let mut out = Vec::new();
-    for (j, m) in route.methods.iter().enumerate() {
-        let upper = m.value.to_ascii_uppercase();
-        if upper == "*" || upper == "ANY" {
-            return Some(None);
-        }
-        match Method::from_bytes(upper.as_bytes()) {
-            Ok(method) if upper.chars().all(|c| c.is_ascii_uppercase()) => out.push(method),
-            _ => {
-                errors.push(
-                    m.referenced,
-                    format!("{field}.methods[{j}]"),
-                    format!("{:?} is not an HTTP method", m.value.as_str()),
-                );
-                return None;
-            }
-        }
-    }
-    Some(Some(out))
-}
-
 /// Relative file paths in the config are relative to the config file's directory,
 /// so a config works whatever the working directory.
 pub(crate) fn relative_to(config: &Path, path: &str) -> String {
@@ -679,41 +409,4 @@ pub(crate) fn relative_to(config: &Path, path: &str) -> String {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(p).display().to_string(),
         _ => path.to_owned(),
     }
-}
-
-/// Pretty table for `portcullis routes`: name, host, path, methods, auth, action.
-pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 6]> {
-    snapshot
-        .routes
-        .entries()
-        .into_iter()
-        .map(|(spec, route)| {
-            let methods = spec.methods.as_ref().map_or("*".to_owned(), |m| {
-                m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
-            });
-            let host = match spec.port {
-                Some(p) => format!("{}:{p}", spec.host),
-                None => spec.host.to_string(),
-            };
-            let action = match &route.action {
-                Action::Proxy(p) => match &p.target {
-                    Target::Fixed(t) => {
-                        format!("proxy {}://{}{}", t.scheme, t.authority, t.base_path)
-                    }
-                    Target::Template { .. } => "proxy (templated)".to_owned(),
-                },
-                Action::Static(s) => format!("static {}", s.dir.display()),
-                Action::Respond(r) => format!("respond {}", r.status.as_u16()),
-                Action::Redirect(r) => format!("redirect {}", r.status.as_u16()),
-            };
-            [
-                route.name.to_string(),
-                host,
-                spec.path.to_string(),
-                methods,
-                route.auth.describe(),
-                action,
-            ]
-        })
-        .collect()
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use portcullis_auth::issuer::{TokenIssuer, TokenKind};
 use portcullis_auth::users::Users;
@@ -62,29 +62,35 @@ struct LoginRequest {
     password: String,
 }
 
-impl LoginService {
-    /// Whether `path` is one of ours.
-    pub fn handles(&self, path: &str) -> bool {
-        path == self.login_path || self.guest_path.as_deref() == Some(path)
-    }
+/// A generated route's action: `POST <login_path>` or `POST <guest_path>`.
+pub struct LoginAction {
+    pub service: Arc<LoginService>,
+    pub guest: bool,
+}
 
-    pub async fn handle(
+impl LoginAction {
+    pub async fn run(
         &self,
-        path: &str,
         req: Request<Incoming>,
         client: IpAddr,
     ) -> Result<Response<Body>, GatewayError> {
-        if req.method() != Method::POST {
-            return Err(GatewayError::new(ErrorCode::MethodNotAllowed, "use POST")
-                .with_header(header::ALLOW, HeaderValue::from_static("POST")));
-        }
-        if path == self.login_path {
-            self.login(req, client).await
+        if self.guest {
+            self.service.guest(client).await
         } else {
-            self.guest(client).await
+            self.service.login(req, client).await
         }
     }
 
+    pub fn describe(&self) -> &'static str {
+        if self.guest {
+            "guest token"
+        } else {
+            "login"
+        }
+    }
+}
+
+impl LoginService {
     async fn login(
         &self,
         req: Request<Incoming>,
@@ -232,7 +238,7 @@ pub(crate) fn compile(
     source: &Path,
     store: &Arc<dyn portcullis_store::Store>,
     errors: &mut Errors<'_>,
-) -> Option<crate::login::LoginService> {
+) -> Option<LoginService> {
     use portcullis_auth::issuer::{IssuerConfig, SigningKey, TokenIssuer};
     let field = "token_issuer";
     let algorithm = match t.algorithm.parse::<portcullis_auth::jwt::Algorithm>() {
@@ -286,7 +292,7 @@ pub(crate) fn compile(
             errors.push(at, format!("{field}.{name}"), "must start with `/`");
         }
     }
-    Some(crate::login::LoginService {
+    Some(LoginService {
         issuer,
         users: portcullis_auth::users::Users::new(store.clone()),
         store: store.clone(),

@@ -1,0 +1,306 @@
+//! Routes: path patterns, methods, hosts, each route's policy chain and action, and
+//! the routes the compiler generates (`token_issuer`'s login and guest endpoints).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Method;
+use portcullis_config::{Config, Location, RouteConfig};
+use portcullis_routing::{HostPattern, PathPattern, RouteSpec, RouteTable, RouteTableBuilder};
+
+use super::{Errors, Route, Snapshot};
+use crate::action::Action;
+use crate::auth::Authenticator;
+use crate::policy::auth::AuthPolicy;
+use crate::policy::{Chain, Policy};
+use crate::upstream::{ClientRegistry, ClientSettings};
+
+pub(super) struct CompiledRoutes {
+    pub table: RouteTable<Arc<Route>>,
+    pub used_clients: Vec<ClientSettings>,
+    /// Routes that accept requests without any credential (open mode).
+    pub open_routes: Vec<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compile(
+    config: &Config,
+    source: &Path,
+    store: &Arc<dyn portcullis_store::Store>,
+    authenticators: &HashMap<String, Arc<Authenticator>>,
+    global_set: &[Arc<Authenticator>],
+    clients: &ClientRegistry,
+    errors: &mut Errors<'_>,
+) -> CompiledRoutes {
+    let mut open_routes = Vec::new();
+    // Credentials configured somewhere: a route left without any is a mistake, not
+    // open mode, unless `auth.open` says so.
+    let credentials_configured = !config.authenticators.is_empty()
+        || !global_set.is_empty()
+        || config.routes.iter().any(|r| {
+            r.value
+                .auth
+                .as_ref()
+                .is_some_and(|a| !a.tokens.is_empty() || !a.authenticators.is_empty())
+        });
+    let mut table = RouteTableBuilder::new();
+    let mut action_clients = crate::action::Clients {
+        named: &config.upstreams,
+        registry: clients,
+        used: Vec::new(),
+    };
+    let mut route_names = HashSet::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let field = format!("routes[{i}]");
+        let route = &r.value;
+        let name = route
+            .name
+            .as_ref()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| format!("route-{i}"));
+        if !route_names.insert(name.clone()) {
+            errors.push(
+                r.referenced,
+                format!("{field}.name"),
+                format!("duplicate route name {name:?}"),
+            );
+        }
+        let Some((pattern, params)) = path_pattern(route, r.referenced, &field, errors) else {
+            continue;
+        };
+        let methods = match parse_methods(route, &field, errors) {
+            Some(m) => m,
+            None => continue,
+        };
+        let auth = crate::auth::compile::route_policy(
+            config,
+            route,
+            r.referenced,
+            &field,
+            authenticators,
+            global_set,
+            errors,
+        );
+        if matches!(auth, AuthPolicy::Open) {
+            if credentials_configured && !config.auth.open.0 {
+                errors.push(
+                    r.referenced,
+                    format!("{field}.auth"),
+                    "no authenticator applies to this route while others are configured; give it `auth`, mark it `public: true`, or set `auth.open: true`",
+                );
+            }
+            open_routes.push(name.clone());
+        }
+        let site = crate::action::RouteSite {
+            at: r.referenced,
+            field: &field,
+            params: &params,
+            is_prefix: matches!(pattern, PathPattern::Prefix(_)),
+        };
+        let Some(action) = crate::action::compile(route, &site, &mut action_clients, errors) else {
+            continue;
+        };
+        let mut policies = Vec::new();
+        if route.auth.as_ref().is_some_and(|a| a.quota.0) {
+            policies.push(Policy::Quota(crate::policy::ratelimit::Quota));
+        }
+        let unauthenticated = match auth {
+            AuthPolicy::Open => "open",
+            AuthPolicy::Public => "public",
+            AuthPolicy::Required { .. } => {
+                policies.push(Policy::Auth(auth));
+                ""
+            }
+        };
+        let compiled = Arc::new(Route {
+            name: Arc::from(name.as_str()),
+            chain: Chain::new(policies),
+            unauthenticated,
+            max_body: route
+                .max_request_body
+                .unwrap_or(config.server.max_request_body)
+                .0,
+            action,
+        });
+        let hosts: Vec<HostPattern> = if route.hosts.is_empty() {
+            vec![HostPattern::Any]
+        } else {
+            route
+                .hosts
+                .iter()
+                .enumerate()
+                .filter_map(|(j, h)| match HostPattern::parse(&h.value) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        errors.push(h.referenced, format!("{field}.hosts[{j}]"), e.to_string());
+                        None
+                    }
+                })
+                .collect()
+        };
+        for host in hosts {
+            let spec = RouteSpec {
+                host,
+                port: route.port.map(|p| p.0),
+                path: pattern.clone(),
+                methods: methods.clone(),
+            };
+            if let Err(e) = table.add(spec, compiled.clone()) {
+                errors.push(r.referenced, field.clone(), format!("route {name:?}: {e}"));
+            }
+        }
+    }
+
+    login_routes(config, source, store, &mut table, errors);
+    CompiledRoutes {
+        table: table.build(),
+        used_clients: action_clients.used,
+        open_routes,
+    }
+}
+
+/// `token_issuer`'s endpoints become ordinary routes (any host, POST only): a user
+/// route on the same path is a conflict reported like any other.
+fn login_routes(
+    config: &Config,
+    source: &Path,
+    store: &Arc<dyn portcullis_store::Store>,
+    table: &mut RouteTableBuilder<Arc<Route>>,
+    errors: &mut Errors<'_>,
+) {
+    let Some(t) = &config.token_issuer else {
+        return;
+    };
+    let Some(service) =
+        crate::action::login::compile(&t.value, t.referenced, source, store, errors)
+    else {
+        return;
+    };
+    let service = Arc::new(service);
+    let paths = [
+        Some((service.login_path.clone(), false)),
+        service.guest_path.clone().map(|p| (p, true)),
+    ];
+    for (path, guest) in paths.into_iter().flatten() {
+        let route = Arc::new(Route {
+            name: Arc::from("(login)"),
+            chain: Chain::default(),
+            unauthenticated: "public",
+            max_body: config.server.max_request_body.0,
+            action: Action::Login(crate::action::login::LoginAction {
+                service: service.clone(),
+                guest,
+            }),
+        });
+        let spec = RouteSpec {
+            host: HostPattern::Any,
+            port: None,
+            path: PathPattern::Exact(path.clone()),
+            methods: Some(vec![Method::POST]),
+        };
+        if let Err(e) = table.add(spec, route) {
+            errors.push(
+                t.referenced,
+                "token_issuer",
+                format!("endpoint {path:?}: {e}"),
+            );
+        }
+    }
+}
+
+/// The route's path pattern and the names of its params.
+fn path_pattern(
+    route: &RouteConfig,
+    at: Location,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Option<(PathPattern, Vec<String>)> {
+    let (raw, location, exact) = match (&route.path, &route.path_prefix) {
+        (Some(_), Some(_)) => {
+            errors.push(at, field, "set either `path` or `path_prefix`, not both");
+            return None;
+        }
+        (Some(p), None) => (p.value.to_string(), p.referenced, true),
+        (None, Some(p)) => (p.value.to_string(), p.referenced, false),
+        (None, None) => ("/".to_owned(), at, false),
+    };
+    let key = if exact { "path" } else { "path_prefix" };
+    if !raw.starts_with('/') {
+        errors.push(
+            location,
+            format!("{field}.{key}"),
+            format!("{raw:?} must start with `/`"),
+        );
+        return None;
+    }
+    let params = raw
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|s| s.trim_start_matches('*').to_owned())
+        .collect();
+    let pattern = if exact {
+        PathPattern::Exact(raw)
+    } else {
+        PathPattern::Prefix(raw)
+    };
+    Some((pattern, params))
+}
+
+fn parse_methods(
+    route: &RouteConfig,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Option<Option<Vec<Method>>> {
+    if route.methods.is_empty() {
+        return Some(None);
+    }
+    let mut out = Vec::new();
+    for (j, m) in route.methods.iter().enumerate() {
+        let upper = m.value.to_ascii_uppercase();
+        if upper == "*" || upper == "ANY" {
+            return Some(None);
+        }
+        match Method::from_bytes(upper.as_bytes()) {
+            Ok(method) if upper.chars().all(|c| c.is_ascii_uppercase()) => out.push(method),
+            _ => {
+                errors.push(
+                    m.referenced,
+                    format!("{field}.methods[{j}]"),
+                    format!("{:?} is not an HTTP method", m.value.as_str()),
+                );
+                return None;
+            }
+        }
+    }
+    Some(Some(out))
+}
+
+/// Pretty table for `portcullis routes`: name, host, path, methods, auth, action.
+pub fn describe_routes(snapshot: &Snapshot) -> Vec<[String; 6]> {
+    snapshot
+        .routes
+        .entries()
+        .into_iter()
+        .map(|(spec, route)| {
+            let methods = spec.methods.as_ref().map_or("*".to_owned(), |m| {
+                m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+            });
+            let host = match spec.port {
+                Some(p) => format!("{}:{p}", spec.host),
+                None => spec.host.to_string(),
+            };
+            [
+                route.name.to_string(),
+                host,
+                spec.path.to_string(),
+                methods,
+                route
+                    .chain
+                    .auth()
+                    .map_or_else(|| route.unauthenticated.to_owned(), |a| a.describe()),
+                route.action.describe(),
+            ]
+        })
+        .collect()
+}
