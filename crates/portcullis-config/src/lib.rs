@@ -7,12 +7,14 @@
 
 mod identity;
 mod interp;
+mod policies;
 mod types;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use identity::*;
+pub use policies::*;
 pub use interp::{
     interpolate, parse_size, ByteSize, Duration, EnvSource, Flag, ProcessEnv, Scalar, Secret, Text,
 };

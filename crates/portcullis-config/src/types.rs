@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::Toggle;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
@@ -42,6 +43,12 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteConfig>>,
+    /// Policies every route inherits unless it sets the key itself.
+    #[serde(default)]
+    pub defaults: crate::PolicyKeys,
+    /// Storage of `cache` policies with `scope: local`.
+    #[serde(default)]
+    pub cache_storage: crate::CacheStorageConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -481,6 +488,40 @@ pub struct RouteConfig {
     pub respond: Option<RespondConfig>,
     #[serde(default)]
     pub redirect: Option<RedirectConfig>,
+    // Policies (see `PolicyKeys`): each replaces the `defaults:` key of its name.
+    #[serde(default)]
+    pub ip: Option<Toggle<crate::IpRulesConfig>>,
+    #[serde(default)]
+    pub cors: Option<Toggle<crate::CorsConfig>>,
+    #[serde(default)]
+    pub security_headers: Option<Toggle<crate::SecurityHeadersConfig>>,
+    #[serde(default)]
+    pub csrf: Option<Toggle<crate::CsrfConfig>>,
+    #[serde(default)]
+    pub rate_limits: Option<Toggle<Vec<crate::RateLimitConfig>>>,
+    #[serde(default)]
+    pub headers: Option<Toggle<crate::HeadersConfig>>,
+    #[serde(default)]
+    pub cache: Option<Toggle<crate::CacheConfig>>,
+    #[serde(default)]
+    pub compression: Option<Toggle<crate::CompressionConfig>>,
+}
+
+impl RouteConfig {
+    /// This route's policy keys over the gateway's `defaults:`.
+    pub fn policies(&self, defaults: &crate::PolicyKeys) -> crate::PolicyKeys {
+        crate::PolicyKeys {
+            ip: self.ip.clone(),
+            cors: self.cors.clone(),
+            security_headers: self.security_headers.clone(),
+            csrf: self.csrf.clone(),
+            rate_limits: self.rate_limits.clone(),
+            headers: self.headers.clone(),
+            cache: self.cache.clone(),
+            compression: self.compression.clone(),
+        }
+        .over(defaults)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -39,6 +39,12 @@ pub struct RequestCtx<'a> {
     pub identity: Option<Identity>,
     /// Rate-limit and quota state for the response headers ([`crate::policy::ratelimit`]).
     pub limits: crate::policy::ratelimit::LimitState,
+    /// The cache policy's lookup, for storing the response ([`crate::policy::cache`]).
+    pub cache: crate::policy::cache::CacheState,
+    /// What the client accepts, for the response ([`crate::policy::compress`]).
+    pub compress: crate::policy::compress::CompressState,
+    /// Whether CORS answered or matched this request's origin ([`crate::policy::cors`]).
+    pub cors: crate::policy::cors::CorsState,
     pub record: &'a mut AccessRecord,
 }
 

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     Unauthorized,
     ExpiredToken,
     Forbidden,
+    CsrfRejected,
     InsufficientScope,
     UpstreamForbidden,
     NotFound,
@@ -34,13 +35,14 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
         ErrorCode::Unauthorized,
         ErrorCode::ExpiredToken,
         ErrorCode::Forbidden,
+        ErrorCode::CsrfRejected,
         ErrorCode::InsufficientScope,
         ErrorCode::UpstreamForbidden,
         ErrorCode::NotFound,
@@ -66,6 +68,7 @@ impl ErrorCode {
             ErrorCode::ExpiredToken => "EXPIRED_TOKEN",
             ErrorCode::InsufficientScope => "INSUFFICIENT_SCOPE",
             ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::CsrfRejected => "CSRF_REJECTED",
             ErrorCode::UpstreamForbidden => "UPSTREAM_FORBIDDEN",
             ErrorCode::LoopDetected => "LOOP_DETECTED",
             ErrorCode::NotFound => "NOT_FOUND",
@@ -88,7 +91,10 @@ impl ErrorCode {
                 StatusCode::BAD_REQUEST
             }
             ErrorCode::Unauthorized | ErrorCode::ExpiredToken => StatusCode::UNAUTHORIZED,
-            ErrorCode::Forbidden | ErrorCode::InsufficientScope | ErrorCode::UpstreamForbidden => {
+            ErrorCode::Forbidden
+            | ErrorCode::CsrfRejected
+            | ErrorCode::InsufficientScope
+            | ErrorCode::UpstreamForbidden => {
                 StatusCode::FORBIDDEN
             }
             ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,

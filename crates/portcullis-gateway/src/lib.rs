@@ -61,6 +61,8 @@ pub struct Shared {
     reload_lock: tokio::sync::Mutex<Option<u64>>,
     /// Shared state (API keys, counters, users).
     store: Arc<dyn portcullis_store::Store>,
+    /// Policy state that outlives snapshots (rate-limit counters, cached responses).
+    pub policies: policy::Registries,
 }
 
 /// Why the gateway could not load.
@@ -155,7 +157,8 @@ impl Shared {
             "portcullis-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
-        let snapshot = snapshot::compile(config, path, &clients, &store, &instance_id).await?;
+        let policies = policy::Registries::new(store.clone());
+        let snapshot = snapshot::compile(config, path, &clients, &policies, &instance_id).await?;
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
@@ -168,6 +171,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(file_hash(path)),
             store,
+            policies,
         };
         let generation = shared.generation.next();
         shared.metrics.config_generation.set(generation as i64);
@@ -216,7 +220,7 @@ impl Shared {
                     config,
                     &self.config_path,
                     &self.clients,
-                    &self.store,
+                    &self.policies,
                     &self.instance_id,
                 )
                 .await

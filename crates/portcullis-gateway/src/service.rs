@@ -271,6 +271,9 @@ async fn dispatch(
         rest: found.rest,
         identity: None,
         limits: Default::default(),
+        cache: Default::default(),
+        compress: Default::default(),
+        cors: Default::default(),
         record,
     };
     run_chain(&mut ctx, req).await

@@ -29,6 +29,21 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub route: Arc<str>,
+    pub limit: Arc<str>,
+    /// `allowed`, `limited`, `store_error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: Arc<str>,
+    /// `hit`, `miss`, `stale`, `bypass`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamErrorLabels {
     pub route: Arc<str>,
     pub kind: &'static str,
@@ -75,6 +90,14 @@ pub struct Metrics {
     pub loops_detected: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     pub config_generation: Gauge,
+    /// Rate-limit decisions by route, limit and result.
+    pub ratelimit: Family<LimitLabels, Counter>,
+    /// Response cache lookups by route and result.
+    pub cache: Family<CacheLabels, Counter>,
+    /// Requests refused by the CSRF policy.
+    pub csrf_rejected: Family<RouteLabels, Counter>,
+    /// Requests refused by IP rules.
+    pub ip_denied: Family<RouteLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -101,6 +124,30 @@ impl Metrics {
         let config_generation = Gauge::default();
         let connections_rejected = Counter::default();
         let loops_detected = Counter::default();
+        let ratelimit = Family::<LimitLabels, Counter>::default();
+        let cache = Family::<CacheLabels, Counter>::default();
+        let csrf_rejected = Family::<RouteLabels, Counter>::default();
+        let ip_denied = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "ratelimit_decisions",
+            "Rate-limit decisions by route, limit and result (allowed, limited, store_error)",
+            ratelimit.clone(),
+        );
+        registry.register(
+            "cache_requests",
+            "Response cache lookups by route and result (hit, miss, stale, bypass)",
+            cache.clone(),
+        );
+        registry.register(
+            "csrf_rejected",
+            "Unsafe requests refused by the CSRF policy, by route",
+            csrf_rejected.clone(),
+        );
+        registry.register(
+            "ip_denied",
+            "Requests refused by IP rules, by route",
+            ip_denied.clone(),
+        );
         registry.register(
             "connections_rejected",
             "Client connections closed at once because max_connections was reached",
@@ -163,6 +210,10 @@ impl Metrics {
             loops_detected,
             reloads,
             config_generation,
+            ratelimit,
+            cache,
+            csrf_rejected,
+            ip_denied,
         }
     }
 

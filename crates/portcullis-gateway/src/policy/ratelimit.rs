@@ -17,6 +17,35 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit"
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
+/// Local counters that outlive snapshots. (Not built yet.)
+#[derive(Default)]
+pub struct Registry;
+
+/// A route's rate limits of one phase. (Not built yet.)
+pub struct RateLimits;
+
+/// The route's limits, split into those keyed before auth and those after.
+pub(crate) fn compile(
+    _limits: &[portcullis_config::RateLimitConfig],
+    _site: &super::PolicySite<'_>,
+    _registries: &super::Registries,
+    _errors: &mut crate::snapshot::Errors<'_>,
+) -> (Option<RateLimits>, Option<RateLimits>) {
+    (None, None)
+}
+
+impl RateLimits {
+    pub(super) async fn on_request(
+        &self,
+        _ctx: &mut RequestCtx<'_>,
+        _req: &mut http::Request<hyper::body::Incoming>,
+    ) -> Result<Flow, GatewayError> {
+        Ok(Flow::Continue)
+    }
+
+    pub(super) fn on_response(&self, _ctx: &mut RequestCtx<'_>, _res: &mut Response<Body>) {}
+}
+
 /// What the limits of this request decided, for its response headers.
 #[derive(Default)]
 pub struct LimitState {

@@ -130,9 +130,10 @@ pub async fn compile(
     config: Config,
     source: &Path,
     clients: &ClientRegistry,
-    store: &Arc<dyn portcullis_store::Store>,
+    policies: &crate::policy::Registries,
     instance_id: &Arc<str>,
 ) -> Result<Snapshot, ConfigErrors> {
+    let store = &policies.store;
     let mut errors = Errors {
         file: source,
         list: Vec::new(),
@@ -324,6 +325,7 @@ pub async fn compile(
         &authenticators,
         &global_set,
         clients,
+        policies,
         &mut errors,
     );
     if !errors.list.is_empty() {

@@ -31,6 +31,7 @@ pub(super) fn compile(
     authenticators: &HashMap<String, Arc<Authenticator>>,
     global_set: &[Arc<Authenticator>],
     clients: &ClientRegistry,
+    policies: &crate::policy::Registries,
     errors: &mut Errors<'_>,
 ) -> CompiledRoutes {
     let mut open_routes = Vec::new();
@@ -101,21 +102,32 @@ pub(super) fn compile(
         let Some(action) = crate::action::compile(route, &site, &mut action_clients, errors) else {
             continue;
         };
-        let mut policies = Vec::new();
+        let own = route.policies(&Default::default());
+        let policy_site = crate::policy::PolicySite {
+            at: r.referenced,
+            route_field: &field,
+            route: Arc::from(name.as_str()),
+            own: &own,
+            params: &params,
+            is_prefix: matches!(pattern, PathPattern::Prefix(_)),
+            authenticated: matches!(auth, AuthPolicy::Required { .. }),
+        };
+        let mut chain =
+            crate::policy::compile(&route.policies(&config.defaults), &policy_site, policies, errors);
         if route.auth.as_ref().is_some_and(|a| a.quota.0) {
-            policies.push(Policy::Quota(crate::policy::ratelimit::Quota));
+            chain.push(Policy::Quota(crate::policy::ratelimit::Quota));
         }
         let unauthenticated = match auth {
             AuthPolicy::Open => "open",
             AuthPolicy::Public => "public",
             AuthPolicy::Required { .. } => {
-                policies.push(Policy::Auth(auth));
+                chain.push(Policy::Auth(auth));
                 ""
             }
         };
         let compiled = Arc::new(Route {
             name: Arc::from(name.as_str()),
-            chain: Chain::new(policies),
+            chain: Chain::new(chain),
             unauthenticated,
             max_body: route
                 .max_request_body

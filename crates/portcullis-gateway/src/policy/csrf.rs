@@ -1,0 +1,34 @@
+//! CSRF: unsafe cookie-authenticated requests need an allowed Origin.
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::{Flow, PolicySite};
+use crate::body::Body;
+use crate::context::RequestCtx;
+use crate::error::GatewayError;
+use crate::snapshot::Errors;
+
+/// Not built yet: compiles to nothing.
+pub struct Csrf;
+
+pub(crate) fn compile(
+    _config: &portcullis_config::CsrfConfig,
+    _cors: Option<&super::cors::Cors>,
+    _site: &PolicySite<'_>,
+    _errors: &mut Errors<'_>,
+) -> Option<Csrf> {
+    None
+}
+
+impl Csrf {
+    pub(super) fn on_request(
+        &self,
+        _ctx: &mut RequestCtx<'_>,
+        _req: &mut Request<Incoming>,
+    ) -> Result<Flow, GatewayError> {
+        Ok(Flow::Continue)
+    }
+
+    pub(super) fn on_response(&self, _ctx: &mut RequestCtx<'_>, _res: &mut Response<Body>) {}
+}
