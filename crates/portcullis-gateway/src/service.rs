@@ -137,6 +137,16 @@ pub async fn handle(
         client_ip,
     };
     let mut res = dispatch(request, req, &mut record).await;
+    if record
+        .route
+        .as_ref()
+        .is_none_or(|r| Arc::ptr_eq(r, &shared.labels.builtin))
+    {
+        // No route's chain ran: the defaults' security headers still apply.
+        if let Some(security) = &snapshot.security_headers {
+            security.apply(conn.scheme, res.headers_mut());
+        }
+    }
     res.headers_mut()
         .insert(snapshot.request_id_header.clone(), request_id.clone());
     record.status = res.status().as_u16();

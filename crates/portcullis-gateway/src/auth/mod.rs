@@ -139,6 +139,7 @@ impl Authenticator {
                     headers,
                     source: CredentialSource::Header,
                     api_key: None,
+                    token: None,
                 })
             }
             Authenticator::ApiKey {
@@ -170,6 +171,7 @@ impl Authenticator {
                                 record,
                                 fail_open: *quota_fail_open,
                             }),
+                            token: None,
                         })
                     }
                     Ok(None) => Err(Failure::Invalid),
@@ -199,26 +201,14 @@ impl Authenticator {
 }
 
 fn jwt_identity(
-    token: &VerifiedToken,
+    token: &Arc<VerifiedToken>,
     claim_headers: &[(String, HeaderName)],
     principal_header: Option<&HeaderName>,
 ) -> Identity {
     let mut headers = Vec::with_capacity(claim_headers.len() + 1);
     for (claim, header) in claim_headers {
-        let value = match token.claims.get(claim) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(serde_json::Value::Bool(b)) => b.to_string(),
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .filter_map(|i| {
-                    i.as_str()
-                        .map(str::to_owned)
-                        .or_else(|| i.as_number().map(|n| n.to_string()))
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-            _ => continue,
+        let Some(value) = token.claims.get(claim).and_then(claim_text) else {
+            continue;
         };
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.push((header.clone(), v));
@@ -234,6 +224,7 @@ fn jwt_identity(
         headers,
         source: CredentialSource::Header,
         api_key: None,
+        token: Some(token.clone()),
     }
 }
 
@@ -269,6 +260,37 @@ pub struct Identity {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub source: CredentialSource,
     pub api_key: Option<ApiKeyUse>,
+    /// The verified JWT, for `{claim.<name>}` in header templates.
+    pub token: Option<Arc<VerifiedToken>>,
+}
+
+impl Identity {
+    /// A claim of the JWT as header text (strings as they are, numbers and booleans
+    /// printed, arrays comma-joined); `None` for other kinds or without a JWT.
+    pub fn claim_text(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        claim_text(self.token.as_ref()?.claims.get(name)?)
+    }
+}
+
+fn claim_text(value: &serde_json::Value) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    match value {
+        serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
+        serde_json::Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        serde_json::Value::Bool(b) => Some(Cow::Owned(b.to_string())),
+        serde_json::Value::Array(items) => Some(Cow::Owned(
+            items
+                .iter()
+                .filter_map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .or_else(|| i.as_number().map(|n| n.to_string()))
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        )),
+        _ => None,
+    }
 }
 
 /// Every place a route's authenticators read credentials from: all of them are

@@ -80,7 +80,7 @@ impl Policy {
     ) -> Result<Flow, GatewayError> {
         match self {
             Policy::Security(_) => Ok(Flow::Continue),
-            Policy::Ip(p) => p.on_request(ctx, req),
+            Policy::Ip(p) => p.on_request(ctx),
             Policy::Cors(p) => p.on_request(ctx, req),
             Policy::RateLimitClient(p) | Policy::RateLimitPrincipal(p) => {
                 p.on_request(ctx, req).await

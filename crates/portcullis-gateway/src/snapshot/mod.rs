@@ -53,6 +53,9 @@ pub struct Snapshot {
     pub header_rules: crate::sanitize::HeaderRules,
     /// Our `Via` element (loop detection).
     pub via: ViaHeaders,
+    /// `defaults.security_headers`, for responses made before a route is known
+    /// (400, 404, 405, health).
+    pub security_headers: Option<crate::policy::security::SecurityHeaders>,
     /// The API-key cache shared by the api_key authenticators and the admin API.
     pub api_keys: portcullis_auth::apikey::ApiKeys,
 }
@@ -114,7 +117,19 @@ pub(crate) struct Errors<'a> {
     list: Vec<ConfigError>,
 }
 
-impl Errors<'_> {
+impl<'a> Errors<'a> {
+    pub(crate) fn new(file: &'a Path) -> Self {
+        Errors {
+            file,
+            list: Vec::new(),
+        }
+    }
+
+    /// How many errors so far (a compile step compares before and after).
+    pub(crate) fn count(&self) -> usize {
+        self.list.len()
+    }
+
     pub(crate) fn push(
         &mut self,
         location: Location,
@@ -134,10 +149,7 @@ pub async fn compile(
     instance_id: &Arc<str>,
 ) -> Result<Snapshot, ConfigErrors> {
     let store = &policies.store;
-    let mut errors = Errors {
-        file: source,
-        list: Vec::new(),
-    };
+    let mut errors = Errors::new(source);
 
     let (listeners, certs) = listeners::compile(&config, source, &mut errors);
     let admin = listeners::compile_admin(&config, &mut errors);
@@ -328,6 +340,12 @@ pub async fn compile(
         policies,
         &mut errors,
     );
+    let security_headers = match &config.defaults.security_headers {
+        Some(portcullis_config::Toggle::On(c)) => {
+            crate::policy::security::compile_defaults(c, &mut errors)
+        }
+        _ => None,
+    };
     if !errors.list.is_empty() {
         return Err(ConfigErrors(errors.list));
     }
@@ -378,6 +396,7 @@ pub async fn compile(
         send_timeout: config.server.send_timeout.get(),
         used_clients: compiled.used_clients,
         header_rules,
+        security_headers,
         via: via.ok_or_else(|| ConfigErrors(Vec::new()))?,
         api_keys,
         source: source.to_owned(),

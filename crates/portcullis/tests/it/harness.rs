@@ -315,9 +315,9 @@ pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------
 // Upstreams
 
-type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-fn full(b: impl Into<Bytes>) -> BoxBody {
+pub fn full(b: impl Into<Bytes>) -> BoxBody {
     Full::new(b.into()).boxed()
 }
 
