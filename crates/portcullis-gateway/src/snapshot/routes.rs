@@ -199,6 +199,23 @@ fn login_routes(
         service.guest_path.clone().map(|p| (p, true)),
     ];
     for (path, guest) in paths.into_iter().flatten() {
+        // A user route on the same exact path would share it by method; refuse it
+        // instead of letting one silently shadow the other.
+        for (i, r) in config.routes.iter().enumerate() {
+            if r.value
+                .path
+                .as_ref()
+                .is_some_and(|p| p.value.as_str() == path)
+            {
+                errors.push(
+                    r.referenced,
+                    format!("routes[{i}].path"),
+                    format!(
+                        "{path:?} is token_issuer's endpoint; pick another path for one of them"
+                    ),
+                );
+            }
+        }
         let route = Arc::new(Route {
             name: Arc::from("(login)"),
             chain: Chain::default(),

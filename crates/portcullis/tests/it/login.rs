@@ -383,3 +383,45 @@ routes:
     // Any valid token opens a route without scopes.
     assert_eq!(status("/plain", "nora").await.status(), 200);
 }
+
+/// The login and guest endpoints are routes like any other: `portcullis routes`
+/// lists them, a user route on the same exact path is a conflict `check` reports,
+/// and any other method is a 405 with `Allow: POST`.
+#[tokio::test]
+async fn login_endpoints_are_generated_routes() {
+    let yaml = r#"listeners: [{address: "127.0.0.1:0"}]
+token_issuer:
+  secret: "login-routes-secret-0123456789ab"
+  guest_path: /auth/guest
+routes:
+  - path: /auth/login
+    public: true
+    respond: {status: 200}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_config(dir.path(), yaml);
+    let (code, _out, err) = run_cli(&["check", "-c", &p.display().to_string()], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("token_issuer") && err.contains("/auth/login"),
+        "{err}"
+    );
+
+    let ok = yaml.replace("  - path: /auth/login\n", "  - path: /other\n");
+    let p = write_config(dir.path(), &ok);
+    let (code, out, err) = run_cli(&["routes", "-c", &p.display().to_string()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("/auth/login") && out.contains("login"),
+        "{out}"
+    );
+    assert!(
+        out.contains("/auth/guest") && out.contains("guest token"),
+        "{out}"
+    );
+
+    let gw = Gateway::start(&ok);
+    let res = client().get(gw.url("/auth/login")).send().await.unwrap();
+    assert_eq!(res.headers()["allow"], "POST");
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+}
