@@ -34,6 +34,9 @@ fn every_example_passes_check() {
                     ("BUILD_SERVICE_URL", "http://127.0.0.1:1"),
                     ("KV_SERVICE_URL", "http://127.0.0.1:1"),
                     ("CORE_SERVICE_URL", "http://127.0.0.1:1"),
+                    ("DEFAULT_BACKEND", "http://127.0.0.1:1"),
+                    ("BACKEND_A_URL", "http://127.0.0.1:1"),
+                    ("BACKEND_B_URL", "http://127.0.0.1:1"),
                 ],
             );
             assert_eq!(code, 0, "{}: {out}{err}", path.display());
@@ -335,4 +338,110 @@ async fn eloquent_example() {
         .await
         .unwrap();
     assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+}
+
+/// Seed 002's config.yml (`examples/bff-routing.yaml`): host and prefix mappings
+/// with /api stripped, the default backend, helmet-style headers on every response
+/// (error envelopes included), CORS for the configured and `ALLOWED_ORIGINS`
+/// origins, and 60 requests per minute per client IP on /auth/*.
+#[tokio::test]
+async fn bff_routing_example() {
+    let default = Upstream::echo().await;
+    let a = Upstream::echo().await;
+    let b = Upstream::echo().await;
+    let (du, au, bu) = (default.url(), a.url(), b.url());
+    let mut env = LOCAL.to_vec();
+    env.extend([
+        ("DEFAULT_BACKEND", du.as_str()),
+        ("BACKEND_A_URL", au.as_str()),
+        ("BACKEND_B_URL", bu.as_str()),
+        (
+            "ALLOWED_ORIGINS",
+            "https://extra.example.net, http://localhost:5173",
+        ),
+    ]);
+    let gw = Gateway::start_file(&example("bff-routing.yaml"), &env);
+    let c = client();
+    let get = |host: &str, path: &str| c.get(gw.url(path)).header("host", host).send();
+    let echo = |res: reqwest::Response| async move {
+        assert_eq!(res.status(), 200);
+        res.json::<serde_json::Value>().await.unwrap()
+    };
+
+    // mappings[0]: app.example.com → backend A, /api stripped.
+    let body = echo(get("app.example.com", "/api/v1/users").await.unwrap()).await;
+    assert_eq!(body["path"], "/v1/users");
+    assert_eq!(a.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // mappings[1]: api.example.com with pathPrefix /v2 → backend B.
+    let body = echo(get("api.example.com", "/api/v2/things").await.unwrap()).await;
+    assert_eq!(body["path"], "/v2/things");
+    assert_eq!(b.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // api.example.com without /v2, and any other host → the default backend.
+    let body = echo(get("api.example.com", "/api/graphql").await.unwrap()).await;
+    assert_eq!(body["path"], "/graphql");
+    let body = echo(get("other.test", "/api/v1/users").await.unwrap()).await;
+    assert_eq!(body["path"], "/v1/users");
+    assert_eq!(
+        default.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+
+    // Helmet-style headers on a success, on a 404 and with the seed's CORP.
+    for res in [
+        get("app.example.com", "/api/x").await.unwrap(),
+        get("app.example.com", "/nothing-here").await.unwrap(),
+    ] {
+        assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(res.headers()["cross-origin-resource-policy"], "same-site");
+        assert_eq!(res.headers()["cross-origin-opener-policy"], "same-origin");
+        assert!(res.headers().contains_key("content-security-policy"));
+    }
+
+    // CORS: the config's origins and ALLOWED_ORIGINS', credentials on.
+    for origin in [
+        "https://admin.example.com",
+        "http://localhost:5173",
+        "https://extra.example.net",
+    ] {
+        let res = c
+            .request(reqwest::Method::OPTIONS, gw.url("/api/v1/users"))
+            .header("host", "app.example.com")
+            .header("origin", origin)
+            .header("access-control-request-method", "PATCH")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 204, "{origin}");
+        assert_eq!(res.headers()["access-control-allow-origin"], origin);
+        assert_eq!(res.headers()["access-control-allow-credentials"], "true");
+        assert_eq!(
+            res.headers()["access-control-allow-headers"],
+            "content-type, authorization"
+        );
+    }
+    let res = c
+        .get(gw.url("/api/x"))
+        .header("host", "app.example.com")
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+
+    // 60 per minute per client IP on /auth/*, with the IETF headers.
+    for i in 0..60 {
+        let res = c.get(gw.url("/auth/me")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+    }
+    let res = c.get(gw.url("/auth/me")).send().await.unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(res.headers().contains_key("ratelimit"));
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    assert_error(res, 429, "RATE_LIMITED").await;
+    // Other paths are not limited.
+    assert_eq!(
+        get("app.example.com", "/api/x").await.unwrap().status(),
+        200
+    );
 }
