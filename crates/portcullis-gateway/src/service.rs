@@ -247,13 +247,16 @@ async fn dispatch(
 
     // `port:` on a route is the listener's port, never what a client writes in Host.
     let host = authority.as_ref().map(|a| a.host.as_str());
-    let found = match snapshot
-        .routes
-        .lookup(host, Some(at.conn.local.port()), req.method(), &path)
-    {
+    let port = Some(at.conn.local.port());
+    let found = match snapshot.routes.lookup(host, port, req.method(), &path) {
         Lookup::Found(m) => m,
         Lookup::MethodNotAllowed { allowed } => {
-            return error_response(method_not_allowed(&allowed), at.request_id)
+            // A CORS preflight for a route that lists its methods: the route of the
+            // method the browser asks about answers it, when that route has CORS.
+            match preflight_route(&req).map(|m| snapshot.routes.lookup(host, port, &m, &path)) {
+                Some(Lookup::Found(m)) if m.value.chain.cors().is_some() => m,
+                _ => return error_response(method_not_allowed(&allowed), at.request_id),
+            }
         }
         Lookup::NotFound => {
             let e = GatewayError::new(ErrorCode::NotFound, "no route matches this request");
@@ -320,6 +323,15 @@ async fn run_chain(ctx: &mut RequestCtx<'_>, mut req: Request<Incoming>) -> Resp
         policy.on_response(ctx, &mut res);
     }
     res
+}
+
+/// The method a CORS preflight asks about.
+fn preflight_route(req: &Request<Incoming>) -> Option<Method> {
+    if req.method() != Method::OPTIONS || !req.headers().contains_key(header::ORIGIN) {
+        return None;
+    }
+    let asked = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+    Method::from_bytes(asked.as_bytes()).ok()
 }
 
 fn method_not_allowed(allowed: &[Method]) -> GatewayError {

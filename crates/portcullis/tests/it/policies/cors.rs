@@ -26,6 +26,15 @@ routes:
     public: true
     cors: {{allowed_origins: ["*"]}}
     proxy: {{upstream: "{upstream}"}}
+  - name: writes
+    path: /items
+    methods: [POST]
+    proxy: {{upstream: "{upstream}"}}
+  - name: reads
+    path: /items
+    methods: [GET]
+    cors: false
+    proxy: {{upstream: "{upstream}"}}
   - name: internal
     path_prefix: /internal
     public: true
@@ -214,6 +223,39 @@ async fn upstream_cors_headers_are_replaced_and_routes_can_turn_cors_off() {
         .unwrap();
     assert_eq!(res.headers()["access-control-allow-origin"], "*");
     assert!(res.headers().get("vary").is_none());
+}
+
+/// A route that lists its methods still gets its preflight answered (by the route
+/// of the method asked about), and never sees an OPTIONS request itself.
+#[tokio::test]
+async fn preflight_reaches_routes_that_list_their_methods() {
+    let up = Upstream::echo().await;
+    let gw = cors_gateway(&up.url(), &[]);
+    let preflight = |method: &'static str| {
+        client()
+            .request(reqwest::Method::OPTIONS, gw.url("/items"))
+            .header("origin", "https://app.example.com")
+            .header("access-control-request-method", method)
+            .send()
+    };
+    let res = preflight("POST").await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    // The GET route has no CORS: its preflight is the table's 405, never forwarded.
+    let res = preflight("GET").await.unwrap();
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+    let res = preflight("DELETE").await.unwrap();
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+    let res = client()
+        .request(reqwest::Method::OPTIONS, gw.url("/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 #[test]
