@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Portcullis benchmark: Portcullis vs nginx vs the bare upstream, on loopback, plus
-# Portcullis-only groups: route-table size (routes) and authentication cost (auth).
+# Portcullis-only groups: route-table size (routes), authentication cost (auth) and
+# policy cost (policies: CORS + security headers + a local rate limit, a cache hit).
 #
 # Usage (from anywhere; needs root or sudo-less apt for the first run):
 #   bench/run.sh                                 # full run, ~9 minutes
@@ -12,7 +13,7 @@
 #   BENCH_ROUNDS=3         interleaved rounds; the table shows the median per metric
 #   BENCH_CONNECTIONS=50   wrk -c
 #   BENCH_THREADS=1        wrk -t
-#   BENCH_CONTENDERS="direct nginx portcullis routes auth"   subset to run
+#   BENCH_CONTENDERS="direct nginx portcullis routes auth policies"   subset to run
 #   BENCH_LAYOUT=isolated  isolated: proxy alone on SUT CPUs, upstream with wrk; shared: proxy+upstream
 #   BENCH_SUT_CPUS=0       taskset list for the proxy (and, with shared, the upstream)
 #   BENCH_WRK_CPUS=1       taskset list for the load generator (and, with isolated, the upstream)
@@ -39,7 +40,7 @@ WARMUP=${BENCH_WARMUP:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-1}
-CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth}
+CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth policies}
 SUT_CPUS=${BENCH_SUT_CPUS:-0}
 WRK_CPUS=${BENCH_WRK_CPUS:-1}
 PIN=${BENCH_PIN:-1}
@@ -52,14 +53,14 @@ BIG_BYTES=65536
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 want() { [[ " $CONTENDERS " == *" $1 "* ]]; }
-want_gateway() { want portcullis || want routes || want auth; }
+want_gateway() { want portcullis || want routes || want auth || want policies; }
 
 for v in DURATION WARMUP ROUNDS CONNECTIONS THREADS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "BENCH_$v must be a non-negative integer (got '${!v}')"
 done
 ((ROUNDS >= 1 && DURATION >= 1)) || die "BENCH_ROUNDS and BENCH_DURATION must be >= 1"
 for c in $CONTENDERS; do
-    case $c in direct | nginx | portcullis | routes | auth) ;; *) die "unknown contender '$c'" ;; esac
+    case $c in direct | nginx | portcullis | routes | auth | policies) ;; *) die "unknown contender '$c'" ;; esac
 done
 
 # ---------------------------------------------------------------------------
@@ -416,6 +417,36 @@ if want auth; then
     done
 fi
 
+# Policies group: the small GET through three gateways that differ only in the
+# route's policies: none; CORS + helmet-style security headers + a local per-IP rate
+# limit far above the load (requests carry an allowed Origin, so the CORS response
+# headers are built too); a response cache whose every request after the first is
+# a hit (no upstream round trip).
+gen_policies() {
+    local name=$1 policies=$2 file=$3
+    cat >"$file" <<EOF
+listeners: [{address: "127.0.0.1:__PORT__"}]
+logging: {access_log: false}
+store: {data_dir: "$TMP/data-$name"}
+routes:
+  - path_prefix: /
+    public: true
+$policies
+    proxy: {upstream: "$UPSTREAM_URL"}
+EOF
+}
+if want policies; then
+    gen_policies pol-plain "" "$TMP/pol-plain.yaml"
+    gen_policies pol-edge '    cors: {allowed_origins: ["https://app.example.com"], allow_credentials: true}
+    security_headers: true
+    rate_limits: [{requests: 1000000000, per: 1s, by: ip}]' "$TMP/pol-edge.yaml"
+    gen_policies pol-cache "    cache: {ttl: 1h}" "$TMP/pol-cache.yaml"
+    C_HEADER[pol-edge]="Origin: https://app.example.com"
+    for c in pol-plain pol-edge pol-cache; do
+        start_portcullis "$c" "$TMP/$c.yaml" 20
+    done
+fi
+
 # ---------------------------------------------------------------------------
 # Scenarios
 # ---------------------------------------------------------------------------
@@ -434,11 +465,11 @@ EOF
     cat "$TMP/report.lua"
 } >"$TMP/post.lua"
 
-SCENARIOS=(small big post routes auth)
-declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42 [auth]=/)
-declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua [auth]=report.lua)
+SCENARIOS=(small big post routes auth policies)
+declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42 [auth]=/ [policies]=/)
+declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua [auth]=report.lua [policies]=report.lua)
 declare -A S_TITLE=([small]="small GET /" [big]="64 KiB GET /64k" [post]="16 KiB POST" [routes]="routes GET /svc5/items/42"
-    [auth]="auth small GET /")
+    [auth]="auth small GET /" [policies]="policies small GET /")
 
 contenders_for() {
     local c out=()
@@ -446,6 +477,8 @@ contenders_for() {
         for c in routes-10 routes-10000; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
     elif [[ $1 == auth ]]; then
         for c in auth-plain auth-hs256 auth-rs256 auth-apikey; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
+    elif [[ $1 == policies ]]; then
+        for c in pol-plain pol-edge pol-cache; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
     else
         for c in direct nginx portcullis; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
     fi
@@ -604,6 +637,9 @@ label() {
     auth-hs256) echo "Portcullis, JWT HS256" ;;
     auth-rs256) echo "Portcullis, JWT RS256 (cached token)" ;;
     auth-apikey) echo "Portcullis, API key" ;;
+    pol-plain) echo "Portcullis, plain proxy (no policies)" ;;
+    pol-edge) echo "Portcullis, CORS + security headers + local rate limit" ;;
+    pol-cache) echo "Portcullis, cache hit" ;;
     esac
 }
 get() { awk -F'\t' -v s="$1" -v c="$2" -v col="$3" '$1 == s && $2 == c { print $col }' "$MED"; }
@@ -725,6 +761,26 @@ REPORT="$TMP/report.md"
             INVALID=0
             had_errors auth auth-plain "$c" && INVALID=1
             echo "| $(label "$c") | $cr | $rr | $pr | $(verdict "$cr" '<=' 1.1) |"
+        done
+        echo
+    fi
+    if want policies; then
+        echo "## policies / plain proxy CPU per request"
+        echo
+        echo "Targets: CORS + security headers + a local rate limit within 1.1× the plain proxy's CPU per request;"
+        echo "a cache hit at most 0.6× (no upstream round trip)."
+        echo
+        echo "| config | CPU/req ratio | req/s ratio | p99 ratio | CPU target |"
+        echo "|---|---:|---:|---:|---|"
+        for c in pol-edge pol-cache; do
+            cr=$(ratio "$(get policies "$c" 8)" "$(get policies pol-plain 8)")
+            rr=$(ratio "$(get policies "$c" 3)" "$(get policies pol-plain 3)")
+            pr=$(ratio "$(get policies "$c" 5)" "$(get policies pol-plain 5)")
+            INVALID=0
+            had_errors policies pol-plain "$c" && INVALID=1
+            limit=1.1
+            [[ $c == pol-cache ]] && limit=0.6
+            echo "| $(label "$c") | $cr | $rr | $pr | $(verdict "$cr" '<=' "$limit") |"
         done
         echo
     fi
