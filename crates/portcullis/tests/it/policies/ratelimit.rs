@@ -342,10 +342,8 @@ async fn cluster_limit_holds_across_two_gateways_on_one_embedded_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_fails_open_or_closed_per_limit_never_500() {
     let redis = RedisServer::start();
-    let store = format!(
-        "store: {{url: \"redis://127.0.0.1:{}\", timeout: 500ms}}",
-        redis.port
-    );
+    let port = redis.port;
+    let store = format!("store: {{url: \"redis://127.0.0.1:{port}\", timeout: 500ms}}");
     let gw = Gateway::start(&config(
         &store,
         r#"  - name: open
@@ -386,6 +384,31 @@ async fn redis_outage_fails_open_or_closed_per_limit_never_500() {
     assert_eq!(
         logs.matches("rate-limit store unavailable").count(),
         1,
+        "{logs}"
+    );
+
+    // Redis back on the same port: counted again, the recovery logged; a second
+    // outage is logged again.
+    let redis = RedisServer::start_on(port);
+    until(&c, &gw.url("/closed"), &[], 503, 200).await;
+    assert!(
+        gw.wait_log("rate-limit store reachable again", Duration::from_secs(10))
+            .await
+    );
+    drop(redis);
+    until(&c, &gw.url("/closed"), &[], 200, 503).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.logs().matches("rate-limit store unavailable").count() < 2 {
+        assert!(Instant::now() < deadline, "second outage not logged");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for _ in 0..3 {
+        get(&c, &gw.url("/closed"), &[]).await;
+    }
+    let logs = gw.logs();
+    assert_eq!(
+        logs.matches("rate-limit store unavailable").count(),
+        2,
         "{logs}"
     );
 }
