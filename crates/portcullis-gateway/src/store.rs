@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use portcullis_store::{Result, Store, StoreError, WindowCount};
+use portcullis_store::{Rate, RateDecision, Result, Store, StoreError, WindowCount};
 
 /// Stands in for the store in `check` and `routes`, which validate without opening it.
 pub struct Unopened;
@@ -46,6 +46,9 @@ impl Store for Unopened {
         unopened()
     }
     async fn compare_and_delete(&self, _: &str, _: &[u8]) -> Result<bool> {
+        unopened()
+    }
+    async fn rate_limit(&self, _: &str, _: &Rate, _: u64) -> Result<RateDecision> {
         unopened()
     }
     async fn ping(&self) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use crate::{ttl_millis, Result, Store, StoreError, WindowCount};
+use crate::{ttl_millis, Rate, RateDecision, RateState, Result, Store, StoreError, WindowCount};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "portcullis.db";
@@ -475,6 +475,48 @@ impl Store for EmbeddedStore {
                 limit,
                 reset_after,
             })
+        })
+        .await
+    }
+
+    async fn rate_limit(&self, key: &str, rate: &Rate, cost: u64) -> Result<RateDecision> {
+        let key = key.to_string();
+        let rate = *rate;
+        self.write(move |conn| {
+            // IMMEDIATE: read-decide-write serialized with every other writer, in this
+            // or another process.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_sqlite)?;
+            let now = now_ms();
+            let row: Option<(Vec<u8>, Option<i64>)> = tx
+                .prepare_cached("SELECT value, expires_at FROM kv WHERE key = ?1")
+                .and_then(|mut st| {
+                    st.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
+                .map_err(map_sqlite)?;
+            let state = match row {
+                Some((v, exp)) if live(exp, now) => {
+                    Some(RateState::decode(&v).ok_or_else(|| {
+                        StoreError::Corrupt("rate-limit state is not `stamp a b`".into())
+                    })?)
+                }
+                _ => None,
+            };
+            let (decision, next) = rate.decide(state, cost, now);
+            if decision.allowed || state.is_some() {
+                let exp = to_i64(now.saturating_add(rate.idle_ms()));
+                tx.prepare_cached(
+                    "INSERT INTO kv (key, value, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value,
+                                                    expires_at = excluded.expires_at",
+                )
+                .and_then(|mut st| st.execute(params![key, next.encode().into_bytes(), exp]))
+                .map_err(map_sqlite)?;
+                tx.commit().map_err(map_sqlite)?;
+            }
+            Ok(decision)
         })
         .await
     }

@@ -10,6 +10,7 @@
 //! Use [`open`] to pick the backend from a URL.
 
 mod embedded;
+pub mod ratelimit;
 mod redis;
 
 use std::path::Path;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::embedded::EmbeddedStore;
+pub use crate::ratelimit::{Rate, RateAlgorithm, RateDecision, RateState};
 pub use crate::redis::{RedisOptions, RedisStore};
 
 /// Errors returned by a [`Store`].
@@ -109,6 +111,21 @@ pub trait Store: Send + Sync + 'static {
         let _ = (key, expected);
         Err(StoreError::Backend(format!(
             "compare_and_delete is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
+    /// Rate limit, atomic: decides `cost` for `key` under `rate` (sliding window or
+    /// token bucket, see [`ratelimit`]) by the backend's clock (Redis: `TIME`;
+    /// embedded: the system clock), counting it only if admitted. Exact across
+    /// instances and processes sharing a backend. The key expires once its state no
+    /// longer matters ([`Rate::idle_ms`]).
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`], as for
+    /// [`Store::compare_and_set`].
+    async fn rate_limit(&self, key: &str, rate: &Rate, cost: u64) -> Result<RateDecision> {
+        let _ = (key, rate, cost);
+        Err(StoreError::Backend(format!(
+            "rate_limit is not supported by the {} store",
             self.backend_name()
         )))
     }

@@ -18,7 +18,10 @@ use fred::prelude::{
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 
-use crate::{redact_url, ttl_millis, Result, Store, StoreError, WindowCount};
+use crate::{
+    redact_url, ttl_millis, Rate, RateAlgorithm, RateDecision, Result, Store, StoreError,
+    WindowCount,
+};
 
 /// Options for [`RedisStore::connect`].
 #[derive(Debug, Clone)]
@@ -82,6 +85,108 @@ end
 return {1, current + cost, ttl}
 "#;
 
+/// Rate limit: the arithmetic of [`crate::ratelimit`] (keep the two in step), on the
+/// server's clock. KEYS[1] = state hash {s, a, b}; ARGV = algorithm (0 sliding window,
+/// 1 token bucket), limit, period_ms, burst, cost, idle_ms.
+/// Returns {allowed (0/1), remaining, reset_after_ms, retry_after_ms}.
+const RATE_LUA: &str = r#"
+local algo = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local p = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local idle = tonumber(ARGV[6])
+local eps = 1e-9
+local function ceil_ms(x)
+  local v = math.ceil(x - 1e-6)
+  if v < 0 then v = 0 end
+  return v
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local raw = redis.call('HMGET', KEYS[1], 's', 'a', 'b')
+local have = raw[1] ~= false
+local s, a, b = 0, 0, 0
+if have then
+  s = tonumber(raw[1])
+  a = tonumber(raw[2])
+  b = tonumber(raw[3])
+  if s == nil or a == nil or b == nil then
+    return redis.error_reply('PORTCULLIS_CORRUPT rate-limit state')
+  end
+end
+local allowed, remaining, reset, retry
+if algo == 0 then
+  local start = now - (now % p)
+  local cur, prev = 0, 0
+  if have and s == start then
+    cur, prev = a, b
+  elseif have and s + p == start then
+    cur, prev = 0, a
+  elseif have and s > start then
+    start = s
+    cur, prev = a, b
+  end
+  local elapsed = now - start
+  if elapsed < 0 then elapsed = 0 end
+  if elapsed > p then elapsed = p end
+  local est = prev * ((p - elapsed) / p) + cur
+  local to_end = p - elapsed
+  if est + cost <= limit + eps then
+    cur = cur + cost
+    allowed = 1
+    remaining = math.max(0, math.floor(limit - est - cost + eps))
+    reset = to_end
+    retry = 0
+  else
+    allowed = 0
+    local room = limit - cost - cur
+    if room >= 0 and prev > 0 then
+      retry = math.max(1, ceil_ms(p * (1 - room / prev)) - elapsed)
+    elseif cost > limit then
+      retry = p
+    else
+      local at = 0
+      if cur > 0 then at = ceil_ms(p * (1 - (limit - cost) / cur)) end
+      retry = to_end + at
+    end
+    remaining = math.max(0, math.floor(limit - est + eps))
+    reset = retry
+  end
+  s, a, b = start, cur, prev
+else
+  local cap = math.max(burst, 1)
+  local per_ms = math.max(limit, 1) / p
+  local tokens, last = cap, now
+  if have then tokens, last = a, s end
+  if now > last then
+    tokens = math.min(cap, tokens + (now - last) * per_ms)
+    last = now
+  end
+  if tokens + eps >= cost then
+    allowed = 1
+    retry = 0
+    tokens = math.max(0, tokens - cost)
+  else
+    allowed = 0
+    if cost > cap then
+      retry = p
+    else
+      retry = math.max(1, ceil_ms((cost - tokens) / per_ms))
+    end
+  end
+  remaining = math.floor(tokens + eps)
+  reset = ceil_ms((cap - tokens) / per_ms)
+  s, a, b = last, tokens, 0
+end
+if allowed == 1 or have then
+  redis.call('HSET', KEYS[1], 's', string.format('%.17g', s), 'a', string.format('%.17g', a),
+    'b', string.format('%.17g', b))
+  redis.call('PEXPIRE', KEYS[1], idle)
+end
+return {allowed, remaining, reset, retry}
+"#;
+
 /// Compare-and-set. KEYS[1] = key; ARGV = expected, new[, ttl_ms].
 /// Returns 1 if the value was `expected` and is now `new`, else 0.
 const CAS_LUA: &str = r#"
@@ -121,6 +226,7 @@ pub struct RedisStore {
     options: Options,
     command_timeout: Duration,
     window_script: Script,
+    rate_script: Script,
     cas_script: Script,
     cad_script: Script,
     /// Redis Cluster deployment (commands routed by hash slot, scans per node).
@@ -211,6 +317,7 @@ impl RedisStore {
             options,
             command_timeout,
             window_script: Script::from_lua(WINDOW_LUA),
+            rate_script: Script::from_lua(RATE_LUA),
             cas_script: Script::from_lua(CAS_LUA),
             cad_script: Script::from_lua(CAD_LUA),
             clustered,
@@ -621,6 +728,39 @@ impl Store for RedisStore {
             count,
             limit,
             reset_after: Duration::from_millis(u64::try_from(reset_ms).unwrap_or(0)),
+        })
+    }
+
+    async fn rate_limit(&self, key: &str, rate: &Rate, cost: u64) -> Result<RateDecision> {
+        let algorithm = match rate.algorithm {
+            RateAlgorithm::SlidingWindow => 0_i64,
+            RateAlgorithm::TokenBucket => 1,
+        };
+        let argv = vec![
+            Value::from(algorithm),
+            Value::from(rate.limit.to_string()),
+            Value::from(to_i64(rate.period_ms())),
+            Value::from(rate.burst.to_string()),
+            Value::from(cost.to_string()),
+            Value::from(to_i64(rate.idle_ms())),
+        ];
+        let parts = self.eval(&self.rate_script, key, argv).await?.into_array();
+        if parts.len() != 4 {
+            return Err(StoreError::Backend(format!(
+                "unexpected rate-limit script reply ({} items)",
+                parts.len()
+            )));
+        }
+        let ms = |v: &Value| -> Result<Duration> {
+            Ok(Duration::from_millis(
+                u64::try_from(value_i64(v)?.max(0)).unwrap_or(0),
+            ))
+        };
+        Ok(RateDecision {
+            allowed: value_i64(&parts[0])? == 1,
+            remaining: u64::try_from(value_i64(&parts[1])?.max(0)).unwrap_or(0),
+            reset_after: ms(&parts[2])?,
+            retry_after: ms(&parts[3])?,
         })
     }
 

@@ -1,55 +1,643 @@
 //! Rate limits and API-key quotas.
 //!
-//! The quota counts requests against the quota stored with the API key a request
+//! **Rate limits** (`rate_limits:` on a route or in `defaults:`): each limit counts
+//! requests per key — the client IP (IPv6 by prefix), the principal, the API key, a
+//! header, a cookie, a path param, or several joined with `+` — with a sliding window
+//! or a token bucket ([`portcullis_store::ratelimit`]). `scope: local` counts in this
+//! process ([`Registry`], bounded and sharded, kept across reloads); `scope: cluster`
+//! counts in the store with one atomic operation per decision. Limits keyed only by
+//! what is known before auth run before it ([`super::Policy::RateLimitClient`]); the
+//! others after it ([`super::Policy::RateLimitPrincipal`]). A limit whose key part is
+//! absent from a request (no principal, no such header/cookie) does not apply to it.
+//!
+//! The **quota** counts requests against the quota stored with the API key a request
 //! authenticated with (`auth.quota: true` on the route); the store counts atomically,
 //! so instances sharing a Redis never admit more than the limit together.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
 use http::header::{self, HeaderName, HeaderValue};
 use http::Response;
-use portcullis_store::WindowCount;
+use portcullis_config::{
+    RateLimitAlgorithm, RateLimitConfig, RateLimitHeaders, RateLimitScope, StoreFailure,
+};
+use portcullis_store::{Rate, RateAlgorithm, RateDecision, RateState, WindowCount};
 
 use super::Flow;
 use crate::body::Body;
 use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
+use crate::telemetry::LimitLabels;
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// Local counters that outlive snapshots. (Not built yet.)
+/// Shards of the local limiter (a key's shard is its hash).
+const SHARDS: usize = 64;
+/// Keys the local limiter holds at most (all shards together).
+const MAX_LOCAL_KEYS: usize = 256 * 1024;
+/// How often a shard drops its expired keys.
+const SWEEP_MS: u64 = 10_000;
+/// When a shard is full of live keys, the one expiring first of this many is evicted.
+const EVICTION_SAMPLE: usize = 8;
+/// Key parts longer than this are replaced by their SHA-256 (memory, Redis key size).
+const MAX_KEY_PARTS: usize = 200;
+
+/// State of the limits that outlives snapshots: the local counters (keyed by route,
+/// limit name and algorithm, so a reload keeps them) and whether the store is down
+/// (to log an outage once).
+pub struct Registry {
+    shards: Box<[Mutex<Shard>]>,
+    max_per_shard: usize,
+    hasher: RandomState,
+    origin: Instant,
+    store_down: AtomicBool,
+}
+
 #[derive(Default)]
-pub struct Registry;
+struct Shard {
+    map: HashMap<Box<str>, Entry>,
+    next_sweep_ms: u64,
+}
 
-/// A route's rate limits of one phase. (Not built yet.)
-pub struct RateLimits;
+struct Entry {
+    state: RateState,
+    expires_ms: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_capacity(MAX_LOCAL_KEYS)
+    }
+}
+
+impl Registry {
+    /// A local limiter holding at most about `max_keys` keys.
+    pub fn with_capacity(max_keys: usize) -> Self {
+        Registry {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+            origin: Instant::now(),
+            store_down: AtomicBool::new(false),
+        }
+    }
+
+    /// The local clock: milliseconds since the registry was made (monotonic).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Decides `cost` for `key` at `now_ms`, counting it if admitted.
+    pub fn decide(&self, key: &str, rate: &Rate, cost: u64, now_ms: u64) -> RateDecision {
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()];
+        let mut shard = lock(shard);
+        if now_ms >= shard.next_sweep_ms {
+            shard.map.retain(|_, e| e.expires_ms > now_ms);
+            shard.next_sweep_ms = now_ms.saturating_add(SWEEP_MS);
+        }
+        let state = shard
+            .map
+            .get(key)
+            .filter(|e| e.expires_ms > now_ms)
+            .map(|e| e.state);
+        let (decision, next) = rate.decide(state, cost, now_ms);
+        if decision.allowed || state.is_some() {
+            let expires_ms = now_ms.saturating_add(rate.idle_ms());
+            if let Some(e) = shard.map.get_mut(key) {
+                *e = Entry {
+                    state: next,
+                    expires_ms,
+                };
+            } else {
+                if shard.map.len() >= self.max_per_shard {
+                    shard.make_room(now_ms, self.max_per_shard);
+                }
+                shard.map.insert(
+                    key.into(),
+                    Entry {
+                        state: next,
+                        expires_ms,
+                    },
+                );
+            }
+        }
+        decision
+    }
+
+    /// Keys held now (tests, bounds).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records a store failure; true if it starts an outage (log it then only).
+    fn store_failed(&self) -> bool {
+        !self.store_down.swap(true, Ordering::Relaxed)
+    }
+
+    /// Records a store success; true if it ends an outage.
+    fn store_ok(&self) -> bool {
+        self.store_down.load(Ordering::Relaxed) && self.store_down.swap(false, Ordering::Relaxed)
+    }
+}
+
+impl Shard {
+    /// Drops expired keys; if the shard is still full, evicts the key expiring first
+    /// among a few (its counter starts over if it comes back).
+    fn make_room(&mut self, now_ms: u64, max: usize) {
+        self.map.retain(|_, e| e.expires_ms > now_ms);
+        while self.map.len() >= max {
+            let victim = self
+                .map
+                .iter()
+                .take(EVICTION_SAMPLE)
+                .min_by_key(|(_, e)| e.expires_ms)
+                .map(|(k, _)| k.clone());
+            match victim {
+                Some(k) => {
+                    self.map.remove(&k);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Counters stay consistent across a panic (each update is one assignment).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One part of a limit's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    /// The client IP; IPv6 by this prefix length.
+    Ip(u8),
+    Principal,
+    ApiKey,
+    Header(HeaderName),
+    Cookie(Box<str>),
+    Param(Box<str>),
+}
+
+impl Part {
+    fn after_auth(&self) -> bool {
+        matches!(self, Part::Principal | Part::ApiKey)
+    }
+}
+
+/// One compiled limit.
+struct Limit {
+    name: Arc<str>,
+    parts: Box<[Part]>,
+    rate: Rate,
+    cluster: bool,
+    fail_closed: bool,
+    headers: RateLimitHeaders,
+    /// `rl:<route>␟<name>␟<algorithm>␟`, the start of every key of this limit.
+    prefix: Box<str>,
+    /// Metric labels for allowed, limited, store_error.
+    labels: [LimitLabels; 3],
+}
+
+/// A route's rate limits of one phase (before or after auth).
+pub struct RateLimits {
+    limits: Box<[Limit]>,
+    /// `RateLimit-Policy` listing every limit of the route with IETF headers (both
+    /// phases), when there is one.
+    policy: Option<HeaderValue>,
+}
 
 /// The route's limits, split into those keyed before auth and those after.
 pub(crate) fn compile(
-    _limits: &[portcullis_config::RateLimitConfig],
-    _site: &super::PolicySite<'_>,
+    limits: &[RateLimitConfig],
+    site: &super::PolicySite<'_>,
     _registries: &super::Registries,
-    _errors: &mut crate::snapshot::Errors<'_>,
+    errors: &mut crate::snapshot::Errors<'_>,
 ) -> (Option<RateLimits>, Option<RateLimits>) {
-    (None, None)
+    let base = site.field("rate_limits");
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    let mut policies = Vec::new();
+    for (i, c) in limits.iter().enumerate() {
+        let field = format!("{base}[{i}]");
+        let mut ok = true;
+        let mut err = |key: &str, msg: String| {
+            errors.push(site.at, format!("{field}.{key}"), msg);
+            ok = false;
+        };
+        if c.requests == 0 {
+            err("requests", "must be at least 1".into());
+        }
+        if c.per.get().is_zero() {
+            err("per", "must be longer than 0".into());
+        }
+        match (c.algorithm, c.burst) {
+            (_, Some(0)) => err("burst", "must be at least 1".into()),
+            (RateLimitAlgorithm::SlidingWindow, Some(_)) => err(
+                "burst",
+                "only a token_bucket has a burst (set algorithm: token_bucket)".into(),
+            ),
+            _ => {}
+        }
+        if c.ipv6_prefix > 128 {
+            err(
+                "ipv6_prefix",
+                format!("{} is not a prefix length (0-128)", c.ipv6_prefix),
+            );
+        }
+        let name = match &c.name {
+            Some(n) => {
+                let n = n.as_str();
+                if n.is_empty() || !n.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                    err("name", format!("{n:?} must be non-empty printable ASCII"));
+                }
+                n.to_owned()
+            }
+            None => format!("{}-{i}", site.route)
+                .chars()
+                .map(|ch| if (' '..='~').contains(&ch) { ch } else { '_' })
+                .collect(),
+        };
+        if let Some(first) = names.insert(name.clone(), i) {
+            err(
+                "name",
+                format!("duplicate limit name {name:?} (also {base}[{first}])"),
+            );
+        }
+        let parts = match parse_by(c.by.as_str(), c.ipv6_prefix, site.params) {
+            Ok(p) => p,
+            Err(msg) => {
+                err("by", msg);
+                continue;
+            }
+        };
+        if !ok {
+            continue;
+        }
+        let algorithm = match c.algorithm {
+            RateLimitAlgorithm::SlidingWindow => RateAlgorithm::SlidingWindow,
+            RateLimitAlgorithm::TokenBucket => RateAlgorithm::TokenBucket,
+        };
+        let rate = Rate {
+            algorithm,
+            limit: c.requests,
+            period: c.per.get(),
+            burst: c.burst.unwrap_or(c.requests),
+        };
+        let name: Arc<str> = Arc::from(name);
+        if matches!(c.headers, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
+            policies.push(format!(
+                "{};q={};w={}",
+                sf_string(&name),
+                rate.limit,
+                secs_ceil(rate.period).max(1)
+            ));
+        }
+        let label = |result| LimitLabels {
+            route: site.route.clone(),
+            limit: name.clone(),
+            result,
+        };
+        let tag = match algorithm {
+            RateAlgorithm::SlidingWindow => 's',
+            RateAlgorithm::TokenBucket => 't',
+        };
+        let limit = Limit {
+            prefix: format!("rl:{}\u{1f}{name}\u{1f}{tag}\u{1f}", site.route).into(),
+            labels: [label("allowed"), label("limited"), label("store_error")],
+            name,
+            rate,
+            cluster: c.scope == RateLimitScope::Cluster,
+            fail_closed: c.on_store_error == StoreFailure::FailClosed,
+            headers: c.headers,
+            parts: parts.into(),
+        };
+        if limit.parts.iter().any(Part::after_auth) {
+            after.push(limit);
+        } else {
+            before.push(limit);
+        }
+    }
+    let policy = (!policies.is_empty())
+        .then(|| HeaderValue::from_str(&policies.join(", ")).ok())
+        .flatten();
+    let phase = |limits: Vec<Limit>| {
+        (!limits.is_empty()).then(|| RateLimits {
+            limits: limits.into(),
+            policy: policy.clone(),
+        })
+    };
+    (phase(before), phase(after))
+}
+
+/// `ip`, `principal`, `api_key`, `header:<name>`, `cookie:<name>`, `param:<name>`,
+/// joined with `+`.
+fn parse_by(by: &str, ipv6_prefix: u8, params: &[String]) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    for raw in by.split('+') {
+        let s = raw.trim();
+        let part = match s.split_once(':') {
+            None if s == "ip" => Part::Ip(ipv6_prefix),
+            None if s == "principal" => Part::Principal,
+            None if s == "api_key" => Part::ApiKey,
+            Some((kind, name)) if !name.trim().is_empty() => {
+                let name = name.trim();
+                match kind.trim() {
+                    "header" => Part::Header(
+                        HeaderName::from_bytes(name.as_bytes())
+                            .map_err(|_| format!("{name:?} is not a header name"))?,
+                    ),
+                    "cookie" => Part::Cookie(name.into()),
+                    "param" => {
+                        if !params.iter().any(|p| p == name) {
+                            return Err(format!(
+                                "param {name:?} is not captured by the route's path{}",
+                                if params.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" (it captures {})", params.join(", "))
+                                }
+                            ));
+                        }
+                        Part::Param(name.into())
+                    }
+                    other => return Err(unknown_key(&format!("{other}:"))),
+                }
+            }
+            _ => return Err(unknown_key(s)),
+        };
+        if !parts.contains(&part) {
+            parts.push(part);
+        }
+    }
+    Ok(parts)
+}
+
+fn unknown_key(s: &str) -> String {
+    format!(
+        "unknown key {s:?} (expected ip, principal, api_key, header:<name>, cookie:<name> or param:<name>, several joined with +)"
+    )
+}
+
+/// An RFC 8941 sf-string (names are printable ASCII).
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+fn secs_ceil(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000) as u64
+}
+
+/// Appends the key of `ip`: IPv4 whole (IPv4-mapped IPv6 too), IPv6 masked to
+/// `prefix` bits.
+fn push_ip(key: &mut String, ip: IpAddr, prefix: u8) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let _ = write!(key, "{v4}");
+        }
+        IpAddr::V6(v6) => {
+            let bits = u32::from(prefix.min(128));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+            let _ = write!(key, "{net}/{bits}");
+        }
+    }
+}
+
+/// Appends a length-prefixed value (so `a+b` parts never collide).
+fn push_part(key: &mut String, value: &str) {
+    let _ = write!(key, "{}:", value.len());
+    key.push_str(value);
+}
+
+fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+impl Limit {
+    /// This request's key, or `None` when a part is absent (the limit does not apply).
+    fn key(
+        &self,
+        ctx: &RequestCtx<'_>,
+        req: &http::Request<hyper::body::Incoming>,
+    ) -> Option<String> {
+        let mut key = String::with_capacity(self.prefix.len() + 48);
+        key.push_str(&self.prefix);
+        let start = key.len();
+        for part in self.parts.iter() {
+            match part {
+                Part::Ip(prefix) => push_ip(&mut key, ctx.client_ip, *prefix),
+                Part::Principal => push_part(&mut key, ctx.principal().filter(|p| !p.is_empty())?),
+                Part::ApiKey => {
+                    let id = ctx.identity.as_ref()?.api_key.as_ref()?;
+                    push_part(&mut key, &id.record.id);
+                }
+                Part::Header(name) => {
+                    let v = req.headers().get(name)?;
+                    if v.is_empty() {
+                        return None;
+                    }
+                    push_part(&mut key, &String::from_utf8_lossy(v.as_bytes()));
+                }
+                Part::Cookie(name) => push_part(&mut key, cookie(req.headers(), name)?),
+                Part::Param(name) => {
+                    let v = ctx.params.iter().find(|(n, _)| *n == &**name)?.1;
+                    push_part(&mut key, v);
+                }
+            }
+            key.push('\u{1f}');
+        }
+        if key.len() - start > MAX_KEY_PARTS {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(&key.as_bytes()[start..]);
+            key.truncate(start);
+            key.push('#');
+            for b in &digest[..16] {
+                let _ = write!(key, "{b:02x}");
+            }
+        }
+        Some(key)
+    }
 }
 
 impl RateLimits {
     pub(super) async fn on_request(
         &self,
-        _ctx: &mut RequestCtx<'_>,
-        _req: &mut http::Request<hyper::body::Incoming>,
+        ctx: &mut RequestCtx<'_>,
+        req: &mut http::Request<hyper::body::Incoming>,
     ) -> Result<Flow, GatewayError> {
+        let shared = ctx.shared;
+        let registry = &shared.policies.ratelimit;
+        for limit in self.limits.iter() {
+            let Some(key) = limit.key(ctx, req) else {
+                continue;
+            };
+            let decision = if limit.cluster {
+                match shared.policies.store.rate_limit(&key, &limit.rate, 1).await {
+                    Ok(d) => {
+                        if registry.store_ok() {
+                            tracing::info!("rate-limit store reachable again");
+                        }
+                        d
+                    }
+                    Err(e) => {
+                        shared
+                            .metrics
+                            .ratelimit
+                            .get_or_create(&limit.labels[2])
+                            .inc();
+                        if registry.store_failed() {
+                            tracing::warn!(
+                                error = %e,
+                                route = %limit.labels[2].route,
+                                limit = %limit.name,
+                                "rate-limit store unavailable: limits with on_store_error fail_open admit requests uncounted, fail_closed ones refuse them, until it answers again"
+                            );
+                        }
+                        if limit.fail_closed {
+                            return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                registry.decide(&key, &limit.rate, 1, registry.now_ms())
+            };
+            let result = if decision.allowed { 0 } else { 1 };
+            shared
+                .metrics
+                .ratelimit
+                .get_or_create(&limit.labels[result])
+                .inc();
+            ctx.limits.report(limit, &decision);
+            if !decision.allowed {
+                let retry = secs_ceil(decision.retry_after).max(1);
+                return Err(GatewayError::new(
+                    ErrorCode::RateLimited,
+                    format!("rate limit {:?} exceeded; retry later", &*limit.name),
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from(retry)));
+            }
+        }
         Ok(Flow::Continue)
     }
 
-    pub(super) fn on_response(&self, _ctx: &mut RequestCtx<'_>, _res: &mut Response<Body>) {}
+    /// Sets the headers once per response (the first phase to answer writes what
+    /// both phases decided).
+    pub(super) fn on_response(&self, ctx: &mut RequestCtx<'_>, res: &mut Response<Body>) {
+        let state = &mut ctx.limits;
+        if state.written {
+            return;
+        }
+        state.written = true;
+        let headers = res.headers_mut();
+        if let Some(p) = &self.policy {
+            headers.insert(RATELIMIT_POLICY.clone(), p.clone());
+        }
+        if let Some(r) = &state.ietf {
+            let v = format!(
+                "{};r={};t={}",
+                sf_string(&r.name),
+                r.remaining,
+                r.reset_secs
+            );
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(RATELIMIT.clone(), v);
+            }
+        }
+        // The API-key quota's own X-RateLimit-* headers win.
+        if let (Some(r), None) = (&state.legacy, &state.quota) {
+            headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(r.limit));
+            headers.insert(RATELIMIT_REMAINING.clone(), HeaderValue::from(r.remaining));
+            headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(r.reset_secs));
+        }
+    }
+}
+
+/// What one limit reported, for the response headers.
+#[derive(Debug, Clone)]
+struct Reported {
+    name: Arc<str>,
+    limit: u64,
+    remaining: u64,
+    reset_secs: u64,
+}
+
+impl Reported {
+    /// Closest to exhaustion: fewest remaining, then the longest wait.
+    fn closer_than(&self, other: &Reported) -> bool {
+        (self.remaining, std::cmp::Reverse(self.reset_secs))
+            < (other.remaining, std::cmp::Reverse(other.reset_secs))
+    }
 }
 
 /// What the limits of this request decided, for its response headers.
 #[derive(Default)]
 pub struct LimitState {
     quota: Option<WindowCount>,
+    /// The limit closest to exhaustion among those with IETF headers.
+    ietf: Option<Reported>,
+    /// … and among those with legacy headers.
+    legacy: Option<Reported>,
+    written: bool,
+}
+
+impl LimitState {
+    fn report(&mut self, limit: &Limit, d: &RateDecision) {
+        let (ietf, legacy) = match limit.headers {
+            RateLimitHeaders::Ietf => (true, false),
+            RateLimitHeaders::Legacy => (false, true),
+            RateLimitHeaders::Both => (true, true),
+            RateLimitHeaders::None => return,
+        };
+        let r = Reported {
+            name: limit.name.clone(),
+            limit: limit.rate.limit,
+            remaining: d.remaining,
+            reset_secs: secs_ceil(d.reset_after),
+        };
+        for (on, slot) in [(ietf, &mut self.ietf), (legacy, &mut self.legacy)] {
+            if on && slot.as_ref().is_none_or(|old| r.closer_than(old)) {
+                *slot = Some(r.clone());
+            }
+        }
+    }
 }
 
 /// The API-key quota of a route.
@@ -107,4 +695,161 @@ impl Quota {
 
 fn reset_secs(window: &WindowCount) -> u64 {
     window.reset_after.as_secs_f64().ceil() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(algorithm: RateAlgorithm, limit: u64, ms: u64, burst: u64) -> Rate {
+        Rate {
+            algorithm,
+            limit,
+            period: Duration::from_millis(ms),
+            burst,
+        }
+    }
+
+    fn admitted(reg: &Registry, key: &str, r: &Rate, n: usize, now: u64) -> usize {
+        (0..n)
+            .filter(|_| reg.decide(key, r, 1, now).allowed)
+            .count()
+    }
+
+    #[test]
+    fn local_sliding_window_with_injected_clock() {
+        let reg = Registry::default();
+        let r = rate(RateAlgorithm::SlidingWindow, 10, 60_000, 10);
+        let t0 = 6_000_000;
+        assert_eq!(admitted(&reg, "a", &r, 15, t0 + 59_000), 10);
+        // Keys count separately.
+        assert_eq!(admitted(&reg, "b", &r, 3, t0 + 59_000), 3);
+        // 15 s into the next window the previous 10 weigh 7.5.
+        assert_eq!(admitted(&reg, "a", &r, 5, t0 + 75_000), 2);
+        let d = reg.decide("a", &r, 1, t0 + 75_000);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_secs(3));
+        assert_eq!(admitted(&reg, "a", &r, 1, t0 + 78_000), 1);
+    }
+
+    #[test]
+    fn local_token_bucket_with_injected_clock() {
+        let reg = Registry::default();
+        // 2 per second, burst 5.
+        let r = rate(RateAlgorithm::TokenBucket, 2, 1_000, 5);
+        assert_eq!(admitted(&reg, "k", &r, 8, 1_000), 5);
+        let d = reg.decide("k", &r, 1, 1_000);
+        assert_eq!((d.allowed, d.remaining), (false, 0));
+        assert_eq!(d.retry_after, Duration::from_millis(500));
+        assert_eq!(admitted(&reg, "k", &r, 3, 1_499), 0);
+        assert_eq!(admitted(&reg, "k", &r, 3, 1_500), 1);
+        assert_eq!(admitted(&reg, "k", &r, 9, 60_000), 5);
+    }
+
+    #[test]
+    fn local_memory_is_bounded_and_idle_keys_go() {
+        let reg = Registry::with_capacity(SHARDS * 4);
+        let r = rate(RateAlgorithm::SlidingWindow, 5, 1_000, 5);
+        for i in 0..10_000 {
+            assert!(reg.decide(&format!("k{i}"), &r, 1, 10).allowed);
+        }
+        assert!(reg.len() <= SHARDS * 4, "{} keys", reg.len());
+        // Long idle: the next sweep of a shard drops its keys.
+        for i in 0..10_000 {
+            reg.decide(&format!("x{i}"), &r, 0, 1_000_000);
+        }
+        assert!(reg.len() <= SHARDS * 4);
+        // A refused first hit stores nothing.
+        let reg = Registry::default();
+        let strict = rate(RateAlgorithm::SlidingWindow, 1, 1_000, 1);
+        assert!(!reg.decide("big", &strict, 2, 5).allowed);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn ip_keys_group_ipv6_by_prefix() {
+        let key = |ip: &str, prefix| {
+            let mut k = String::new();
+            push_ip(&mut k, ip.parse().unwrap(), prefix);
+            k
+        };
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1", 64), "2001:db8:1:2::/64");
+        assert_eq!(
+            key("2001:db8:1:2:aaaa::1", 64),
+            key("2001:db8:1:2:ffff:1:2:3", 64)
+        );
+        assert_ne!(key("2001:db8:1:2::1", 64), key("2001:db8:1:3::1", 64));
+        assert_eq!(key("2001:db8:1:2::1", 48), "2001:db8:1::/48");
+        assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
+        assert_eq!(key("2001:db8::1", 0), "::/0");
+    }
+
+    #[test]
+    fn by_parses_kinds_and_combinations() {
+        let params = vec!["tenant".to_owned()];
+        assert_eq!(parse_by("ip", 64, &params).unwrap(), vec![Part::Ip(64)]);
+        assert_eq!(
+            parse_by(
+                "principal + header:X-Tenant + param:tenant + cookie:sid",
+                56,
+                &params
+            )
+            .unwrap(),
+            vec![
+                Part::Principal,
+                Part::Header(HeaderName::from_static("x-tenant")),
+                Part::Param("tenant".into()),
+                Part::Cookie("sid".into()),
+            ]
+        );
+        assert!(parse_by("api_key", 64, &params).unwrap()[0].after_auth());
+        assert!(parse_by("host", 64, &params)
+            .unwrap_err()
+            .contains("unknown key"));
+        assert!(parse_by("query:x", 64, &params)
+            .unwrap_err()
+            .contains("unknown key"));
+        assert!(parse_by("header:", 64, &params)
+            .unwrap_err()
+            .contains("unknown key"));
+        assert!(parse_by("ip+", 64, &params)
+            .unwrap_err()
+            .contains("unknown key"));
+        assert!(parse_by("header:a b", 64, &params)
+            .unwrap_err()
+            .contains("not a header name"));
+        assert!(parse_by("param:user", 64, &params)
+            .unwrap_err()
+            .contains("captures tenant"));
+    }
+
+    #[test]
+    fn parts_are_length_prefixed_and_headers_are_structured_fields() {
+        let mut a = String::new();
+        push_part(&mut a, "a\u{1f}1:b");
+        let mut b = String::new();
+        push_part(&mut b, "a");
+        b.push('\u{1f}');
+        push_part(&mut b, "b");
+        assert_ne!(a, b);
+        assert_eq!(sf_string("per-ip"), "\"per-ip\"");
+        assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(secs_ceil(Duration::from_millis(1)), 1);
+        assert_eq!(secs_ceil(Duration::from_millis(60_000)), 60);
+    }
+
+    #[test]
+    fn closest_to_exhaustion_is_reported() {
+        let mk = |remaining, reset_secs| Reported {
+            name: Arc::from("x"),
+            limit: 10,
+            remaining,
+            reset_secs,
+        };
+        assert!(mk(1, 5).closer_than(&mk(2, 60)));
+        assert!(mk(1, 60).closer_than(&mk(1, 5)));
+        assert!(!mk(3, 60).closer_than(&mk(1, 5)));
+    }
 }

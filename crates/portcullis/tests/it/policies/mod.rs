@@ -3,6 +3,7 @@
 
 mod cors;
 mod edge;
+mod ratelimit;
 
 use std::time::Duration;
 
