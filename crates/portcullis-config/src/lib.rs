@@ -14,10 +14,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use identity::*;
-pub use policies::*;
 pub use interp::{
     interpolate, parse_size, ByteSize, Duration, EnvSource, Flag, ProcessEnv, Scalar, Secret, Text,
 };
+pub use policies::*;
 pub use serde_saphyr::{Location, Spanned};
 pub use types::*;
 

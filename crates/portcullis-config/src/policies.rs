@@ -47,7 +47,11 @@ impl<'de, T: Deserialize<'de> + Default> Deserialize<'de> for Toggle<T> {
                 f.write_str("false, true, or the policy's settings")
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Toggle<T>, E> {
-                Ok(if v { Toggle::On(T::default()) } else { Toggle::Off })
+                Ok(if v {
+                    Toggle::On(T::default())
+                } else {
+                    Toggle::Off
+                })
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Toggle<T>, E> {
                 match v.trim().to_ascii_lowercase().as_str() {

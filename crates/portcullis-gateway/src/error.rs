@@ -94,9 +94,7 @@ impl ErrorCode {
             ErrorCode::Forbidden
             | ErrorCode::CsrfRejected
             | ErrorCode::InsufficientScope
-            | ErrorCode::UpstreamForbidden => {
-                StatusCode::FORBIDDEN
-            }
+            | ErrorCode::UpstreamForbidden => StatusCode::FORBIDDEN,
             ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -112,8 +112,12 @@ pub(super) fn compile(
             is_prefix: matches!(pattern, PathPattern::Prefix(_)),
             authenticated: matches!(auth, AuthPolicy::Required { .. }),
         };
-        let mut chain =
-            crate::policy::compile(&route.policies(&config.defaults), &policy_site, policies, errors);
+        let mut chain = crate::policy::compile(
+            &route.policies(&config.defaults),
+            &policy_site,
+            policies,
+            errors,
+        );
         if route.auth.as_ref().is_some_and(|a| a.quota.0) {
             chain.push(Policy::Quota(crate::policy::ratelimit::Quota));
         }
