@@ -15,6 +15,7 @@ mod config;
 mod examples;
 mod hardening;
 mod ops;
+mod policies;
 mod proxy;
 mod reload;
 mod routing;
