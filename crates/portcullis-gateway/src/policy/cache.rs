@@ -438,7 +438,7 @@ pub(crate) fn primary_key(
 /// The primary key plus the request's values of the `Vary`'d headers.
 pub(crate) fn vary_key(primary: &str, names: &[HeaderName], headers: &HeaderMap) -> String {
     let mut key = String::from(primary);
-    key.push_str("v");
+    key.push('v');
     for name in names {
         push_part(&mut key, name.as_str().as_bytes());
         let mut value = Vec::new();
@@ -929,6 +929,11 @@ impl ResponseCache {
             swr: self.swr,
             _guard: pending.guard,
         };
+        if res.body().is_end_stream() {
+            // hyper never polls a body that is already over: store it now.
+            commit.run(Bytes::new());
+            return;
+        }
         let inner = std::mem::replace(res.body_mut(), Body::empty());
         *res.body_mut() = Body::Tee(Box::new(TeeBody {
             inner,
