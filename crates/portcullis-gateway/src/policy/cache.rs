@@ -725,11 +725,10 @@ impl ResponseCache {
         if !(head || req.method() == Method::GET) || ctx.upgrade.is_some() {
             return Ok(self.bypass(ctx));
         }
+        // Anonymous requests on an `auth.optional` route share one entry, apart from
+        // every principal's.
         let principal = if self.per_principal {
-            match ctx.principal() {
-                Some(p) => Some(p),
-                None => return Ok(self.bypass(ctx)),
-            }
+            ctx.principal()
         } else {
             None
         };
