@@ -12,7 +12,8 @@
 #   BENCH_ROUNDS=3         interleaved rounds; the table shows the median per metric
 #   BENCH_CONNECTIONS=50   wrk -c
 #   BENCH_THREADS=1        wrk -t
-#   BENCH_CONTENDERS="direct nginx portcullis routes auth"   subset to run
+#   BENCH_CONTENDERS="direct nginx portcullis cache routes auth"   subset to run
+#                          (cache: Portcullis answering GETs from its response cache)
 #   BENCH_LAYOUT=isolated  isolated: proxy alone on SUT CPUs, upstream with wrk; shared: proxy+upstream
 #   BENCH_SUT_CPUS=0       taskset list for the proxy (and, with shared, the upstream)
 #   BENCH_WRK_CPUS=1       taskset list for the load generator (and, with isolated, the upstream)
@@ -39,7 +40,7 @@ WARMUP=${BENCH_WARMUP:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-1}
-CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth}
+CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis cache routes auth}
 SUT_CPUS=${BENCH_SUT_CPUS:-0}
 WRK_CPUS=${BENCH_WRK_CPUS:-1}
 PIN=${BENCH_PIN:-1}
@@ -52,14 +53,14 @@ BIG_BYTES=65536
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 want() { [[ " $CONTENDERS " == *" $1 "* ]]; }
-want_gateway() { want portcullis || want routes || want auth; }
+want_gateway() { want portcullis || want cache || want routes || want auth; }
 
 for v in DURATION WARMUP ROUNDS CONNECTIONS THREADS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "BENCH_$v must be a non-negative integer (got '${!v}')"
 done
 ((ROUNDS >= 1 && DURATION >= 1)) || die "BENCH_ROUNDS and BENCH_DURATION must be >= 1"
 for c in $CONTENDERS; do
-    case $c in direct | nginx | portcullis | routes | auth) ;; *) die "unknown contender '$c'" ;; esac
+    case $c in direct | nginx | portcullis | cache | routes | auth) ;; *) die "unknown contender '$c'" ;; esac
 done
 
 # ---------------------------------------------------------------------------
@@ -336,6 +337,25 @@ if want portcullis; then
     cp "$PORTCULLIS_CONFIG" "$TMP/portcullis.yaml"
     start_portcullis portcullis "$TMP/portcullis.yaml" 20
 fi
+# Cache hit: the plain proxy with `cache` on its one route. The upstream sends no
+# Cache-Control, so the route's ttl applies; the start-up probe and the sanity pass
+# below fill the entries, and every measured GET is a HIT (POST is a BYPASS).
+gen_cache() {
+    cat >"$1" <<EOF
+listeners: [{address: "127.0.0.1:__PORT__"}]
+logging: {access_log: false}
+cache_storage: {max_bytes: 64MiB}
+routes:
+  - path_prefix: /
+    public: true
+    cache: {ttl: 1h}
+    proxy: {upstream: "$UPSTREAM_URL"}
+EOF
+}
+if want cache; then
+    gen_cache "$TMP/cache.yaml"
+    start_portcullis cache "$TMP/cache.yaml" 20
+fi
 if want routes; then
     gen_routes 10 "$TMP/routes-10.yaml"
     gen_routes 10000 "$TMP/routes-10000.yaml"
@@ -447,7 +467,7 @@ contenders_for() {
     elif [[ $1 == auth ]]; then
         for c in auth-plain auth-hs256 auth-rs256 auth-apikey; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
     else
-        for c in direct nginx portcullis; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
+        for c in direct nginx portcullis cache; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
     fi
     echo "${out[@]}"
 }
@@ -474,6 +494,14 @@ for s in "${SCENARIOS[@]}"; do
         fi
     done
 done
+# The cache contender must answer the GET scenarios from its cache.
+if [[ -n ${PORT[cache]:-} ]]; then
+    for s in small big; do
+        xc=$(curl -sS -o /dev/null -D - --max-time 5 "http://127.0.0.1:${PORT[cache]}${S_PATH[$s]}" |
+            tr -d '\r' | awk -F': ' 'tolower($1) == "x-cache" { print $2 }') || true
+        [[ $xc == HIT ]] || die "cache: ${S_TITLE[$s]} answered X-Cache '$xc' (want HIT)"
+    done
+fi
 log "sanity checks passed"
 
 # proc_ticks "PID..." : utime+stime (clock ticks) summed over the processes.
@@ -598,6 +626,7 @@ label() {
     direct) echo "direct (upstream)" ;;
     nginx) echo "nginx" ;;
     portcullis) echo "Portcullis" ;;
+    cache) echo "Portcullis, cache hit (POST: bypass)" ;;
     routes-10) echo "Portcullis, 10 routes" ;;
     routes-10000) echo "Portcullis, 10,000 routes" ;;
     auth-plain) echo "Portcullis, plain proxy (no auth)" ;;
