@@ -536,3 +536,21 @@ async fn cluster_scope_stores_in_the_store() {
     assert_eq!(get(&c, &url, &[("accept-language", "en")]).await.0, "MISS");
     assert_eq!(up.requests.load(Ordering::SeqCst), before + 2);
 }
+
+#[test]
+fn cache_and_compression_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_config(
+        dir.path(),
+        "listeners: [{address: \"127.0.0.1:0\"}]\ndefaults:\n  cache: {ttl: 0s}\nroutes:\n  - path_prefix: /\n    public: true\n    cache: {max_body: 0}\n    compression: {algorithms: [lz4]}\n    proxy: {upstream: \"http://127.0.0.1:9\"}\n  - path: /other\n    public: true\n    cache: true\n    proxy: {upstream: \"http://127.0.0.1:9\"}\n",
+    );
+    let (code, _, err) = run_cli(&["check", "-c", p.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("routes[0].cache.max_body"), "{err}");
+    assert!(
+        err.contains("routes[0].compression.algorithms[0]") && err.contains("lz4"),
+        "{err}"
+    );
+    // `cache: true` takes the built-in defaults, not `defaults.cache`'s settings.
+    assert!(!err.contains("routes[1]"), "{err}");
+}
