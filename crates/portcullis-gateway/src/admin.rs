@@ -1,4 +1,5 @@
-//! The admin listener: `/admin/config`, `/admin/routes`, `/admin/reload`, metrics and
+//! The admin listener: `/admin/config`, `/admin/routes`, `/admin/reload`,
+//! `/admin/apikeys`, `/admin/cache` (purge), metrics and
 //! health. Admin endpoints need the admin token; health and metrics do not.
 
 use std::convert::Infallible;
@@ -162,11 +163,77 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => store_error(e),
             }
         }
-        (_, "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys") => {
-            GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response("")
-        }
+        (&Method::DELETE, "/admin/cache") => purge_cache(shared, req.uri().query()).await,
+        (
+            _,
+            "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys" | "/admin/cache",
+        ) => GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response(""),
         _ => GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response(""),
     }
+}
+
+/// `DELETE /admin/cache[?route=NAME[&path=/p?q]]`: everything, a route's entries, or
+/// one path of a route (every host, principal and variant of it).
+async fn purge_cache(shared: &Shared, query: Option<&str>) -> Response<Body> {
+    let mut route = None;
+    let mut path = None;
+    for (k, v) in query.map(parse_query).unwrap_or_default() {
+        match k.as_str() {
+            "route" => route = Some(v),
+            "path" => path = Some(v),
+            _ => {
+                return GatewayError::new(
+                    ErrorCode::BadRequest,
+                    format!("unknown parameter {k:?} (expected route, path)"),
+                )
+                .into_response("")
+            }
+        }
+    }
+    if path.is_some() && route.is_none() {
+        return GatewayError::new(ErrorCode::BadRequest, "`path` needs `route`").into_response("");
+    }
+    if let Some(r) = &route {
+        let snapshot = shared.snapshot.load();
+        if !crate::snapshot::describe_routes(&snapshot)
+            .iter()
+            .any(|[name, ..]| name == r)
+        {
+            return GatewayError::new(ErrorCode::NotFound, format!("no route named {r:?}"))
+                .into_response("");
+        }
+    }
+    match shared
+        .policies
+        .cache
+        .purge(&**shared.store(), route.as_deref(), path.as_deref())
+        .await
+    {
+        Ok(deleted) => json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "purged", "route": route, "path": path, "store_entries_deleted": deleted}),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "admin: cache purge in the store failed");
+            GatewayError::server(ErrorCode::ServiceUnavailable).into_response("")
+        }
+    }
+}
+
+/// `a=1&b=%2Fx` → pairs, percent-decoded (`+` is a space).
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
 }
 
 fn authorize(

@@ -22,6 +22,10 @@ pub enum Body {
     /// An upstream response streamed through, cut if silent for longer than `idle`.
     Upstream(IdleTimeout<Incoming>),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    /// Compressed on the fly ([`crate::policy::compress`]).
+    Compressed(Box<crate::policy::compress::CompressBody>),
+    /// Streamed to the client while the cache collects it ([`crate::policy::cache`]).
+    Tee(Box<crate::policy::cache::TeeBody>),
 }
 
 impl Body {
@@ -56,6 +60,8 @@ impl HttpBody for Body {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
+            Body::Compressed(b) => Pin::new(&mut **b).poll_frame(cx),
+            Body::Tee(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -65,6 +71,8 @@ impl HttpBody for Body {
             Body::Full(data) => data.is_none(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
+            Body::Compressed(b) => b.is_end_stream(),
+            Body::Tee(b) => b.is_end_stream(),
         }
     }
 
@@ -74,6 +82,8 @@ impl HttpBody for Body {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Upstream(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
+            Body::Compressed(b) => b.size_hint(),
+            Body::Tee(b) => b.size_hint(),
         }
     }
 }

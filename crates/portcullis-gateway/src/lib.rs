@@ -158,6 +158,9 @@ impl Shared {
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
         let policies = policy::Registries::new(store.clone());
+        policies
+            .cache
+            .set_capacity(config.cache_storage.max_bytes.0);
         let snapshot = snapshot::compile(config, path, &clients, &policies, &instance_id).await?;
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -247,6 +250,9 @@ impl Shared {
                     tracing::warn!("server.max_connections, workers, hosts_file and dns_* changed: they take effect after a restart");
                 }
                 self.clients.retain(&new.used_clients);
+                self.policies
+                    .cache
+                    .set_capacity(new.config.cache_storage.max_bytes.0);
                 self.snapshot.store(Arc::new(new));
                 *last = hash;
                 let generation = self.generation.next();

@@ -1,5 +1,5 @@
-//! 3. CORS: preflight answered by the gateway, disallowed origins get a normal
-//! response without CORS headers, `Vary: Origin`, parsed origin comparison.
+//! Part 3, CORS: preflight answered by the gateway, disallowed origins get a
+//! normal response without CORS headers, `Vary: Origin`, parsed origins.
 
 use super::*;
 

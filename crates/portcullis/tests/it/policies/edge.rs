@@ -1,5 +1,5 @@
-//! 3. Security headers, CSRF, IP rules and header transforms, and the `defaults:`
-//! merge they share.
+//! Part 3: security headers, CSRF, IP rules and header transforms, and the
+//! `defaults:` merge they share.
 
 use super::*;
 

@@ -1,6 +1,8 @@
 //! The policies issue: each policy proven against the real binary, real sockets and
 //! real upstreams (and a real Redis where a policy is cluster-wide).
 
+mod cache;
+mod compression;
 mod cors;
 mod edge;
 mod ratelimit;
@@ -34,12 +36,4 @@ pub(super) fn check(yaml: &str) -> (i32, String) {
     let p = write_config(dir.path(), yaml);
     let (code, _out, err) = run_cli(&["check", "-c", &p.display().to_string()], &[]);
     (code, err)
-}
-
-pub(super) fn no_redirects() -> reqwest::Client {
-    client_builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client")
 }
