@@ -338,6 +338,64 @@ async fn eloquent_example() {
         .await
         .unwrap();
     assert_error(res, 405, "METHOD_NOT_ALLOWED").await;
+
+    // Seed 004's `cache_ttl: 60s` on GET /api/v1/agents, per principal: the second
+    // read of a user is a hit, another user's first read is a miss.
+    let sub_token = |sub: &str| {
+        let claims = serde_json::json!({
+            "sub": sub, "org_id": format!("org-{sub}"), "scopes": ["read"],
+            "iss": "eloquent-gateway", "aud": "eloquent-api", "iat": now, "exp": now + 3600,
+        });
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(b"eloquent-secret-0123456789abcdef"),
+        )
+        .unwrap()
+    };
+    let (alice, bob) = (sub_token("alice"), sub_token("bob"));
+    let read = |t: String| c.get(gw.url("/api/v1/agents?page=1")).bearer_auth(t).send();
+    let first = read(alice.clone()).await.unwrap();
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let again = read(alice.clone()).await.unwrap();
+    assert_eq!(again.headers()["x-cache"], "HIT");
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(body["headers"]["x-org-id"][0], "org-alice");
+    let other = read(bob.clone()).await.unwrap();
+    assert_eq!(other.headers()["x-cache"], "MISS");
+    let body: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(body["headers"]["x-org-id"][0], "org-bob");
+
+    // The per-principal limit reports itself; CORS for ALLOWED_ORIGINS' default.
+    let res = c
+        .get(gw.url("/api/v1/agents/7"))
+        .bearer_auth(&alice)
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["ratelimit-policy"],
+        r#""per-user";q=600;w=60"#
+    );
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    assert_eq!(res.headers()["access-control-allow-credentials"], "true");
+    let res = c
+        .get(gw.url("/api/v1/docs"))
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        res.headers().get("ratelimit").is_none(),
+        "anonymous: not counted"
+    );
 }
 
 /// Seed 002's config.yml (`examples/bff-routing.yaml`): host and prefix mappings
