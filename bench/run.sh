@@ -501,12 +501,21 @@ for s in "${SCENARIOS[@]}"; do
         fi
         [[ ${out%% *} == 200 ]] || die "$c: ${S_TITLE[$s]} answered '$out' (want 200)"
         [[ $s != big || ${out##* } == "$BIG_BYTES" ]] || die "$c: /64k returned ${out##* } bytes"
-        if ((${#hdr[@]} > 0)); then
+        if ((${#hdr[@]} > 0)) && [[ $s == auth ]]; then
             out=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$url") || true
             [[ $out == 401 ]] || die "$c: ${S_TITLE[$s]} without credential answered '$out' (want 401)"
         fi
     done
 done
+# The policies group measures what it says: CORS headers built, cache hits.
+if [[ -n ${PROC_PIDS[pol-edge]:-} ]]; then
+    curl -sS -D - -o /dev/null --max-time 5 -H "${C_HEADER[pol-edge]}" "http://127.0.0.1:${PORT[pol-edge]}/" |
+        grep -qi '^access-control-allow-origin: https://app.example.com' || die "pol-edge: no CORS headers"
+fi
+if [[ -n ${PROC_PIDS[pol-cache]:-} ]]; then
+    curl -sS -D - -o /dev/null --max-time 5 "http://127.0.0.1:${PORT[pol-cache]}/" |
+        grep -qi '^x-cache: HIT' || die "pol-cache: not answered from the cache"
+fi
 log "sanity checks passed"
 
 # proc_ticks "PID..." : utime+stime (clock ticks) summed over the processes.
