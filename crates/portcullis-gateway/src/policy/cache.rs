@@ -614,6 +614,9 @@ pub struct ResponseCache {
     ttl: Duration,
     swr: Duration,
     per_principal: bool,
+    /// The route has an auth policy: credentials it checked are not what makes a
+    /// response private (the principal is in the key, or the route says `shared`).
+    authenticated: bool,
     cache_set_cookie: bool,
     max_body: u64,
     scope: CacheScope,
@@ -650,6 +653,7 @@ pub(crate) fn compile(
             .map(|d| d.get())
             .unwrap_or_default(),
         per_principal: site.authenticated && !config.shared.0,
+        authenticated: site.authenticated,
         cache_set_cookie: config.cache_set_cookie.0,
         max_body: config.max_body.0,
         scope: config.scope,
@@ -785,8 +789,14 @@ impl ResponseCache {
         let mut request = Request::new(());
         *request.uri_mut() = target.parse().unwrap_or_default();
         *request.headers_mut() = req.headers().clone();
-        // The principal is in the key: credentials do not make a response private.
-        request.headers_mut().remove(header::AUTHORIZATION);
+        // On an authenticated route the principal is in the key (or the route says
+        // `shared`): the credential does not make the response private. On a route
+        // without auth the upstream checks any `Authorization` itself, so RFC 9111
+        // §3.5 holds: stored only when the response says `public`, `s-maxage` or
+        // `must-revalidate`.
+        if self.authenticated {
+            request.headers_mut().remove(header::AUTHORIZATION);
+        }
         let (request, ()) = request.into_parts();
         ctx.cache.pending = Some(Box::new(Pending {
             primary,

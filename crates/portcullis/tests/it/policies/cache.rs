@@ -293,6 +293,31 @@ async fn principals_never_see_each_others_responses_unless_shared() {
     assert_eq!(up.requests.load(Ordering::SeqCst), 3);
 }
 
+/// On a route without auth the gateway cannot tell whose credential it passed on:
+/// a response to a request with `Authorization` is stored only when it says so
+/// (`public`, `s-maxage`, `must-revalidate`), so one caller never gets another's.
+#[tokio::test]
+async fn credentials_on_a_public_route_keep_responses_private() {
+    let up = scripted().await;
+    let gw = Gateway::start(&config(&up.url(), ""));
+    let c = client();
+    let url = gw.url("/mine");
+    let alice = [("authorization", "Bearer upstream-checks-this")];
+    let (xc, _, a) = get(&c, &url, &alice).await;
+    assert_eq!(xc, "MISS");
+    let (xc, _, b) = get(&c, &url, &[]).await;
+    assert_eq!(xc, "MISS", "an anonymous caller got the credentialed response");
+    assert_ne!(a, b);
+    // The anonymous response was stored; it is what the path serves (the route
+    // has no auth, so the gateway keys no credential).
+    let (xc, _, body) = get(&c, &url, &alice).await;
+    assert_eq!((xc.as_str(), body.as_str()), ("HIT", b.as_str()));
+    // `Cache-Control: public` from the upstream allows it.
+    let url = gw.url("/open?cc=public");
+    assert_eq!(get(&c, &url, &alice).await.0, "MISS");
+    assert_eq!(get(&c, &url, &[]).await.0, "HIT");
+}
+
 #[tokio::test]
 async fn concurrent_misses_make_one_upstream_request() {
     let up = scripted().await;
