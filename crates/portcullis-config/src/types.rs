@@ -241,6 +241,9 @@ fn default_untrusted_headers() -> Vec<Text> {
     [
         "x-forwarded-port",
         "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-host",
         "true-client-ip",
         "x-client-ip",
         "cf-connecting-ip",

@@ -84,6 +84,12 @@ impl HeaderRules {
         }
     }
 
+    /// Whether the gateway sets, replaces or removes this request header: the value
+    /// the upstream sees is not the client's (the cache must not vary on it).
+    pub fn set_by_gateway(&self, name: &HeaderName) -> bool {
+        self.class(name) & (PROTECTED | IDENTITY | STRIP | UNTRUSTED | HOP) != 0
+    }
+
     fn class(&self, name: &HeaderName) -> u8 {
         self.classes.get(name).copied().unwrap_or(0)
     }

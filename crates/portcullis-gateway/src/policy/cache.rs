@@ -47,6 +47,10 @@ use crate::telemetry::CacheLabels;
 /// How long a request waits for another request fetching the same key.
 pub const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 
+/// Once the leader has its response head, the others wait at most this much longer
+/// for its body: a leader whose client reads slowly must not stall them.
+pub const BODY_GRACE: Duration = Duration::from_secs(1);
+
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Store keys of the `cluster` scope start with this.
@@ -59,7 +63,10 @@ pub struct Registry {
 
 struct Inner {
     local: ArcSwap<LocalCache>,
-    flights: Mutex<HashMap<String, tokio::sync::watch::Receiver<()>>>,
+    flights: Mutex<HashMap<String, tokio::sync::watch::Receiver<bool>>>,
+    /// Bytes held by bodies being collected for the cache (all of them), bounded by
+    /// the local cache's size: past it, new collections give up.
+    collecting: std::sync::atomic::AtomicU64,
 }
 
 struct LocalCache {
@@ -112,6 +119,7 @@ impl Default for Registry {
                     portcullis_config::CacheStorageConfig::default().max_bytes.0,
                 )),
                 flights: Mutex::new(HashMap::new()),
+                collecting: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -173,7 +181,7 @@ impl Inner {
         if let Some(rx) = flights.get(key) {
             return Join::Follower(rx.clone());
         }
-        let (tx, rx) = tokio::sync::watch::channel(());
+        let (tx, rx) = tokio::sync::watch::channel(false);
         flights.insert(key.to_owned(), rx);
         Join::Leader(FlightGuard {
             inner: self.clone(),
@@ -183,7 +191,7 @@ impl Inner {
     }
 
     /// Whether another request is fetching `key`.
-    fn in_flight(&self, key: &str) -> Option<tokio::sync::watch::Receiver<()>> {
+    fn in_flight(&self, key: &str) -> Option<tokio::sync::watch::Receiver<bool>> {
         let flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
         flights.get(key).cloned()
     }
@@ -191,7 +199,7 @@ impl Inner {
 
 enum Join {
     Leader(FlightGuard),
-    Follower(tokio::sync::watch::Receiver<()>),
+    Follower(tokio::sync::watch::Receiver<bool>),
 }
 
 /// Held by the request fetching a key; dropping it (stored, not cacheable, body cut
@@ -199,7 +207,14 @@ enum Join {
 struct FlightGuard {
     inner: Arc<Inner>,
     key: String,
-    _tx: tokio::sync::watch::Sender<()>,
+    /// `true` once the response head is in and its body is being collected.
+    _tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl FlightGuard {
+    fn streaming(&self) {
+        self._tx.send_replace(true);
+    }
 }
 
 impl Drop for FlightGuard {
@@ -209,11 +224,22 @@ impl Drop for FlightGuard {
     }
 }
 
-/// Waits until the leader's sender is gone (or `FOLLOW_WAIT`).
-async fn follow(mut rx: tokio::sync::watch::Receiver<()>) {
+/// Waits until the leader's guard is gone (stored or given up), at most
+/// [`FOLLOW_WAIT`] in all and [`BODY_GRACE`] once the leader's body streams.
+async fn follow(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = tokio::time::timeout(FOLLOW_WAIT, async {
-        // The leader never sends: `changed` ends with an error when it drops.
-        while rx.changed().await.is_ok() {}
+        loop {
+            if *rx.borrow_and_update() {
+                let _ =
+                    tokio::time::timeout(BODY_GRACE, async { while rx.changed().await.is_ok() {} })
+                        .await;
+                return;
+            }
+            // `changed` ends with an error when the leader's guard drops.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     })
     .await;
 }
@@ -405,7 +431,7 @@ fn push_part(key: &mut String, part: &[u8]) {
     let _ = write!(key, "{}:", part.len());
     // Header values may hold obs-text bytes: keep them distinct, losslessly.
     for &b in part {
-        if b.is_ascii() {
+        if b.is_ascii() && b != b'\\' {
             key.push(b as char);
         } else {
             let _ = write!(key, "\\x{b:02x}");
@@ -414,15 +440,19 @@ fn push_part(key: &mut String, part: &[u8]) {
     key.push('|');
 }
 
-/// The key before `Vary`: route, host, path + query, principal.
+/// The key before `Vary`: route, scheme, host, path + query, principal.
 pub(crate) fn primary_key(
     route: &str,
+    scheme: &str,
     host: &[u8],
     target: &str,
     principal: Option<&str>,
 ) -> String {
-    let mut key = String::with_capacity(route.len() + host.len() + target.len() + 32);
+    let mut key = String::with_capacity(route.len() + host.len() + target.len() + 40);
     push_part(&mut key, route.as_bytes());
+    // An upstream may answer differently per scheme (X-Forwarded-Proto): a cached
+    // redirect to https must never reach https clients.
+    push_part(&mut key, scheme.as_bytes());
     push_part(&mut key, host);
     push_part(&mut key, target.as_bytes());
     match principal {
@@ -614,9 +644,6 @@ pub struct ResponseCache {
     ttl: Duration,
     swr: Duration,
     per_principal: bool,
-    /// The route has an auth policy: credentials it checked are not what makes a
-    /// response private (the principal is in the key, or the route says `shared`).
-    authenticated: bool,
     cache_set_cookie: bool,
     max_body: u64,
     scope: CacheScope,
@@ -653,7 +680,6 @@ pub(crate) fn compile(
             .map(|d| d.get())
             .unwrap_or_default(),
         per_principal: site.authenticated && !config.shared.0,
-        authenticated: site.authenticated,
         cache_set_cookie: config.cache_set_cookie.0,
         max_body: config.max_body.0,
         scope: config.scope,
@@ -741,7 +767,7 @@ impl ResponseCache {
             None => Arc::from(ctx.path),
         };
         let host = ctx.authority.as_ref().map_or(&b""[..], |a| a.as_bytes());
-        let primary = primary_key(&self.route, host, &target, principal);
+        let primary = primary_key(&self.route, ctx.conn.scheme, host, &target, principal);
         let no_store = cache_control_has(req.headers(), "no-store");
 
         let (found, key) = self.lookup(&primary, &target, req.headers()).await;
@@ -789,12 +815,16 @@ impl ResponseCache {
         let mut request = Request::new(());
         *request.uri_mut() = target.parse().unwrap_or_default();
         *request.headers_mut() = req.headers().clone();
-        // On an authenticated route the principal is in the key (or the route says
-        // `shared`): the credential does not make the response private. On a route
-        // without auth the upstream checks any `Authorization` itself, so RFC 9111
-        // §3.5 holds: stored only when the response says `public`, `s-maxage` or
+        // An `Authorization` the route's auth verified is keyed by its principal (or
+        // the route says `shared`): it does not make the response private. Any other
+        // `Authorization` reaches the upstream unchecked by us, so RFC 9111 §3.5
+        // holds: stored only when the response says `public`, `s-maxage` or
         // `must-revalidate`.
-        if self.authenticated {
+        let verified_header = ctx
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.source == crate::auth::CredentialSource::Header);
+        if verified_header {
             request.headers_mut().remove(header::AUTHORIZATION);
         }
         let (request, ()) = request.into_parts();
@@ -902,6 +932,14 @@ impl ResponseCache {
         let Some(vary) = vary_names(headers) else {
             return;
         };
+        // A variant keyed by a header the gateway sets (X-Forwarded-*, identity,
+        // transforms) would be keyed by the client's value, not the one the
+        // upstream saw: one client's response would reach another. Not stored.
+        if vary.iter().any(|n| {
+            ctx.snapshot.header_rules.set_by_gateway(n) || ctx.route.chain.touches_request_header(n)
+        }) {
+            return;
+        }
         let mut stored_headers = headers.clone();
         for h in [
             header::AGE,
@@ -935,7 +973,15 @@ impl ResponseCache {
             stored: now,
             age0,
             ttl,
-            swr: self.swr,
+            // A shared cache must not serve these stale (RFC 9111 §4.2.4, §5.2.2).
+            swr: if ["must-revalidate", "proxy-revalidate", "s-maxage"]
+                .iter()
+                .any(|d| cache_control_has(res.headers(), d))
+            {
+                Duration::ZERO
+            } else {
+                self.swr
+            },
             _guard: pending.guard,
         };
         if res.body().is_end_stream() {
@@ -943,12 +989,16 @@ impl ResponseCache {
             commit.run(Bytes::new());
             return;
         }
+        if let Some(g) = &commit._guard {
+            g.streaming();
+        }
         let inner = std::mem::replace(res.body_mut(), Body::empty());
         *res.body_mut() = Body::Tee(Box::new(TeeBody {
             inner,
             collected: Vec::new(),
             size: 0,
             limit: self.max_body,
+            budget: self.registry.clone(),
             commit: Some(Box::new(commit)),
         }));
     }
@@ -1046,6 +1096,8 @@ pub struct TeeBody {
     collected: Vec<Bytes>,
     size: u64,
     limit: u64,
+    /// The registry whose `collecting` counts `size` while collecting.
+    budget: Arc<Inner>,
     commit: Option<Box<Commit>>,
 }
 
@@ -1053,6 +1105,27 @@ impl TeeBody {
     fn give_up(&mut self) {
         self.commit = None;
         self.collected = Vec::new();
+        self.release();
+    }
+
+    /// Returns the bytes this body reserved from the collecting budget.
+    fn release(&mut self) {
+        let held = std::mem::take(&mut self.size);
+        self.budget
+            .collecting
+            .fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Reserves `n` more bytes; false when every collection together would exceed
+    /// the local cache's size (slow readers must not pin unbounded memory).
+    fn reserve(&mut self, n: u64) -> bool {
+        let budget = self.budget.local.load().max_bytes;
+        let before = self
+            .budget
+            .collecting
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.size += n;
+        before + n <= budget
     }
 
     fn complete(&mut self) {
@@ -1060,11 +1133,13 @@ impl TeeBody {
             return;
         };
         let parts = std::mem::take(&mut self.collected);
+        let capacity = self.size as usize;
+        self.release();
         let body = match parts.len() {
             0 => Bytes::new(),
             1 => parts.into_iter().next().unwrap_or_default(),
             _ => {
-                let mut b = BytesMut::with_capacity(self.size as usize);
+                let mut b = BytesMut::with_capacity(capacity);
                 for p in parts {
                     b.extend_from_slice(&p);
                 }
@@ -1090,8 +1165,8 @@ impl HttpBody for TeeBody {
                 if this.commit.is_some() {
                     match frame.data_ref() {
                         Some(data) => {
-                            this.size += data.len() as u64;
-                            if this.size > this.limit {
+                            let fits = this.reserve(data.len() as u64);
+                            if !fits || this.size > this.limit {
                                 this.give_up();
                             } else if !data.is_empty() {
                                 this.collected.push(data.clone());
@@ -1117,6 +1192,12 @@ impl HttpBody for TeeBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for TeeBody {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -1157,19 +1238,20 @@ mod tests {
 
     #[test]
     fn keys_separate_hosts_paths_principals_and_variants() {
-        let a = primary_key("r", b"a.test", "/x?y=1", None);
-        assert_ne!(a, primary_key("r", b"b.test", "/x?y=1", None));
-        assert_ne!(a, primary_key("r", b"a.test", "/x?y=2", None));
-        assert_ne!(a, primary_key("r2", b"a.test", "/x?y=1", None));
+        let a = primary_key("r", "http", b"a.test", "/x?y=1", None);
+        assert_ne!(a, primary_key("r", "https", b"a.test", "/x?y=1", None));
+        assert_ne!(a, primary_key("r", "http", b"b.test", "/x?y=1", None));
+        assert_ne!(a, primary_key("r", "http", b"a.test", "/x?y=2", None));
+        assert_ne!(a, primary_key("r2", "http", b"a.test", "/x?y=1", None));
         assert_ne!(
-            primary_key("r", b"a.test", "/x", Some("alice")),
-            primary_key("r", b"a.test", "/x", Some("bob"))
+            primary_key("r", "http", b"a.test", "/x", Some("alice")),
+            primary_key("r", "http", b"a.test", "/x", Some("bob"))
         );
-        assert_ne!(a, primary_key("r", b"a.test", "/x?y=1", Some("")));
+        assert_ne!(a, primary_key("r", "http", b"a.test", "/x?y=1", Some("")));
         // Length prefixes: no ambiguity between parts.
         assert_ne!(
-            primary_key("r", b"a|", "/x", None),
-            primary_key("r", b"a", "|/x", None)
+            primary_key("r", "http", b"a|", "/x", None),
+            primary_key("r", "http", b"a", "|/x", None)
         );
         let names = vec![HeaderName::from_static("accept-language")];
         let en = vary_key(&a, &names, &headers(&[("accept-language", "en")]));

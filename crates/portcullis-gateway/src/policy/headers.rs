@@ -261,6 +261,14 @@ pub(crate) fn compile(
 }
 
 impl HeaderTransforms {
+    /// Whether the request transforms set, add or remove `name`.
+    pub fn touches_request_header(&self, name: &HeaderName) -> bool {
+        let r = &self.request;
+        r.remove.contains(name)
+            || r.set.iter().any(|(n, _)| n == name)
+            || r.add.iter().any(|(n, _)| n == name)
+    }
+
     pub(super) fn on_upstream_request(
         &self,
         ctx: &RequestCtx<'_>,

@@ -34,7 +34,7 @@ pub(crate) fn compile(
                 .parse::<IpNet>()
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
             {
-                Ok(net) => out.push(net.trunc()),
+                Ok(net) => out.push(canonical(net.trunc())),
                 Err(_) => {
                     errors.push(
                         site.at,
@@ -57,6 +57,19 @@ pub(crate) fn compile(
         return None;
     }
     (errors.count() == before).then_some(IpRules { allow, deny })
+}
+
+/// An IPv4-mapped IPv6 rule (`::ffff:10.0.0.0/104`) as the IPv4 rule it means:
+/// clients are compared as IPv4, so the mapped form would never match.
+fn canonical(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            if let Ok(n) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96) {
+                return IpNet::V4(n);
+            }
+        }
+    }
+    net
 }
 
 impl IpRules {
@@ -91,7 +104,11 @@ mod tests {
     use super::*;
 
     fn rules(allow: &[&str], deny: &[&str]) -> IpRules {
-        let p = |l: &[&str]| l.iter().map(|s| s.parse::<IpNet>().unwrap()).collect();
+        let p = |l: &[&str]| {
+            l.iter()
+                .map(|s| canonical(s.parse::<IpNet>().unwrap()))
+                .collect()
+        };
         IpRules {
             allow: p(allow),
             deny: p(deny),
@@ -113,5 +130,10 @@ mod tests {
         assert!(!only_deny.admits("::1".parse().unwrap()));
         assert!(!only_deny.admits("::ffff:127.0.0.1".parse().unwrap()));
         assert!(only_deny.admits("127.0.0.2".parse().unwrap()));
+        // Rules written as IPv4-mapped IPv6 mean IPv4.
+        let mapped = rules(&[], &["::ffff:203.0.113.0/120", "::ffff:127.0.0.1/128"]);
+        assert!(!mapped.admits("203.0.113.7".parse().unwrap()));
+        assert!(!mapped.admits("127.0.0.1".parse().unwrap()));
+        assert!(mapped.admits("203.0.114.7".parse().unwrap()));
     }
 }

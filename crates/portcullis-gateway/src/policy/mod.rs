@@ -145,6 +145,14 @@ impl Chain {
         })
     }
 
+    /// Whether a policy of the chain changes this request header on its way upstream.
+    pub fn touches_request_header(&self, name: &http::HeaderName) -> bool {
+        self.0.iter().any(|p| match p {
+            Policy::Headers(h) => h.touches_request_header(name),
+            _ => false,
+        })
+    }
+
     pub fn on_upstream_request(&self, ctx: &RequestCtx<'_>, parts: &mut http::request::Parts) {
         for p in self.0.iter() {
             p.on_upstream_request(ctx, parts);

@@ -433,20 +433,33 @@ fn push_ip(key: &mut String, ip: IpAddr, prefix: u8) {
 }
 
 /// Appends a length-prefixed value (so `a+b` parts never collide).
-fn push_part(key: &mut String, value: &str) {
+/// Length-prefixed bytes; non-ASCII bytes and `\\` escaped, so values that differ
+/// in any byte never share a counter.
+fn push_part(key: &mut String, value: &[u8]) {
     let _ = write!(key, "{}:", value.len());
-    key.push_str(value);
+    for &b in value {
+        if b.is_ascii() && b != b'\\' {
+            key.push(b as char);
+        } else {
+            let _ = write!(key, "\\x{b:02x}");
+        }
+    }
 }
 
-fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h str> {
+/// The cookie's value, read as bytes: a non-ASCII byte elsewhere in the header
+/// must not hide it.
+fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| v.trim())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            Some((&pair[..eq], pair[eq + 1..].trim_ascii()))
+        })
+        .find(|(n, _)| *n == name.as_bytes())
+        .map(|(_, v)| v)
         .filter(|v| !v.is_empty())
 }
 
@@ -463,22 +476,25 @@ impl Limit {
         for part in self.parts.iter() {
             match part {
                 Part::Ip(prefix) => push_ip(&mut key, ctx.client_ip, *prefix),
-                Part::Principal => push_part(&mut key, ctx.principal().filter(|p| !p.is_empty())?),
+                Part::Principal => push_part(
+                    &mut key,
+                    ctx.principal().filter(|p| !p.is_empty())?.as_bytes(),
+                ),
                 Part::ApiKey => {
                     let id = ctx.identity.as_ref()?.api_key.as_ref()?;
-                    push_part(&mut key, &id.record.id);
+                    push_part(&mut key, id.record.id.as_bytes());
                 }
                 Part::Header(name) => {
                     let v = req.headers().get(name)?;
                     if v.is_empty() {
                         return None;
                     }
-                    push_part(&mut key, &String::from_utf8_lossy(v.as_bytes()));
+                    push_part(&mut key, v.as_bytes());
                 }
                 Part::Cookie(name) => push_part(&mut key, cookie(req.headers(), name)?),
                 Part::Param(name) => {
                     let v = ctx.params.iter().find(|(n, _)| *n == &**name)?.1;
-                    push_part(&mut key, v);
+                    push_part(&mut key, v.as_bytes());
                 }
             }
             key.push('\u{1f}');
@@ -828,12 +844,27 @@ mod tests {
     #[test]
     fn parts_are_length_prefixed_and_headers_are_structured_fields() {
         let mut a = String::new();
-        push_part(&mut a, "a\u{1f}1:b");
+        push_part(&mut a, "a\u{1f}1:b".as_bytes());
         let mut b = String::new();
-        push_part(&mut b, "a");
+        push_part(&mut b, b"a");
         b.push('\u{1f}');
-        push_part(&mut b, "b");
+        push_part(&mut b, b"b");
         assert_ne!(a, b);
+        // Bytes that are not UTF-8 stay distinct, and `\` cannot forge an escape.
+        let (mut x, mut y) = (String::new(), String::new());
+        push_part(&mut x, b"\xff");
+        push_part(&mut y, b"\\xff");
+        assert_ne!(x, y);
+        let (mut x, mut y) = (String::new(), String::new());
+        push_part(&mut x, &[0xfe]);
+        push_part(&mut y, &[0xff]);
+        assert_ne!(x, y);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            http::HeaderValue::from_bytes(b"x=\xff\xfe; sid=abc").unwrap(),
+        );
+        assert_eq!(cookie(&h, "sid"), Some(&b"abc"[..]));
         assert_eq!(sf_string("per-ip"), "\"per-ip\"");
         assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(secs_ceil(Duration::from_millis(1)), 1);

@@ -306,7 +306,10 @@ async fn credentials_on_a_public_route_keep_responses_private() {
     let (xc, _, a) = get(&c, &url, &alice).await;
     assert_eq!(xc, "MISS");
     let (xc, _, b) = get(&c, &url, &[]).await;
-    assert_eq!(xc, "MISS", "an anonymous caller got the credentialed response");
+    assert_eq!(
+        xc, "MISS",
+        "an anonymous caller got the credentialed response"
+    );
     assert_ne!(a, b);
     // The anonymous response was stored; it is what the path serves (the route
     // has no auth, so the gateway keys no credential).
@@ -578,4 +581,124 @@ fn cache_and_compression_settings_are_checked() {
     );
     // `cache: true` takes the built-in defaults, not `defaults.cache`'s settings.
     assert!(!err.contains("routes[1]"), "{err}");
+}
+
+/// A leader whose client stops reading must not stall the requests waiting on it:
+/// once its response head is in, they wait at most a second before going
+/// upstream themselves.
+#[tokio::test]
+async fn a_slow_reader_does_not_stall_the_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = scripted().await;
+    let extra = format!(
+        "  - name: big\n    path_prefix: /big\n    public: true\n    cache: {{max_body: 64MiB}}\n    proxy: {{upstream: \"{}\"}}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&config(&up.url(), &extra));
+    let path = "/big/file?size=16777216";
+    let mut slow = tcp_connect(gw.addr()).await;
+    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut head))
+        .await
+        .expect("head in time")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    // The slow client reads nothing more; another client asks for the same URL.
+    let started = Instant::now();
+    let res = client()
+        .get(gw.url(path))
+        .header("host", "gw.test")
+        .send()
+        .await
+        .unwrap();
+    let body = res.bytes().await.unwrap();
+    assert_eq!(body.len(), 16_777_216);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "waited {:?} behind a slow reader",
+        started.elapsed()
+    );
+    drop(slow);
+}
+
+/// `Vary` on a header the gateway sets (X-Forwarded-*, header transforms) would key
+/// variants by the client's copy, not the value the upstream saw: never stored.
+#[tokio::test]
+async fn responses_varying_on_gateway_set_headers_are_not_stored() {
+    let up = scripted().await;
+    let extra = format!(
+        "  - name: tenant\n    path_prefix: /tenant\n    public: true\n    headers: {{request: {{set: {{x-client: \"{{client_ip}}\"}}}}}}\n    cache: {{ttl: 60s}}\n    proxy: {{upstream: \"{}\"}}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&config(&up.url(), &extra));
+    let c = client();
+    for url in [
+        gw.url("/v?vary=X-Forwarded-For"),
+        gw.url("/v?vary=X-Real-IP"),
+        gw.url("/tenant/t?vary=X-Client"),
+    ] {
+        assert_eq!(get(&c, &url, &[]).await.0, "MISS", "{url}");
+        assert_eq!(get(&c, &url, &[]).await.0, "MISS", "{url} was stored");
+    }
+    // A header the client sends as it is (Accept-Language) still varies normally.
+    let url = gw.url("/v?vary=Accept-Language");
+    assert_eq!(get(&c, &url, &[("accept-language", "de")]).await.0, "MISS");
+    assert_eq!(get(&c, &url, &[("accept-language", "de")]).await.0, "HIT");
+}
+
+/// A shared cache never serves a `must-revalidate` or `s-maxage` response stale.
+#[tokio::test]
+async fn must_revalidate_is_never_served_stale() {
+    let up = scripted().await;
+    let gw = Gateway::start(&config(&up.url(), ""));
+    let c = client();
+    let url = gw.url("/swr/mr?cc=max-age=1%2C%20must-revalidate");
+    assert_eq!(get(&c, &url, &[]).await.0, "MISS");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (xc, _, _) = get(&c, &url, &[]).await;
+        assert_ne!(xc, "STALE");
+        if xc == "MISS" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// On an `auth.optional` route whose authenticator reads a cookie, an
+/// `Authorization` header is not the route's credential: it reaches the upstream
+/// unchecked, so a response to it is not stored for everyone.
+#[tokio::test]
+async fn an_unverified_authorization_keeps_the_response_private() {
+    let up = scripted().await;
+    let gw = Gateway::start(&format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+authenticators:
+  session:
+    jwt:
+      algorithms: [HS256]
+      secret: "cache-secret-0123456789abcdef012"
+      token_sources: {{header: false, cookie: session}}
+routes:
+  - path_prefix: /
+    auth: {{authenticators: [session], optional: true, forward_credential: true}}
+    cache: {{ttl: 60s}}
+    proxy: {{upstream: "{}"}}
+"#,
+        up.url()
+    ));
+    let c = client();
+    let url = gw.url("/feed");
+    let (xc, _, mine) = get(&c, &url, &[("authorization", "Basic dXNlcjpwdw==")]).await;
+    assert_eq!(xc, "MISS");
+    let (xc, _, theirs) = get(&c, &url, &[]).await;
+    assert_eq!(
+        xc, "MISS",
+        "an anonymous caller got a credentialed response"
+    );
+    assert_ne!(mine, theirs);
 }

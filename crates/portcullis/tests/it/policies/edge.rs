@@ -536,3 +536,21 @@ routes:
         assert!(err.contains(needle), "{needle} missing from:\n{err}");
     }
 }
+
+/// Rules written in IPv4-mapped IPv6 form mean the IPv4 addresses (clients are
+/// compared as IPv4): `::ffff:127.0.0.1` denies 127.0.0.1.
+#[tokio::test]
+async fn ip_rules_in_mapped_form_match_ipv4_clients() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+routes:
+  - path_prefix: /
+    ip: {{deny: ["::ffff:127.0.0.0/104"]}}
+    proxy: {{upstream: "{}"}}
+"#,
+        up.url()
+    ));
+    let res = client().get(gw.url("/x")).send().await.unwrap();
+    assert_error(res, 403, "FORBIDDEN").await;
+}

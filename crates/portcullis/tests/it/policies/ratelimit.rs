@@ -506,3 +506,36 @@ async fn local_limits_are_per_process() {
         assert_error(get(&c, &gw.url("/l"), &[]).await, 429, "RATE_LIMITED").await;
     }
 }
+
+/// A byte that is not ASCII elsewhere in `Cookie` must not hide the counted cookie
+/// (the upstream still gets it).
+#[tokio::test]
+async fn cookie_keys_are_read_as_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+routes:
+  - path_prefix: /
+    rate_limits: [{{requests: 1, per: 1m, by: "cookie:sid"}}]
+    proxy: {{upstream: "{}"}}
+"#,
+        up.url()
+    ));
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let mut s = tcp_connect(gw.addr()).await;
+        let mut req =
+            b"GET /x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\nCookie: x=".to_vec();
+        req.extend_from_slice(&[0xff, 0xfe]);
+        req.extend_from_slice(b"; sid=abc\r\n\r\n");
+        s.write_all(&req).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        statuses.push(String::from_utf8_lossy(&out[..12]).into_owned());
+    }
+    assert_eq!(statuses, ["HTTP/1.1 200", "HTTP/1.1 429"]);
+}
