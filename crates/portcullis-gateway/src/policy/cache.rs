@@ -425,6 +425,11 @@ fn short_hash(s: &str) -> String {
     d[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn full_hash(s: &str) -> String {
+    let d = sha2::Sha256::digest(s.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Length-prefixed, so no value can be mistaken for another's boundary.
 fn push_part(key: &mut String, part: &[u8]) {
     use std::fmt::Write;
@@ -705,7 +710,9 @@ impl ResponseCache {
             "{STORE_PREFIX}{}:{}:{}",
             self.route_hash,
             short_hash(target),
-            short_hash(key)
+            // The whole digest: entries of different principals must never share
+            // a store key.
+            full_hash(key)
         )
     }
 
