@@ -81,6 +81,19 @@ impl Origin {
         Some(Origin { scheme, host, port })
     }
 
+    /// As a browser sends it: the default port of the scheme left out.
+    fn serialized(&self) -> String {
+        let default = matches!(
+            (self.scheme.as_str(), self.port),
+            ("http" | "ws", 80) | ("https" | "wss", 443)
+        );
+        if default {
+            format!("{}://{}", self.scheme, self.host)
+        } else {
+            format!("{}://{}:{}", self.scheme, self.host, self.port)
+        }
+    }
+
     /// The origin of a URL (`Referer`): scheme, host and port, path dropped.
     pub fn of_url(url: &str) -> Option<Origin> {
         let (scheme, rest) = url.split_once("://")?;
@@ -95,6 +108,9 @@ pub struct Origins {
     any: bool,
     null: bool,
     exact: Vec<Origin>,
+    /// `exact` serialised as browsers send them (`https://a.com`, no default
+    /// port): a byte comparison answers the common case without parsing.
+    exact_raw: Vec<String>,
     /// `https://*.example.com`: scheme, the suffix `.example.com`, port.
     wildcard: Vec<(String, String, u16)>,
 }
@@ -129,7 +145,10 @@ impl Origins {
                     }
                 } else {
                     match Origin::parse(raw) {
-                        Some(o) if !o.host.contains('*') => out.exact.push(o),
+                        Some(o) if !o.host.contains('*') => {
+                            out.exact_raw.push(o.serialized());
+                            out.exact.push(o);
+                        }
                         _ => errors.push(
                             at,
                             format!("{field}[{i}]"),
@@ -154,6 +173,13 @@ impl Origins {
     pub fn allows(&self, value: &[u8]) -> bool {
         if value.eq_ignore_ascii_case(b"null") {
             return self.null;
+        }
+        if self
+            .exact_raw
+            .iter()
+            .any(|e| e.as_bytes().eq_ignore_ascii_case(value))
+        {
+            return true;
         }
         let Some(origin) = std::str::from_utf8(value).ok().and_then(Origin::parse) else {
             return false;

@@ -211,6 +211,17 @@ struct Limit {
     prefix: Box<str>,
     /// Metric labels for allowed, limited, store_error.
     labels: [LimitLabels; 3],
+    /// Their counters, looked up once (the family's lock and hash stay off the
+    /// request path after the first request).
+    counters: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 3],
+}
+
+impl Limit {
+    fn count(&self, metrics: &crate::telemetry::Metrics, result: usize) {
+        self.counters[result]
+            .get_or_init(|| metrics.ratelimit.get_or_create(&self.labels[result]).clone())
+            .inc();
+    }
 }
 
 /// A route's rate limits of one phase (before or after auth).
@@ -320,6 +331,7 @@ pub(crate) fn compile(
         let limit = Limit {
             prefix: format!("rl:{}\u{1f}{name}\u{1f}{tag}\u{1f}", site.route).into(),
             labels: [label("allowed"), label("limited"), label("store_error")],
+            counters: Default::default(),
             name,
             rate,
             cluster: c.scope == RateLimitScope::Cluster,
@@ -533,11 +545,7 @@ impl RateLimits {
                         d
                     }
                     Err(e) => {
-                        shared
-                            .metrics
-                            .ratelimit
-                            .get_or_create(&limit.labels[2])
-                            .inc();
+                        limit.count(&shared.metrics, 2);
                         if registry.store_failed() {
                             tracing::warn!(
                                 error = %e,
@@ -555,12 +563,7 @@ impl RateLimits {
             } else {
                 registry.decide(&key, &limit.rate, 1, registry.now_ms())
             };
-            let result = if decision.allowed { 0 } else { 1 };
-            shared
-                .metrics
-                .ratelimit
-                .get_or_create(&limit.labels[result])
-                .inc();
+            limit.count(&shared.metrics, usize::from(!decision.allowed));
             ctx.limits.report(limit, &decision);
             if !decision.allowed {
                 let retry = secs_ceil(decision.retry_after).max(1);
