@@ -219,7 +219,12 @@ struct Limit {
 impl Limit {
     fn count(&self, metrics: &crate::telemetry::Metrics, result: usize) {
         self.counters[result]
-            .get_or_init(|| metrics.ratelimit.get_or_create(&self.labels[result]).clone())
+            .get_or_init(|| {
+                metrics
+                    .ratelimit
+                    .get_or_create(&self.labels[result])
+                    .clone()
+            })
             .inc();
     }
 }
