@@ -30,7 +30,9 @@ pub struct InFlight<'a> {
 impl InFlight<'_> {
     /// Records the request's latency (EWMA, weight 1/8 for the new sample).
     pub fn done(mut self, latency: Duration) {
-        let sample = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1);
+        let sample = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let old = self.stats.ewma_us.load(Ordering::Relaxed);
         let new = if old == 0 {
             sample
@@ -111,9 +113,11 @@ impl LeastRequest {
             (true, false) => Some(a),
             (false, true) => Some(b),
             // Both draws unusable: the least loaded usable one, by scan.
-            (false, false) => (0..n)
-                .filter(|&i| usable(i))
-                .reduce(|best, i| if self.lighter(i, best) { i } else { best }),
+            (false, false) => {
+                (0..n)
+                    .filter(|&i| usable(i))
+                    .reduce(|best, i| if self.lighter(i, best) { i } else { best })
+            }
         }?;
         let stats = &self.stats[chosen];
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
