@@ -409,7 +409,15 @@ pub struct AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `http://host:port[/base]` or `https://…`. May use `{param}` templates in routes.
+    /// Exactly one of `url` and `targets`.
+    #[serde(default)]
     pub url: Text,
+    /// A group: several targets sharing the protocol, TLS and pool settings.
+    #[serde(default)]
+    pub targets: Vec<Spanned<GroupTargetConfig>>,
+    /// How a group picks a target for each request.
+    #[serde(default)]
+    pub balancer: BalancerConfig,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     #[serde(default)]
@@ -421,6 +429,33 @@ pub struct UpstreamConfig {
     /// Max idle pooled connections per host.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: Scalar<usize>,
+}
+
+/// One target of an upstream group.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupTargetConfig {
+    /// `http://host:port[/base]` or `https://…` (no templates).
+    pub url: Text,
+    /// Share of requests under `round_robin` (0 takes none; at most 1000).
+    #[serde(default = "default_weight")]
+    pub weight: Scalar<u32>,
+}
+
+fn default_weight() -> Scalar<u32> {
+    Scalar(1)
+}
+
+/// `round_robin` (smooth, weighted; default), `least_request`, or
+/// `{hash: "header:x-user"}` (consistent hashing on `header:<name>`,
+/// `cookie:<name>`, `ip` or `param:<name>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerConfig {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Hash(Text),
 }
 
 pub fn default_pool_idle() -> Duration {

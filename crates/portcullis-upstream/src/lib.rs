@@ -12,7 +12,7 @@
 
 mod hash;
 mod least;
-mod round_robin;
+pub mod round_robin;
 
 pub use hash::Maglev;
 pub use least::{InFlight, LeastRequest};

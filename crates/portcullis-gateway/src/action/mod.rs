@@ -1,6 +1,7 @@
 //! The terminal action of a route. Each file holds its config compile and its
 //! runtime: `proxy`, `static_files`, `respond`, `redirect`, `login`.
 
+pub mod group;
 pub mod login;
 pub mod proxy;
 pub mod redirect;
@@ -60,6 +61,7 @@ impl Action {
             Action::Proxy(p) => match &p.target {
                 Target::Fixed(t) => format!("proxy {}://{}{}", t.scheme, t.authority, t.base_path),
                 Target::Template { .. } => "proxy (templated)".to_owned(),
+                Target::Group(g) => g.describe(),
             },
             Action::Static(s) => format!("static {}", s.dir.display()),
             Action::Respond(r) => format!("respond {}", r.status.as_u16()),

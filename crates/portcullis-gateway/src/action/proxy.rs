@@ -27,7 +27,7 @@ pub async fn forward(
     ctx: &mut RequestCtx<'_>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
-    let (uri, label) = upstream_uri(action, ctx, req.uri())?;
+    let (uri, label, picked) = upstream_uri(action, ctx, req.uri(), req.headers())?;
     ctx.record.upstream = Some(label.clone());
     let this_route = ctx.route;
     let max_body = this_route.max_body;
@@ -139,6 +139,9 @@ pub async fn forward(
             return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
         }
     };
+    if let Some(p) = picked {
+        p.done(started.elapsed());
+    }
     metrics
         .upstream_duration
         .get_or_create(&RouteLabels {
@@ -288,11 +291,12 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     }
 }
 
-fn upstream_uri(
-    action: &ProxyAction,
+fn upstream_uri<'a>(
+    action: &'a ProxyAction,
     f: &RequestCtx<'_>,
     original: &Uri,
-) -> Result<(Uri, Arc<str>), GatewayError> {
+    headers: &HeaderMap,
+) -> Result<(Uri, Arc<str>, Option<super::group::Picked<'a>>), GatewayError> {
     let lookup = |name: &str| crate::template::param_value(f.params, f.rest, name);
     // The path the upstream sees, before any base path.
     let request_path: Cow<'_, str> = if let Some(rewrite) = &action.rewrite {
@@ -307,18 +311,26 @@ fn upstream_uri(
     };
     let path_unchanged = action.rewrite.is_none() && !action.strip_prefix && !f.path_changed;
 
+    let fixed = |t: &FixedTarget| -> Result<(Uri, Arc<str>), GatewayError> {
+        let pq = if path_unchanged && t.base_path.is_empty() {
+            original
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        } else {
+            build_pq(&t.base_path, &request_path, f.query.as_deref())?
+        };
+        let uri = build_uri(t.scheme.clone(), t.authority.clone(), pq)?;
+        Ok((uri, t.label.clone()))
+    };
     match &action.target {
-        Target::Fixed(t) => {
-            let pq = if path_unchanged && t.base_path.is_empty() {
-                original
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/"))
-            } else {
-                build_pq(&t.base_path, &request_path, f.query.as_deref())?
-            };
-            let uri = build_uri(t.scheme.clone(), t.authority.clone(), pq)?;
-            Ok((uri, t.label.clone()))
+        Target::Fixed(t) => fixed(t).map(|(u, l)| (u, l, None)),
+        Target::Group(g) => {
+            let picked = g
+                .pick(f, headers)
+                .ok_or_else(|| GatewayError::server(ErrorCode::ServiceUnavailable))?;
+            let (uri, label) = fixed(picked.target)?;
+            Ok((uri, label, Some(picked)))
         }
         Target::Template {
             template,
@@ -359,7 +371,7 @@ fn upstream_uri(
                     f.query.as_deref(),
                 )?
             };
-            Ok((build_uri(scheme, authority, pq)?, label))
+            Ok((build_uri(scheme, authority, pq)?, label, None))
         }
     }
 }
@@ -426,6 +438,8 @@ impl ProxyAction {
 /// Where a proxy route sends requests.
 pub enum Target {
     Fixed(FixedTarget),
+    /// A named upstream with `targets`: a balancer picks one per request.
+    Group(Box<super::group::Group>),
     /// Rendered per request from path params (FnKit: `http://{name}:8080`).
     Template {
         template: Template,
@@ -468,7 +482,37 @@ pub(crate) fn compile(
     if !site.check(&template, p.upstream.referenced, f.clone(), errors) {
         return None;
     }
-    let target = if template.is_literal() {
+    let group = match upstream_cfg {
+        Some(u) if !u.targets.is_empty() => {
+            if !u.url.is_empty() {
+                errors.push(
+                    p.upstream.referenced,
+                    format!("upstreams.{raw}"),
+                    "set either `url` or `targets`, not both",
+                );
+                return None;
+            }
+            Some(super::group::compile(
+                u,
+                p.upstream.referenced,
+                &format!("upstreams.{raw}"),
+                site.params,
+                errors,
+            )?)
+        }
+        Some(u) if u.url.is_empty() => {
+            errors.push(
+                p.upstream.referenced,
+                format!("upstreams.{raw}"),
+                "needs a `url` or `targets`",
+            );
+            return None;
+        }
+        _ => None,
+    };
+    let target = if let Some(g) = group {
+        Target::Group(Box::new(g))
+    } else if template.is_literal() {
         match parse_fixed_target(&url) {
             Ok(t) => Target::Fixed(t),
             Err(e) => {

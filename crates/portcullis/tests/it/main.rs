@@ -21,3 +21,4 @@ mod reload;
 mod routing;
 mod store;
 mod tls_upstream;
+mod upstreams;
