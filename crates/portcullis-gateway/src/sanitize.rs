@@ -99,6 +99,23 @@ impl HeaderRules {
     }
 }
 
+/// The cookie's value, read as bytes: a non-ASCII byte elsewhere in the header
+/// must not hide it.
+pub fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            Some((&pair[..eq], pair[eq + 1..].trim_ascii()))
+        })
+        .find(|(n, _)| *n == name.as_bytes())
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
 /// Headers the gateway sets on every proxied request, whatever the config.
 pub fn gateway_headers(request_id: &HeaderName) -> HashSet<HeaderName> {
     [

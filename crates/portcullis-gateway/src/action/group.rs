@@ -166,7 +166,7 @@ impl Group {
                 let ip;
                 let key: Option<&[u8]> = match by {
                     HashKey::Header(h) => headers.get(h).map(|v| v.as_bytes()),
-                    HashKey::Cookie(c) => cookie(headers, c),
+                    HashKey::Cookie(c) => crate::sanitize::cookie(headers, c),
                     HashKey::Ip => {
                         ip = ctx.client_ip.to_canonical().to_string();
                         Some(ip.as_bytes())
@@ -197,18 +197,4 @@ impl Group {
         };
         format!("proxy group of {} ({kind})", self.targets.len())
     }
-}
-
-fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-        .filter_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|b| *b == b'=')?;
-            Some((&pair[..eq], pair[eq + 1..].trim_ascii()))
-        })
-        .find(|(n, _)| *n == name.as_bytes())
-        .map(|(_, v)| v)
 }

@@ -463,23 +463,6 @@ fn push_part(key: &mut String, value: &[u8]) {
     }
 }
 
-/// The cookie's value, read as bytes: a non-ASCII byte elsewhere in the header
-/// must not hide it.
-fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-        .filter_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|b| *b == b'=')?;
-            Some((&pair[..eq], pair[eq + 1..].trim_ascii()))
-        })
-        .find(|(n, _)| *n == name.as_bytes())
-        .map(|(_, v)| v)
-        .filter(|v| !v.is_empty())
-}
-
 impl Limit {
     /// This request's key, or `None` when a part is absent (the limit does not apply).
     fn key(
@@ -508,7 +491,9 @@ impl Limit {
                     }
                     push_part(&mut key, v.as_bytes());
                 }
-                Part::Cookie(name) => push_part(&mut key, cookie(req.headers(), name)?),
+                Part::Cookie(name) => {
+                    push_part(&mut key, crate::sanitize::cookie(req.headers(), name)?)
+                }
                 Part::Param(name) => {
                     let v = ctx.params.iter().find(|(n, _)| *n == &**name)?.1;
                     push_part(&mut key, v.as_bytes());
@@ -872,7 +857,7 @@ mod tests {
             header::COOKIE,
             http::HeaderValue::from_bytes(b"x=\xff\xfe; sid=abc").unwrap(),
         );
-        assert_eq!(cookie(&h, "sid"), Some(&b"abc"[..]));
+        assert_eq!(crate::sanitize::cookie(&h, "sid"), Some(&b"abc"[..]));
         assert_eq!(sf_string("per-ip"), "\"per-ip\"");
         assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(secs_ceil(Duration::from_millis(1)), 1);
