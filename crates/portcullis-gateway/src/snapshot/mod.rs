@@ -332,8 +332,6 @@ pub async fn compile(
     }
     let compiled = routes::compile(
         &config,
-        source,
-        store,
         &authenticators,
         &global_set,
         clients,

@@ -2,7 +2,6 @@
 //! the routes the compiler generates (`token_issuer`'s login and guest endpoints).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 
 use http::Method;
@@ -23,11 +22,9 @@ pub(super) struct CompiledRoutes {
     pub open_routes: Vec<String>,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `errors.file` is the config's path; `policies.store` the store.
 pub(super) fn compile(
     config: &Config,
-    source: &Path,
-    store: &Arc<dyn portcullis_store::Store>,
     authenticators: &HashMap<String, Arc<Authenticator>>,
     global_set: &[Arc<Authenticator>],
     clients: &ClientRegistry,
@@ -168,7 +165,7 @@ pub(super) fn compile(
         }
     }
 
-    login_routes(config, source, store, &mut table, errors);
+    login_routes(config, &policies.store, &mut table, errors);
     CompiledRoutes {
         table: table.build(),
         used_clients: action_clients.used,
@@ -180,7 +177,6 @@ pub(super) fn compile(
 /// route on the same path is a conflict reported like any other.
 fn login_routes(
     config: &Config,
-    source: &Path,
     store: &Arc<dyn portcullis_store::Store>,
     table: &mut RouteTableBuilder<Arc<Route>>,
     errors: &mut Errors<'_>,
@@ -189,7 +185,7 @@ fn login_routes(
         return;
     };
     let Some(service) =
-        crate::action::login::compile(&t.value, t.referenced, source, store, errors)
+        crate::action::login::compile(&t.value, t.referenced, errors.file, store, errors)
     else {
         return;
     };
