@@ -18,6 +18,7 @@ pub mod cors;
 pub mod csrf;
 pub mod headers;
 pub mod ip;
+mod key;
 pub mod ratelimit;
 pub mod security;
 

@@ -2,20 +2,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// Length-prefixed, so no value can be mistaken for another's boundary.
-pub(super) fn push_part(key: &mut String, part: &[u8]) {
-    use std::fmt::Write;
-    let _ = write!(key, "{}:", part.len());
-    // Header values may hold obs-text bytes: keep them distinct, losslessly.
-    for &b in part {
-        if b.is_ascii() && b != b'\\' {
-            key.push(b as char);
-        } else {
-            let _ = write!(key, "\\x{b:02x}");
-        }
-    }
-    key.push('|');
-}
+use crate::policy::key::push_part;
 
 /// The key before `Vary`: route, scheme, host, path + query, principal.
 pub(crate) fn primary_key(

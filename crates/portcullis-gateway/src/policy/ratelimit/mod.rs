@@ -16,18 +16,22 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::Response;
 use portcullis_config::{
     RateLimitAlgorithm, RateLimitConfig, RateLimitHeaders, RateLimitScope, StoreFailure,
 };
-use portcullis_store::{Rate, RateAlgorithm, RateDecision, RateState, WindowCount};
+use portcullis_store::{Rate, RateAlgorithm, RateDecision, WindowCount};
+
+mod local;
+mod quota;
+
+pub use local::Registry;
+pub use quota::Quota;
 
 use super::Flow;
 use crate::body::Body;
@@ -35,151 +39,15 @@ use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
 use crate::telemetry::LimitLabels;
 
-static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub(super) static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub(super) static RATELIMIT_REMAINING: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining");
+pub(super) static RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-/// Shards of the local limiter (a key's shard is its hash).
-const SHARDS: usize = 64;
-/// Keys the local limiter holds at most (all shards together).
-const MAX_LOCAL_KEYS: usize = 256 * 1024;
-/// How often a shard drops its expired keys.
-const SWEEP_MS: u64 = 10_000;
-/// When a shard is full of live keys, the one expiring first of this many is evicted.
-const EVICTION_SAMPLE: usize = 8;
 /// Key parts longer than this are replaced by their SHA-256 (memory, Redis key size).
 const MAX_KEY_PARTS: usize = 200;
-
-/// State of the limits that outlives snapshots: the local counters (keyed by route,
-/// limit name and algorithm, so a reload keeps them) and whether the store is down
-/// (to log an outage once).
-pub struct Registry {
-    shards: Box<[Mutex<Shard>]>,
-    max_per_shard: usize,
-    hasher: RandomState,
-    origin: Instant,
-    store_down: AtomicBool,
-}
-
-#[derive(Default)]
-struct Shard {
-    map: HashMap<Box<str>, Entry>,
-    next_sweep_ms: u64,
-}
-
-struct Entry {
-    state: RateState,
-    expires_ms: u64,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry::with_capacity(MAX_LOCAL_KEYS)
-    }
-}
-
-impl Registry {
-    /// A local limiter holding at most about `max_keys` keys.
-    pub fn with_capacity(max_keys: usize) -> Self {
-        Registry {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
-            hasher: RandomState::new(),
-            origin: Instant::now(),
-            store_down: AtomicBool::new(false),
-        }
-    }
-
-    /// The local clock: milliseconds since the registry was made (monotonic).
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Decides `cost` for `key` at `now_ms`, counting it if admitted.
-    pub fn decide(&self, key: &str, rate: &Rate, cost: u64, now_ms: u64) -> RateDecision {
-        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % self.shards.len()];
-        let mut shard = lock(shard);
-        if now_ms >= shard.next_sweep_ms {
-            shard.map.retain(|_, e| e.expires_ms > now_ms);
-            shard.next_sweep_ms = now_ms.saturating_add(SWEEP_MS);
-        }
-        let state = shard
-            .map
-            .get(key)
-            .filter(|e| e.expires_ms > now_ms)
-            .map(|e| e.state);
-        let (decision, next) = rate.decide(state, cost, now_ms);
-        if decision.allowed || state.is_some() {
-            let expires_ms = now_ms.saturating_add(rate.idle_ms());
-            if let Some(e) = shard.map.get_mut(key) {
-                *e = Entry {
-                    state: next,
-                    expires_ms,
-                };
-            } else {
-                if shard.map.len() >= self.max_per_shard {
-                    shard.make_room(now_ms, self.max_per_shard);
-                }
-                shard.map.insert(
-                    key.into(),
-                    Entry {
-                        state: next,
-                        expires_ms,
-                    },
-                );
-            }
-        }
-        decision
-    }
-
-    /// Keys held now (tests, bounds).
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).map.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Records a store failure; true if it starts an outage (log it then only).
-    fn store_failed(&self) -> bool {
-        !self.store_down.swap(true, Ordering::Relaxed)
-    }
-
-    /// Records a store success; true if it ends an outage.
-    fn store_ok(&self) -> bool {
-        self.store_down.load(Ordering::Relaxed) && self.store_down.swap(false, Ordering::Relaxed)
-    }
-}
-
-impl Shard {
-    /// Drops expired keys; if the shard is still full, evicts the key expiring first
-    /// among a few (its counter starts over if it comes back).
-    fn make_room(&mut self, now_ms: u64, max: usize) {
-        self.map.retain(|_, e| e.expires_ms > now_ms);
-        while self.map.len() >= max {
-            let victim = self
-                .map
-                .iter()
-                .take(EVICTION_SAMPLE)
-                .min_by_key(|(_, e)| e.expires_ms)
-                .map(|(k, _)| k.clone());
-            match victim {
-                Some(k) => {
-                    self.map.remove(&k);
-                }
-                None => break,
-            }
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Counters stay consistent across a panic (each update is one assignment).
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// One part of a limit's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,20 +317,6 @@ fn push_ip(key: &mut String, ip: IpAddr, prefix: u8) {
     }
 }
 
-/// Appends a length-prefixed value (so `a+b` parts never collide).
-/// Length-prefixed bytes; non-ASCII bytes and `\\` escaped, so values that differ
-/// in any byte never share a counter.
-fn push_part(key: &mut String, value: &[u8]) {
-    let _ = write!(key, "{}:", value.len());
-    for &b in value {
-        if b.is_ascii() && b != b'\\' {
-            key.push(b as char);
-        } else {
-            let _ = write!(key, "\\x{b:02x}");
-        }
-    }
-}
-
 impl Limit {
     /// This request's key, or `None` when a part is absent (the limit does not apply).
     fn key(
@@ -476,27 +330,28 @@ impl Limit {
         for part in self.parts.iter() {
             match part {
                 Part::Ip(prefix) => push_ip(&mut key, ctx.client_ip, *prefix),
-                Part::Principal => push_part(
+                Part::Principal => crate::policy::key::push_part(
                     &mut key,
                     ctx.principal().filter(|p| !p.is_empty())?.as_bytes(),
                 ),
                 Part::ApiKey => {
                     let id = ctx.identity.as_ref()?.api_key.as_ref()?;
-                    push_part(&mut key, id.record.id.as_bytes());
+                    crate::policy::key::push_part(&mut key, id.record.id.as_bytes());
                 }
                 Part::Header(name) => {
                     let v = req.headers().get(name)?;
                     if v.is_empty() {
                         return None;
                     }
-                    push_part(&mut key, v.as_bytes());
+                    crate::policy::key::push_part(&mut key, v.as_bytes());
                 }
-                Part::Cookie(name) => {
-                    push_part(&mut key, crate::sanitize::cookie(req.headers(), name)?)
-                }
+                Part::Cookie(name) => crate::policy::key::push_part(
+                    &mut key,
+                    crate::sanitize::cookie(req.headers(), name)?,
+                ),
                 Part::Param(name) => {
                     let v = ctx.params.iter().find(|(n, _)| *n == &**name)?.1;
-                    push_part(&mut key, v.as_bytes());
+                    crate::policy::key::push_part(&mut key, v.as_bytes());
                 }
             }
             key.push('\u{1f}');
@@ -649,131 +504,9 @@ impl LimitState {
     }
 }
 
-/// The API-key quota of a route.
-pub struct Quota;
-
-impl Quota {
-    pub(super) async fn on_request(&self, ctx: &mut RequestCtx<'_>) -> Result<Flow, GatewayError> {
-        let Some(key) = ctx.identity.as_ref().and_then(|i| i.api_key.as_ref()) else {
-            return Ok(Flow::Continue);
-        };
-        if key.record.quota.is_none() {
-            return Ok(Flow::Continue);
-        }
-        let window = match key.keys.consume_quota(&key.record, 1).await {
-            Ok(w) => w,
-            Err(e) => {
-                if key.fail_open {
-                    tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; letting the request through uncounted");
-                    return Ok(Flow::Continue);
-                }
-                tracing::warn!(error = %e, key = %key.record.id, "quota store unavailable; refusing the request");
-                return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
-            }
-        };
-        ctx.limits.quota = Some(window);
-        if window.allowed {
-            return Ok(Flow::Continue);
-        }
-        Err(GatewayError::new(
-            ErrorCode::QuotaExceeded,
-            "the API key's quota is used up for this window",
-        )
-        .with_header(
-            header::RETRY_AFTER,
-            HeaderValue::from(reset_secs(&window).max(1)),
-        ))
-    }
-
-    pub(super) fn on_response(&self, ctx: &mut RequestCtx<'_>, res: &mut Response<Body>) {
-        let Some(window) = ctx.limits.quota else {
-            return;
-        };
-        let headers = res.headers_mut();
-        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(window.limit));
-        headers.insert(
-            RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(window.limit.saturating_sub(window.count)),
-        );
-        headers.insert(
-            RATELIMIT_RESET.clone(),
-            HeaderValue::from(reset_secs(&window)),
-        );
-    }
-}
-
-fn reset_secs(window: &WindowCount) -> u64 {
-    window.reset_after.as_secs_f64().ceil() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rate(algorithm: RateAlgorithm, limit: u64, ms: u64, burst: u64) -> Rate {
-        Rate {
-            algorithm,
-            limit,
-            period: Duration::from_millis(ms),
-            burst,
-        }
-    }
-
-    fn admitted(reg: &Registry, key: &str, r: &Rate, n: usize, now: u64) -> usize {
-        (0..n)
-            .filter(|_| reg.decide(key, r, 1, now).allowed)
-            .count()
-    }
-
-    #[test]
-    fn local_sliding_window_with_injected_clock() {
-        let reg = Registry::default();
-        let r = rate(RateAlgorithm::SlidingWindow, 10, 60_000, 10);
-        let t0 = 6_000_000;
-        assert_eq!(admitted(&reg, "a", &r, 15, t0 + 59_000), 10);
-        // Keys count separately.
-        assert_eq!(admitted(&reg, "b", &r, 3, t0 + 59_000), 3);
-        // 15 s into the next window the previous 10 weigh 7.5.
-        assert_eq!(admitted(&reg, "a", &r, 5, t0 + 75_000), 2);
-        let d = reg.decide("a", &r, 1, t0 + 75_000);
-        assert!(!d.allowed);
-        assert_eq!(d.retry_after, Duration::from_secs(3));
-        assert_eq!(admitted(&reg, "a", &r, 1, t0 + 78_000), 1);
-    }
-
-    #[test]
-    fn local_token_bucket_with_injected_clock() {
-        let reg = Registry::default();
-        // 2 per second, burst 5.
-        let r = rate(RateAlgorithm::TokenBucket, 2, 1_000, 5);
-        assert_eq!(admitted(&reg, "k", &r, 8, 1_000), 5);
-        let d = reg.decide("k", &r, 1, 1_000);
-        assert_eq!((d.allowed, d.remaining), (false, 0));
-        assert_eq!(d.retry_after, Duration::from_millis(500));
-        assert_eq!(admitted(&reg, "k", &r, 3, 1_499), 0);
-        assert_eq!(admitted(&reg, "k", &r, 3, 1_500), 1);
-        assert_eq!(admitted(&reg, "k", &r, 9, 60_000), 5);
-    }
-
-    #[test]
-    fn local_memory_is_bounded_and_idle_keys_go() {
-        let reg = Registry::with_capacity(SHARDS * 4);
-        let r = rate(RateAlgorithm::SlidingWindow, 5, 1_000, 5);
-        for i in 0..10_000 {
-            assert!(reg.decide(&format!("k{i}"), &r, 1, 10).allowed);
-        }
-        assert!(reg.len() <= SHARDS * 4, "{} keys", reg.len());
-        // Long idle: the next sweep of a shard drops its keys.
-        for i in 0..10_000 {
-            reg.decide(&format!("x{i}"), &r, 0, 1_000_000);
-        }
-        assert!(reg.len() <= SHARDS * 4);
-        // A refused first hit stores nothing.
-        let reg = Registry::default();
-        let strict = rate(RateAlgorithm::SlidingWindow, 1, 1_000, 1);
-        assert!(!reg.decide("big", &strict, 2, 5).allowed);
-        assert!(reg.is_empty());
-    }
 
     #[test]
     fn ip_keys_group_ipv6_by_prefix() {
@@ -835,23 +568,7 @@ mod tests {
     }
 
     #[test]
-    fn parts_are_length_prefixed_and_headers_are_structured_fields() {
-        let mut a = String::new();
-        push_part(&mut a, "a\u{1f}1:b".as_bytes());
-        let mut b = String::new();
-        push_part(&mut b, b"a");
-        b.push('\u{1f}');
-        push_part(&mut b, b"b");
-        assert_ne!(a, b);
-        // Bytes that are not UTF-8 stay distinct, and `\` cannot forge an escape.
-        let (mut x, mut y) = (String::new(), String::new());
-        push_part(&mut x, b"\xff");
-        push_part(&mut y, b"\\xff");
-        assert_ne!(x, y);
-        let (mut x, mut y) = (String::new(), String::new());
-        push_part(&mut x, &[0xfe]);
-        push_part(&mut y, &[0xff]);
-        assert_ne!(x, y);
+    fn cookies_read_as_bytes_and_headers_are_structured_fields() {
         let mut h = http::HeaderMap::new();
         h.insert(
             header::COOKIE,
