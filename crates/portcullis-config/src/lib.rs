@@ -9,6 +9,7 @@ mod identity;
 mod interp;
 mod policies;
 mod types;
+mod upstreams;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub use interp::{
 pub use policies::*;
 pub use serde_saphyr::{Location, Spanned};
 pub use types::*;
+pub use upstreams::*;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

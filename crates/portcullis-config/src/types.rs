@@ -49,6 +49,9 @@ pub struct Config {
     /// Storage of `cache` policies with `scope: local`.
     #[serde(default)]
     pub cache_storage: crate::CacheStorageConfig,
+    /// Webhooks told when an upstream target is down for a while, and when it recovers.
+    #[serde(default)]
+    pub notifications: Option<crate::NotificationsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -429,6 +432,12 @@ pub struct UpstreamConfig {
     /// Max idle pooled connections per host.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: Scalar<usize>,
+    /// Active and passive health checks of the targets.
+    #[serde(default)]
+    pub health: crate::UpstreamHealthConfig,
+    /// A circuit breaker per target.
+    #[serde(default)]
+    pub breaker: Option<crate::BreakerConfig>,
 }
 
 /// One target of an upstream group.
@@ -616,6 +625,10 @@ pub struct ProxyConfig {
     /// `Upgrade` protocols forwarded (case-insensitive); default `[websocket]`.
     #[serde(default = "default_upgrades")]
     pub upgrades: Vec<Text>,
+    /// Retries of failed attempts (default: groups of several targets retry
+    /// idempotent requests once on connect failures and resets; `false` turns off).
+    #[serde(default)]
+    pub retries: Option<crate::Toggle<crate::RetryConfig>>,
 }
 
 fn default_upgrades() -> Vec<Text> {

@@ -1,5 +1,6 @@
 //! The admin listener: `/admin/config`, `/admin/routes`, `/admin/reload`,
-//! `/admin/apikeys`, `/admin/cache` (purge), metrics and
+//! `/admin/apikeys`, `/admin/cache` (purge), `/admin/upstreams`, `/admin/health`
+//! (upstream targets), metrics and
 //! health. Admin endpoints need the admin token; health and metrics do not.
 
 use std::convert::Infallible;
@@ -164,9 +165,18 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::DELETE, "/admin/cache") => purge_cache(shared, req.uri().query()).await,
+        (&Method::GET, "/admin/upstreams") => json(
+            StatusCode::OK,
+            &crate::health::admin_view(&shared.snapshot.load().groups),
+        ),
+        (&Method::GET, "/admin/health") => json(
+            StatusCode::OK,
+            &crate::health::health_view(&shared.snapshot.load().groups),
+        ),
         (
             _,
-            "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys" | "/admin/cache",
+            "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys" | "/admin/cache"
+            | "/admin/upstreams" | "/admin/health",
         ) => GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response(""),
         _ => GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response(""),
     }

@@ -29,13 +29,14 @@ pub enum ErrorCode {
     RateLimited,
     UpstreamUnavailable,
     UpstreamTimeout,
+    UpstreamOverloaded,
     LoopDetected,
     ServiceUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -54,6 +55,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::UpstreamTimeout,
+        ErrorCode::UpstreamOverloaded,
         ErrorCode::LoopDetected,
         ErrorCode::ServiceUnavailable,
         ErrorCode::InternalError,
@@ -80,6 +82,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
+            ErrorCode::UpstreamOverloaded => "UPSTREAM_OVERLOADED",
             ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
@@ -104,7 +107,9 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ServiceUnavailable | ErrorCode::UpstreamOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -116,6 +121,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable
                 | ErrorCode::UpstreamTimeout
                 | ErrorCode::ServiceUnavailable
+                | ErrorCode::UpstreamOverloaded
                 | ErrorCode::QuotaExceeded
                 | ErrorCode::RateLimited
         )
@@ -126,6 +132,7 @@ impl ErrorCode {
         match self {
             ErrorCode::UpstreamUnavailable => "the upstream service is unavailable",
             ErrorCode::UpstreamTimeout => "the upstream service did not answer in time",
+            ErrorCode::UpstreamOverloaded => "the upstream service is overloaded",
             ErrorCode::ServiceUnavailable => {
                 "the gateway or a service it depends on is not available"
             }

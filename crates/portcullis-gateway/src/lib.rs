@@ -15,6 +15,7 @@ pub mod context;
 pub mod dns;
 pub mod error;
 pub mod forwarded;
+pub mod health;
 pub mod policy;
 
 pub mod reload;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub labels: telemetry::FixedLabels,
     pub clients: ClientRegistry,
+    /// Upstream target health, breakers and checkers (outlive snapshots).
+    pub upstreams: health::Upstreams,
     pub config_path: PathBuf,
     /// This instance's `Via` name when the config sets none (loop detection).
     pub instance_id: Arc<str>,
@@ -161,12 +164,16 @@ impl Shared {
         policies
             .cache
             .set_capacity(config.cache_storage.max_bytes.0);
-        let snapshot = snapshot::compile(config, path, &clients, &policies, &instance_id).await?;
+        let upstreams = health::Upstreams::default();
+        let snapshot =
+            snapshot::compile(config, path, &clients, &upstreams, &policies, &instance_id).await?;
+        upstreams.sync(&snapshot.groups, snapshot.notifier.as_ref());
         let shared = Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics: Metrics::new(),
             labels: telemetry::FixedLabels::default(),
             clients,
+            upstreams,
             config_path: path.to_owned(),
             instance_id,
             connection_slots,
@@ -223,6 +230,7 @@ impl Shared {
                     config,
                     &self.config_path,
                     &self.clients,
+                    &self.upstreams,
                     &self.policies,
                     &self.instance_id,
                 )
@@ -250,6 +258,7 @@ impl Shared {
                     tracing::warn!("server.max_connections, workers, hosts_file and dns_* changed: they take effect after a restart");
                 }
                 self.clients.retain(&new.used_clients);
+                self.upstreams.sync(&new.groups, new.notifier.as_ref());
                 self.policies
                     .cache
                     .set_capacity(new.config.cache_storage.max_bytes.0);

@@ -389,6 +389,7 @@ pub async fn readiness(shared: &Shared) -> Result<Response<Body>, GatewayError> 
 }
 
 pub fn metrics(shared: &Shared) -> Response<Body> {
+    crate::health::refresh_gauges(&shared.snapshot.load().groups, &shared.metrics);
     let mut res = Response::new(Body::full(shared.metrics.encode()));
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -98,6 +98,18 @@ pub struct Metrics {
     pub csrf_rejected: Family<RouteLabels, Counter>,
     /// Requests refused by IP rules.
     pub ip_denied: Family<RouteLabels, Counter>,
+    /// Retries of upstream attempts by route and reason.
+    pub upstream_retries: Family<UpstreamErrorLabels, Counter>,
+    /// Per upstream target, refreshed at each scrape from the target states.
+    pub target_healthy: Family<TargetLabels, Gauge>,
+    pub target_breaker_open: Family<TargetLabels, Gauge>,
+    pub target_in_flight: Family<TargetLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub upstream: Arc<str>,
+    pub target: Arc<str>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -128,6 +140,30 @@ impl Metrics {
         let cache = Family::<CacheLabels, Counter>::default();
         let csrf_rejected = Family::<RouteLabels, Counter>::default();
         let ip_denied = Family::<RouteLabels, Counter>::default();
+        let upstream_retries = Family::<UpstreamErrorLabels, Counter>::default();
+        let target_healthy = Family::<TargetLabels, Gauge>::default();
+        let target_breaker_open = Family::<TargetLabels, Gauge>::default();
+        let target_in_flight = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts retried, by route and reason (connect, reset, timeout, status)",
+            upstream_retries.clone(),
+        );
+        registry.register(
+            "upstream_target_healthy",
+            "1 when an upstream target is healthy (active checks pass, not ejected), else 0",
+            target_healthy.clone(),
+        );
+        registry.register(
+            "upstream_target_breaker_open",
+            "1 while an upstream target's circuit breaker is open",
+            target_breaker_open.clone(),
+        );
+        registry.register(
+            "upstream_target_in_flight",
+            "Requests in flight on an upstream target",
+            target_in_flight.clone(),
+        );
         registry.register(
             "ratelimit_decisions",
             "Rate-limit decisions by route, limit and result (allowed, limited, store_error)",
@@ -214,6 +250,10 @@ impl Metrics {
             cache,
             csrf_rejected,
             ip_denied,
+            upstream_retries,
+            target_healthy,
+            target_breaker_open,
+            target_in_flight,
         }
     }
 

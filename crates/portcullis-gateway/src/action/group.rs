@@ -1,17 +1,33 @@
 //! Upstream groups: several targets behind one named upstream, and the balancer
 //! that picks one for each request ([`portcullis_upstream`]).
 
+use std::cell::Cell;
+use std::sync::Arc;
+
 use http::HeaderName;
 use portcullis_config::{BalancerConfig, Location, Spanned, UpstreamConfig};
-use portcullis_upstream::{InFlight, LeastRequest, Maglev, RoundRobin};
+use portcullis_upstream::{
+    Attempt, BreakerPolicy, InFlight, LeastRequest, Maglev, Outcome, PassivePolicy, RoundRobin,
+    TargetState, Unusable,
+};
 
 use super::proxy::{parse_fixed_target, FixedTarget};
 use crate::context::RequestCtx;
+use crate::error::{ErrorCode, GatewayError};
+use crate::health::Upstreams;
 use crate::snapshot::Errors;
 
 pub struct Group {
-    pub targets: Box<[FixedTarget]>,
+    pub name: Arc<str>,
+    pub targets: Box<[Arc<FixedTarget>]>,
+    /// Health, breaker and in-flight count of each target, shared with every
+    /// snapshot (they outlive reloads in [`Upstreams`]).
+    pub states: Box<[Arc<TargetState>]>,
     balancer: Balancer,
+    passive: Option<PassivePolicy>,
+    breaker: Option<BreakerPolicy>,
+    /// Try unhealthy targets when none is healthy.
+    panic: bool,
 }
 
 enum Balancer {
@@ -35,13 +51,22 @@ enum HashKey {
 /// The target a request goes to; for `least_request`, counted as in flight until
 /// dropped or [`Picked::done`].
 pub struct Picked<'a> {
+    pub index: usize,
     pub target: &'a FixedTarget,
     in_flight: Option<InFlight<'a>>,
+    group: &'a Group,
+    _attempt: Attempt,
 }
 
 impl Picked<'_> {
-    /// The response head arrived after `latency` (least-request's EWMA).
-    pub fn done(self, latency: std::time::Duration) {
+    /// The attempt ended: the response head arrived after `latency` (least-request's
+    /// EWMA), or it failed. Feeds passive health and the breaker.
+    pub fn done(self, outcome: Outcome, latency: std::time::Duration) {
+        self.group.states[self.index].report(
+            outcome,
+            self.group.passive.as_ref(),
+            self.group.breaker.as_ref(),
+        );
         if let Some(f) = self.in_flight {
             f.done(latency);
         }
@@ -49,10 +74,12 @@ impl Picked<'_> {
 }
 
 pub(crate) fn compile(
+    name: &str,
     u: &UpstreamConfig,
     at: Location,
     field: &str,
     route_params: &[String],
+    registry: &Upstreams,
     errors: &mut Errors<'_>,
 ) -> Option<Group> {
     let before = errors.count();
@@ -79,7 +106,7 @@ pub(crate) fn compile(
                     );
                 }
                 names.push(value.url.to_string());
-                targets.push(ft);
+                targets.push(Arc::new(ft));
             }
             Ok(_) => errors.push(
                 *referenced,
@@ -137,21 +164,94 @@ pub(crate) fn compile(
             }
         }
     };
+    let passive = u.health.passive.as_ref().map(|p| PassivePolicy {
+        failures: p.failures.0.max(1),
+        eject_for: p.eject_for.get(),
+        max_eject: p.max_eject.get().max(p.eject_for.get()),
+    });
+    let breaker = u.breaker.as_ref().map(|b| BreakerPolicy {
+        max_concurrent: b.max_concurrent.0,
+        failures: b.failures.0.max(1),
+        open_for: b.open_for.get(),
+    });
+    if let Some(b) = &u.breaker {
+        if b.max_concurrent.0 == 0 || b.max_pending.0 == 0 {
+            errors.push(
+                at,
+                format!("{field}.breaker"),
+                "max_concurrent and max_pending must be at least 1",
+            );
+        }
+    }
+    let name: Arc<str> = Arc::from(name);
+    let states = names
+        .iter()
+        .map(|url| registry.target(&name, url))
+        .collect();
     (errors.count() == before).then(|| Group {
+        name,
         targets: targets.into_boxed_slice(),
+        states,
         balancer,
+        passive,
+        breaker,
+        panic: u.health.panic.0,
     })
 }
 
 impl Group {
-    /// The target for this request. Every target is usable until health checks
-    /// arrive.
+    /// The target for this request among the healthy ones whose breaker admits it,
+    /// avoiding `tried` (earlier attempts) while another target is usable. None
+    /// healthy: 503 `SERVICE_UNAVAILABLE` (or any target, in panic mode); healthy
+    /// ones all refused by their breakers: 503 `UPSTREAM_OVERLOADED`.
     pub fn pick<'a>(
         &'a self,
         ctx: &RequestCtx<'_>,
         headers: &http::HeaderMap,
+        tried: &[usize],
+    ) -> Result<Picked<'a>, GatewayError> {
+        let overloaded = Cell::new(false);
+        let admits = |i: usize| match self.states[i].admit(self.breaker.as_ref()) {
+            Ok(()) => true,
+            Err(Unusable::Overloaded) => {
+                overloaded.set(true);
+                false
+            }
+            Err(Unusable::Unhealthy) => false,
+        };
+        let fresh = |i: usize| !tried.contains(&i) && admits(i);
+        if let Some(p) = self.pick_with(ctx, headers, fresh) {
+            return Ok(p);
+        }
+        if !tried.is_empty() {
+            if let Some(p) = self.pick_with(ctx, headers, admits) {
+                return Ok(p);
+            }
+        }
+        if overloaded.get() {
+            return Err(GatewayError::server(ErrorCode::UpstreamOverloaded));
+        }
+        if self.panic {
+            let breaker_ok = |i: usize| {
+                !self.states[i].breaker_open()
+                    && self
+                        .breaker
+                        .as_ref()
+                        .is_none_or(|b| self.states[i].in_flight() < b.max_concurrent)
+            };
+            if let Some(p) = self.pick_with(ctx, headers, breaker_ok) {
+                return Ok(p);
+            }
+        }
+        Err(GatewayError::server(ErrorCode::ServiceUnavailable))
+    }
+
+    fn pick_with<'a>(
+        &'a self,
+        ctx: &RequestCtx<'_>,
+        headers: &http::HeaderMap,
+        usable: impl Fn(usize) -> bool,
     ) -> Option<Picked<'a>> {
-        let usable = |_: usize| true;
         let (i, in_flight) = match &self.balancer {
             Balancer::RoundRobin(rr) => (rr.pick(usable)?, None),
             Balancer::LeastRequest(lr) => {
@@ -184,17 +284,27 @@ impl Group {
             }
         };
         Some(Picked {
+            index: i,
             target: &self.targets[i],
             in_flight,
+            group: self,
+            _attempt: self.states[i].start(),
         })
     }
 
-    pub fn describe(&self) -> String {
-        let kind = match &self.balancer {
+    pub fn balancer_name(&self) -> &'static str {
+        match &self.balancer {
             Balancer::RoundRobin(_) => "round_robin",
             Balancer::LeastRequest(_) => "least_request",
             Balancer::Hash { .. } => "hash",
-        };
-        format!("proxy group of {} ({kind})", self.targets.len())
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "proxy group of {} ({})",
+            self.targets.len(),
+            self.balancer_name()
+        )
     }
 }

@@ -110,6 +110,9 @@ pub(crate) struct Clients<'a> {
     pub named: &'a BTreeMap<String, Spanned<UpstreamConfig>>,
     pub registry: &'a ClientRegistry,
     pub used: Vec<ClientSettings>,
+    /// Target states outlive snapshots; groups compiled so far (one per name).
+    pub upstreams: &'a crate::health::Upstreams,
+    pub groups: Vec<crate::health::GroupInfo>,
 }
 
 /// Compiles the one action a route has.

@@ -5,13 +5,15 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
-use portcullis_config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+use portcullis_config::{RetryConfig, Toggle, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+use portcullis_upstream::Outcome;
 
 use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut, IdleTimeout};
 use crate::context::RequestCtx;
@@ -27,13 +29,12 @@ pub async fn forward(
     ctx: &mut RequestCtx<'_>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, GatewayError> {
-    let (uri, label, picked) = upstream_uri(action, ctx, req.uri(), req.headers())?;
-    ctx.record.upstream = Some(label.clone());
     let this_route = ctx.route;
     let max_body = this_route.max_body;
     let route = &this_route.name;
 
-    if let Some(len) = content_length(req.headers()) {
+    let declared_len = content_length(req.headers());
+    if let Some(len) = declared_len {
         if len > max_body {
             return Err(too_large(max_body));
         }
@@ -54,6 +55,7 @@ pub async fn forward(
 
     let original_host = ctx.authority.clone();
     let (mut parts, body) = req.into_parts();
+    let original_uri = std::mem::take(&mut parts.uri);
     let headers = &mut parts.headers;
     // Hop-by-hop headers were removed when the request arrived (crate::sanitize),
     // before the gateway added its own.
@@ -86,63 +88,214 @@ pub async fn forward(
         // hyper sets Host (or :authority) from the upstream URI.
         headers.remove(header::HOST);
     }
-    parts.uri = uri;
     parts.version = Version::HTTP_11;
-    ctx.route.chain.on_upstream_request(ctx, &mut parts);
     let deadline = action
         .total_timeout
         .map(|t| tokio::time::Instant::now() + t);
-    let body = Body::Upstream(
-        IdleTimeout::new(body, action.body_timeout)
-            .with_limit(max_body)
-            .with_deadline(deadline)
-            .without_trailers(),
-    );
-    let upstream_req = Request::from_parts(parts, body);
+    let streamed = |body: Incoming| {
+        Body::Upstream(
+            IdleTimeout::new(body, action.body_timeout)
+                .with_limit(max_body)
+                .with_deadline(deadline)
+                .without_trailers(),
+        )
+    };
 
-    let started = Instant::now();
-    let response_timeout = match deadline {
-        Some(d) => action
-            .response_timeout
-            .min(d.saturating_duration_since(tokio::time::Instant::now())),
-        None => action.response_timeout,
-    };
-    let result = tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
-    let metrics = &ctx.shared.metrics;
-    let mut res = match result {
-        Ok(Ok(res)) => res,
-        Ok(Err(err)) => {
-            if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
-                count_error(metrics, route, "forbidden");
-                tracing::warn!(route = %route, upstream = %label, "upstream name resolves only to forbidden addresses");
-                return Err(GatewayError::new(
-                    ErrorCode::UpstreamForbidden,
-                    format!("upstream {label:?} is not an allowed target"),
-                ));
+    // A retry sends the request again: only when its method allows it and its body
+    // (if any) is small enough to keep; anything else streams once.
+    let mut retry = action
+        .retry
+        .as_ref()
+        .filter(|r| upgrade.is_none() && r.allows(&parts.method));
+    let mut replay: Option<Bytes> = None;
+    let mut body = Some(body);
+    if let Some(r) = retry {
+        let empty = body.as_ref().is_some_and(http_body::Body::is_end_stream);
+        if empty {
+            replay = Some(Bytes::new());
+        } else if declared_len.is_some_and(|len| len <= r.replay_buffer) {
+            if let Some(b) = body.take() {
+                replay = Some(read_replay(streamed(b), r.replay_buffer).await?);
             }
-            let e = classify(&err, route, &label, metrics);
-            // A templated upstream (FnKit function) is named: the name came from the
-            // client's own path, so it reveals nothing internal.
-            if e.code == ErrorCode::UpstreamUnavailable
-                && matches!(action.target, Target::Template { .. })
-            {
-                return Err(GatewayError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    unreachable_message(&label),
-                ));
-            }
-            return Err(e);
+        } else {
+            retry = None;
         }
-        Err(_) => {
-            count_error(metrics, route, "timeout");
-            tracing::warn!(route = %route, upstream = %label, "upstream timed out before responding");
-            return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
-        }
-    };
-    if let Some(p) = picked {
-        p.done(started.elapsed());
     }
-    metrics
+    if let Some(r) = retry {
+        r.budget.deposit();
+    }
+
+    let metrics = &ctx.shared.metrics;
+    let mut template = Some(parts);
+    let mut tried = [usize::MAX; MAX_ATTEMPTS as usize];
+    let mut attempt: u32 = 1;
+    loop {
+        let more = retry.is_some_and(|r| attempt < r.attempts);
+        let tried_so_far = &tried[..(attempt - 1) as usize];
+        let (uri, label, picked) = upstream_uri(
+            action,
+            ctx,
+            &original_uri,
+            template.as_ref().map(|p| &p.headers),
+            tried_so_far,
+        )?;
+        ctx.record.upstream = Some(label.clone());
+        let mut head = if more {
+            match &template {
+                Some(p) => clone_head(p),
+                None => return Err(GatewayError::server(ErrorCode::InternalError)),
+            }
+        } else {
+            match template.take() {
+                Some(p) => p,
+                None => return Err(GatewayError::server(ErrorCode::InternalError)),
+            }
+        };
+        head.uri = uri;
+        ctx.route.chain.on_upstream_request(ctx, &mut head);
+        let attempt_body = match (&replay, body.take()) {
+            (Some(bytes), _) if bytes.is_empty() => Body::empty(),
+            (Some(bytes), _) => Body::full(bytes.clone()),
+            (None, Some(b)) => streamed(b),
+            (None, None) => Body::empty(),
+        };
+        let upstream_req = Request::from_parts(head, attempt_body);
+
+        let started = Instant::now();
+        let response_timeout = match deadline {
+            Some(d) => action
+                .response_timeout
+                .min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => action.response_timeout,
+        };
+        let result =
+            tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
+        let index = picked.as_ref().map(|p| p.index);
+        // Why this attempt may be retried, or the error to answer with.
+        let reason: &'static str = match result {
+            Ok(Ok(res)) => {
+                let status = res.status();
+                let retryable = retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
+                if let Some(p) = picked {
+                    let outcome = if status.is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    p.done(outcome, started.elapsed());
+                }
+                if !(retryable && more) {
+                    return Ok(respond(
+                        action,
+                        ctx,
+                        res,
+                        started,
+                        deadline,
+                        client_upgrade,
+                        tunnel,
+                    ));
+                }
+                "status"
+            }
+            Ok(Err(err)) => {
+                if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
+                    count_error(metrics, route, "forbidden");
+                    tracing::warn!(route = %route, upstream = %label, "upstream name resolves only to forbidden addresses");
+                    return Err(GatewayError::new(
+                        ErrorCode::UpstreamForbidden,
+                        format!("upstream {label:?} is not an allowed target"),
+                    ));
+                }
+                let e = classify(&err, route, &label, metrics);
+                let upstream_fault = e.code == ErrorCode::UpstreamUnavailable
+                    || e.code == ErrorCode::UpstreamTimeout;
+                if let Some(p) = picked {
+                    if upstream_fault {
+                        p.done(Outcome::Failure, started.elapsed());
+                    }
+                }
+                let kind = if err.is_connect() { "connect" } else { "reset" };
+                let retryable = upstream_fault
+                    && retry.is_some_and(|r| {
+                        if kind == "connect" {
+                            r.on_connect
+                        } else {
+                            r.on_reset
+                        }
+                    });
+                if !(retryable && more) {
+                    // A templated upstream (FnKit function) is named: the name came
+                    // from the client's own path, so it reveals nothing internal.
+                    if e.code == ErrorCode::UpstreamUnavailable
+                        && matches!(action.target, Target::Template { .. })
+                    {
+                        return Err(GatewayError::new(
+                            ErrorCode::UpstreamUnavailable,
+                            unreachable_message(&label),
+                        ));
+                    }
+                    return Err(e);
+                }
+                kind
+            }
+            Err(_) => {
+                count_error(metrics, route, "timeout");
+                tracing::warn!(route = %route, upstream = %label, "upstream timed out before responding");
+                if let Some(p) = picked {
+                    p.done(Outcome::Failure, started.elapsed());
+                }
+                if !(more && retry.is_some_and(|r| r.on_timeout)) {
+                    return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
+                }
+                "timeout"
+            }
+        };
+        // Retry, if the budget allows and the deadline leaves time for it.
+        let Some(r) = retry else {
+            return Err(GatewayError::server(ErrorCode::InternalError));
+        };
+        let wait = portcullis_upstream::retry::backoff(r.backoff, r.max_backoff, attempt);
+        let late = deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d);
+        if late || !r.budget.withdraw() {
+            tracing::debug!(route = %route, upstream = %label, reason, "retry refused (budget or deadline)");
+            return Err(match reason {
+                "timeout" => GatewayError::server(ErrorCode::UpstreamTimeout),
+                "status" => GatewayError::server(ErrorCode::UpstreamUnavailable),
+                _ => GatewayError::server(ErrorCode::UpstreamUnavailable),
+            });
+        }
+        metrics
+            .upstream_retries
+            .get_or_create(&UpstreamErrorLabels {
+                route: route.clone(),
+                kind: reason,
+            })
+            .inc();
+        tracing::debug!(route = %route, upstream = %label, reason, attempt, "retrying upstream request");
+        if let Some(i) = index {
+            tried[(attempt - 1) as usize] = i;
+        }
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
+}
+
+/// Most attempts a route may configure.
+pub const MAX_ATTEMPTS: u32 = 10;
+
+/// The response head arrived: hand tunnels over, strip hop-by-hop headers, stream.
+fn respond(
+    action: &ProxyAction,
+    ctx: &RequestCtx<'_>,
+    mut res: Response<Incoming>,
+    started: Instant,
+    deadline: Option<tokio::time::Instant>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    tunnel: Option<crate::tunnel::Tunnel>,
+) -> Response<Body> {
+    let route = &ctx.route.name;
+    ctx.shared
+        .metrics
         .upstream_duration
         .get_or_create(&RouteLabels {
             route: route.clone(),
@@ -164,13 +317,56 @@ pub async fn forward(
                     Err(e) => tracing::debug!(route = %route, error = %e, "upgrade failed"),
                 }
             });
-            return Ok(res.map(|_| Body::empty()));
+            return res.map(|_| Body::empty());
         }
     }
 
     remove_hop_by_hop(res.headers_mut());
-    Ok(res
-        .map(|b| Body::Upstream(IdleTimeout::new(b, action.idle_timeout).with_deadline(deadline))))
+    res.map(|b| Body::Upstream(IdleTimeout::new(b, action.idle_timeout).with_deadline(deadline)))
+}
+
+/// A copy of the request head for one attempt (extensions are not carried).
+fn clone_head(p: &http::request::Parts) -> http::request::Parts {
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = p.method.clone();
+    head.uri = p.uri.clone();
+    head.version = p.version;
+    head.headers = p.headers.clone();
+    head
+}
+
+/// Reads a body of known, small length into memory so a retry can send it again.
+async fn read_replay(body: Body, limit: u64) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+                || find_cause::<BodyTooLarge>(e.as_ref()).is_some()
+            {
+                Err(GatewayError::new(
+                    ErrorCode::PayloadTooLarge,
+                    "request body too large",
+                ))
+            } else if find_cause::<IdleTimedOut>(e.as_ref()).is_some() {
+                Err(GatewayError::new(
+                    ErrorCode::RequestTimeout,
+                    "request body not received in time",
+                ))
+            } else if find_cause::<DeadlineExceeded>(e.as_ref()).is_some() {
+                Err(GatewayError::server(ErrorCode::UpstreamTimeout))
+            } else {
+                Err(GatewayError::new(
+                    ErrorCode::BadRequest,
+                    "request body could not be read",
+                ))
+            }
+        }
+    }
 }
 
 fn too_large(limit: u64) -> GatewayError {
@@ -219,7 +415,8 @@ fn classify(
     GatewayError::server(ErrorCode::UpstreamUnavailable)
 }
 
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its sources, for logs (never for clients).
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {
@@ -295,7 +492,8 @@ fn upstream_uri<'a>(
     action: &'a ProxyAction,
     f: &RequestCtx<'_>,
     original: &Uri,
-    headers: &HeaderMap,
+    headers: Option<&HeaderMap>,
+    tried: &[usize],
 ) -> Result<(Uri, Arc<str>, Option<super::group::Picked<'a>>), GatewayError> {
     let lookup = |name: &str| crate::template::param_value(f.params, f.rest, name);
     // The path the upstream sees, before any base path.
@@ -326,9 +524,8 @@ fn upstream_uri<'a>(
     match &action.target {
         Target::Fixed(t) => fixed(t).map(|(u, l)| (u, l, None)),
         Target::Group(g) => {
-            let picked = g
-                .pick(f, headers)
-                .ok_or_else(|| GatewayError::server(ErrorCode::ServiceUnavailable))?;
+            let empty = HeaderMap::new();
+            let picked = g.pick(f, headers.unwrap_or(&empty), tried)?;
             let (uri, label) = fixed(picked.target)?;
             Ok((uri, label, Some(picked)))
         }
@@ -421,7 +618,94 @@ pub struct ProxyAction {
     pub upgrades: Vec<String>,
     /// Templated upstreams: names a host param may take (empty: any DNS label).
     pub allow_names: Vec<crate::targets::NamePattern>,
+    pub retry: Option<RetryPolicy>,
     pub client: UpstreamClient,
+}
+
+/// A route's `retries`, compiled.
+pub struct RetryPolicy {
+    /// Tries in all, the first included (2..=[`MAX_ATTEMPTS`]).
+    pub attempts: u32,
+    pub on_connect: bool,
+    pub on_reset: bool,
+    pub on_timeout: bool,
+    pub statuses: Vec<u16>,
+    pub non_idempotent: bool,
+    pub replay_buffer: u64,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub budget: portcullis_upstream::RetryBudget,
+}
+
+impl RetryPolicy {
+    /// Idempotent methods (RFC 9110 §9.2.2) always; others when the route says so.
+    fn allows(&self, method: &Method) -> bool {
+        self.non_idempotent
+            || matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            )
+    }
+
+    fn compile(
+        cfg: &RetryConfig,
+        at: portcullis_config::Location,
+        field: &str,
+        errors: &mut crate::snapshot::Errors<'_>,
+    ) -> Option<Self> {
+        let attempts = cfg.attempts.0;
+        if attempts == 0 || attempts > MAX_ATTEMPTS {
+            errors.push(
+                at,
+                format!("{field}.attempts"),
+                format!("must be between 1 and {MAX_ATTEMPTS}"),
+            );
+            return None;
+        }
+        if cfg.budget_percent.0 > 100 {
+            errors.push(at, format!("{field}.budget_percent"), "at most 100");
+            return None;
+        }
+        let mut policy = RetryPolicy {
+            attempts,
+            on_connect: false,
+            on_reset: false,
+            on_timeout: false,
+            statuses: Vec::new(),
+            non_idempotent: cfg.non_idempotent.0,
+            replay_buffer: cfg.replay_buffer.0,
+            backoff: cfg.backoff.get(),
+            max_backoff: cfg.max_backoff.get().max(cfg.backoff.get()),
+            budget: portcullis_upstream::RetryBudget::new(
+                f64::from(cfg.budget_percent.0) / 100.0,
+                cfg.min_per_second.0,
+            ),
+        };
+        for (i, on) in cfg.on.iter().enumerate() {
+            match on.trim() {
+                "connect" => policy.on_connect = true,
+                "reset" => policy.on_reset = true,
+                "timeout" => policy.on_timeout = true,
+                s => match s.parse::<u16>() {
+                    Ok(code) if (500..=599).contains(&code) => policy.statuses.push(code),
+                    _ => {
+                        errors.push(
+                            at,
+                            format!("{field}.on[{i}]"),
+                            format!("{s:?}: expected connect, reset, timeout or a 5xx status"),
+                        );
+                        return None;
+                    }
+                },
+            }
+        }
+        (attempts > 1).then_some(policy)
+    }
 }
 
 impl ProxyAction {
@@ -493,12 +777,24 @@ pub(crate) fn compile(
                 return None;
             }
             Some(super::group::compile(
+                &raw,
                 u,
                 p.upstream.referenced,
                 &format!("upstreams.{raw}"),
                 site.params,
+                clients.upstreams,
                 errors,
             )?)
+        }
+        Some(u)
+            if u.health.active.is_some() || u.health.passive.is_some() || u.breaker.is_some() =>
+        {
+            errors.push(
+                p.upstream.referenced,
+                format!("upstreams.{raw}"),
+                "`health` and `breaker` apply to groups: list the URL under `targets`",
+            );
+            return None;
         }
         Some(u) if u.url.is_empty() => {
             errors.push(
@@ -662,6 +958,55 @@ pub(crate) fn compile(
             return None;
         }
     };
+    let retry = match &p.retries {
+        Some(Toggle::Off) => None,
+        Some(Toggle::On(cfg)) => {
+            let before = errors.count();
+            let r = RetryPolicy::compile(cfg, at, &format!("{field}.proxy.retries"), errors);
+            if errors.count() != before {
+                return None;
+            }
+            r
+        }
+        // Groups of several targets retry on another one by default, like nginx.
+        None => match &target {
+            Target::Group(g) if g.targets.len() > 1 => {
+                RetryPolicy::compile(&RetryConfig::default(), at, field, errors)
+            }
+            _ => None,
+        },
+    };
+    if let (Target::Group(g), Some(u)) = (&target, upstream_cfg) {
+        if !clients.groups.iter().any(|info| info.name == g.name) {
+            let active = match &u.health.active {
+                Some(a) => Some(crate::health::ActiveCheck::compile(
+                    a,
+                    p.upstream.referenced,
+                    &format!("upstreams.{raw}.health.active"),
+                    errors,
+                )?),
+                None => None,
+            };
+            clients.groups.push(crate::health::GroupInfo {
+                name: g.name.clone(),
+                balancer: g.balancer_name(),
+                targets: g
+                    .targets
+                    .iter()
+                    .zip(g.states.iter())
+                    .zip(u.targets.iter())
+                    .map(|((t, s), c)| crate::health::GroupTarget {
+                        target: t.clone(),
+                        weight: c.value.weight.0,
+                        state: s.clone(),
+                    })
+                    .collect(),
+                active,
+                client: client.clone(),
+                settings: settings.clone(),
+            });
+        }
+    }
     if !clients.used.contains(&settings) {
         clients.used.push(settings);
     }
@@ -677,6 +1022,7 @@ pub(crate) fn compile(
         tunnel_idle: p.timeouts.tunnel_idle.get(),
         upgrades,
         allow_names,
+        retry,
         client,
     })
 }

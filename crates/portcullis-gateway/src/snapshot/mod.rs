@@ -49,6 +49,10 @@ pub struct Snapshot {
     /// Cut a client whose socket accepts no bytes for this long.
     pub send_timeout: Duration,
     pub used_clients: Vec<ClientSettings>,
+    /// The upstream groups routes use (health checks, admin API, gauges).
+    pub groups: Vec<crate::health::GroupInfo>,
+    /// Down/recovery webhooks (`notifications:`).
+    pub notifier: Option<Arc<crate::health::notify::Notifier>>,
     /// What clients may not send (identity, hop-by-hop, underscored, rewrite headers).
     pub header_rules: crate::sanitize::HeaderRules,
     /// Our `Via` element (loop detection).
@@ -145,6 +149,7 @@ pub async fn compile(
     config: Config,
     source: &Path,
     clients: &ClientRegistry,
+    upstreams: &crate::health::Upstreams,
     policies: &crate::policy::Registries,
     instance_id: &Arc<str>,
 ) -> Result<Snapshot, ConfigErrors> {
@@ -335,9 +340,11 @@ pub async fn compile(
         &authenticators,
         &global_set,
         clients,
+        upstreams,
         policies,
         &mut errors,
     );
+    let notifier = compile_notifier(&config, clients, &mut errors);
     let security_headers = match &config.defaults.security_headers {
         Some(portcullis_config::Toggle::On(c)) => {
             crate::policy::security::compile_defaults(c, &mut errors)
@@ -393,6 +400,8 @@ pub async fn compile(
         idle_timeout: config.server.idle_timeout.get(),
         send_timeout: config.server.send_timeout.get(),
         used_clients: compiled.used_clients,
+        groups: compiled.groups,
+        notifier,
         header_rules,
         security_headers,
         via: via.ok_or_else(|| ConfigErrors(Vec::new()))?,
@@ -427,5 +436,41 @@ pub(crate) fn relative_to(config: &Path, path: &str) -> String {
     match config.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(p).display().to_string(),
         _ => path.to_owned(),
+    }
+}
+
+/// `notifications:`: the webhooks told about long downtimes and recoveries.
+fn compile_notifier(
+    config: &Config,
+    clients: &ClientRegistry,
+    errors: &mut Errors<'_>,
+) -> Option<Arc<crate::health::notify::Notifier>> {
+    let cfg = config.notifications.as_ref()?;
+    let settings = ClientSettings {
+        protocol: portcullis_config::UpstreamProtocol::Auto,
+        ca_file: None,
+        insecure_skip_verify: false,
+        connect_timeout: std::time::Duration::from_secs(5),
+        pool_idle_timeout: std::time::Duration::from_secs(4),
+        pool_max_idle: 4,
+        targets: None,
+    };
+    let client = match clients.client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(Location::UNKNOWN, "notifications", e);
+            return None;
+        }
+    };
+    match crate::health::notify::Notifier::compile(cfg, client) {
+        Ok(n) => n.map(Arc::new),
+        Err((i, e)) => {
+            let at = cfg
+                .webhooks
+                .get(i)
+                .map_or(Location::UNKNOWN, |w| w.referenced);
+            errors.push(at, format!("notifications.webhooks[{i}].url"), e);
+            None
+        }
     }
 }

@@ -18,6 +18,7 @@ use crate::upstream::{ClientRegistry, ClientSettings};
 pub(super) struct CompiledRoutes {
     pub table: RouteTable<Arc<Route>>,
     pub used_clients: Vec<ClientSettings>,
+    pub groups: Vec<crate::health::GroupInfo>,
     /// Routes that accept requests without any credential (open mode).
     pub open_routes: Vec<String>,
 }
@@ -28,6 +29,7 @@ pub(super) fn compile(
     authenticators: &HashMap<String, Arc<Authenticator>>,
     global_set: &[Arc<Authenticator>],
     clients: &ClientRegistry,
+    upstreams: &crate::health::Upstreams,
     policies: &crate::policy::Registries,
     errors: &mut Errors<'_>,
 ) -> CompiledRoutes {
@@ -47,6 +49,8 @@ pub(super) fn compile(
         named: &config.upstreams,
         registry: clients,
         used: Vec::new(),
+        upstreams,
+        groups: Vec::new(),
     };
     let mut route_names = HashSet::new();
     for (i, r) in config.routes.iter().enumerate() {
@@ -169,6 +173,7 @@ pub(super) fn compile(
     CompiledRoutes {
         table: table.build(),
         used_clients: action_clients.used,
+        groups: action_clients.groups,
         open_routes,
     }
 }

@@ -37,6 +37,9 @@ fn every_example_passes_check() {
                     ("DEFAULT_BACKEND", "http://127.0.0.1:1"),
                     ("BACKEND_A_URL", "http://127.0.0.1:1"),
                     ("BACKEND_B_URL", "http://127.0.0.1:1"),
+                    ("TARGET_A_URL", "http://127.0.0.1:1"),
+                    ("TARGET_B_URL", "http://127.0.0.1:2"),
+                    ("TARGET_C_URL", "http://127.0.0.1:3"),
                 ],
             );
             assert_eq!(code, 0, "{}: {out}{err}", path.display());
@@ -502,4 +505,84 @@ async fn bff_routing_example() {
         get("app.example.com", "/api/x").await.unwrap().status(),
         200
     );
+}
+
+#[tokio::test]
+async fn upstreams_example() {
+    use crate::resilience::Target;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let (a, b, c) = (
+        Target::start("a").await,
+        Target::start("b").await,
+        Target::start("c").await,
+    );
+    // A notification receiver standing in for Apprise API.
+    let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = notes.clone();
+    let apprise = Upstream::serve(false, move |req: hyper::Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            seen.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap());
+            hyper::Response::new(full("ok"))
+        }
+    })
+    .await;
+    let (au, bu, cu, nu) = (
+        a.url(),
+        b.url(),
+        c.url(),
+        format!("{}/notify/ops", apprise.url()),
+    );
+    let mut env = LOCAL.to_vec();
+    env.extend([
+        ("TARGET_A_URL", au.as_str()),
+        ("TARGET_B_URL", bu.as_str()),
+        ("TARGET_C_URL", cu.as_str()),
+        ("HEALTH_INTERVAL", "100ms"),
+        ("NOTIFY_URL", nu.as_str()),
+        ("NOTIFY_AFTER", "200ms"),
+    ]);
+    let gw = Gateway::start_file(&example("upstreams.yaml"), &env);
+    let cl = client();
+    // Weighted 1:1:2 (`/health` checks are counted apart).
+    for i in 0..400 {
+        let res = cl.get(gw.url(&format!("/p{i}"))).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let got = [&a, &b, &c].map(|u| u.requests.load(Ordering::SeqCst));
+    assert_eq!(got, [100, 100, 200]);
+    assert!(a.health_requests.load(Ordering::SeqCst) > 0);
+    // Target B dies: requests keep succeeding, and once it has been down for
+    // NOTIFY_AFTER the Apprise endpoint hears of it.
+    b.kill();
+    for i in 0..100 {
+        let res = cl.get(gw.url(&format!("/q{i}"))).send().await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while notes.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no notification");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let note = notes.lock().unwrap()[0].clone();
+    assert_eq!(note["type"], "failure", "{note}");
+    assert!(note["title"].as_str().unwrap().contains(&bu), "{note}");
+    assert_eq!(note["tag"], "portcullis");
+    let health: serde_json::Value = cl
+        .get(gw.admin_url("/admin/health"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health[bu.as_str()]["status"], "down", "{health}");
+    assert_eq!(health[bu.as_str()]["notifiedDown"], true, "{health}");
+    assert_eq!(health[au.as_str()]["status"], "up", "{health}");
 }

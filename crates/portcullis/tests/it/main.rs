@@ -18,6 +18,7 @@ mod ops;
 mod policies;
 mod proxy;
 mod reload;
+mod resilience;
 mod routing;
 mod store;
 mod tls_upstream;
