@@ -111,6 +111,9 @@ pub struct ServerConfig {
     /// Worker threads; default one per core (`--workers`, `PORTCULLIS_WORKERS` win).
     #[serde(default)]
     pub workers: Option<Scalar<usize>>,
+    /// How several workers share the work (`--runtime`, `PORTCULLIS_RUNTIME` win).
+    #[serde(default)]
+    pub runtime: RuntimeKind,
     /// Peers whose X-Forwarded-* / Forwarded headers are trusted (CIDRs or IPs).
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<Text>>,
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers: None,
+            runtime: RuntimeKind::default(),
             trusted_proxies: Vec::new(),
             shutdown_grace: default_grace(),
             max_request_body: default_max_body(),
@@ -762,4 +766,27 @@ pub struct RedirectConfig {
 
 fn default_redirect_status() -> Scalar<u16> {
     Scalar(302)
+}
+
+/// `thread_per_core`: one single-threaded runtime per worker, each serving the
+/// connections handed to it; `work_stealing`: tokio's multi-thread scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    #[default]
+    ThreadPerCore,
+    WorkStealing,
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "thread_per_core" => Ok(RuntimeKind::ThreadPerCore),
+            "work_stealing" => Ok(RuntimeKind::WorkStealing),
+            other => Err(format!(
+                "{other:?}: expected thread_per_core or work_stealing"
+            )),
+        }
+    }
 }

@@ -30,6 +30,7 @@ pub mod template;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,7 +21,12 @@ use crate::Shared;
 /// up to the configured grace period. The main listeners stop accepting at once; the
 /// admin listener keeps answering (health, `/readyz` with 503, metrics) until the
 /// drain is over, so the not-ready state can be observed.
-pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+pub async fn run(
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+    workers: crate::workers::Workers,
+) -> std::io::Result<()> {
+    let workers = Arc::new(workers);
     let snapshot = shared.snapshot.load_full();
     // Every connection task holds a sender; when all are gone, draining is done.
     let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -62,6 +67,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: impl Future<Output = ()>) -> std
             h2c: spec.h2c,
             stop: stop_rx.clone(),
             alive: alive_tx.clone(),
+            workers: workers.clone(),
         };
         accept_loops.push(tokio::spawn(accept_loop(listener, ctx, stop_rx.clone())));
     }
@@ -124,6 +130,7 @@ struct ListenerCtx {
     h2c: bool,
     stop: tokio::sync::watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
+    workers: Arc<crate::workers::Workers>,
 }
 
 /// Accepts connections until `stop`; `EMFILE` and friends back off instead of
@@ -161,8 +168,28 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let ctx = ctx.clone();
-        tokio::spawn(async move { serve_connection(stream, peer, ctx, slot).await });
+        let task_ctx = ctx.clone();
+        if !ctx.workers.per_core() {
+            tokio::spawn(async move { serve_connection(stream, peer, task_ctx, slot).await });
+            continue;
+        }
+        // The socket moves to the worker's own reactor: its I/O events are handled
+        // on that thread, never on the accepting one.
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "cannot hand the connection over");
+                continue;
+            }
+        };
+        ctx.workers.spawn(async move {
+            match TcpStream::from_std(std_stream) {
+                Ok(stream) => serve_connection(stream, peer, task_ctx, slot).await,
+                Err(e) => {
+                    tracing::debug!(peer = %peer, error = %e, "cannot register the connection")
+                }
+            }
+        });
     }
 }
 

@@ -29,6 +29,9 @@ enum Command {
         /// Worker threads; default one per core.
         #[arg(long, env = "PORTCULLIS_WORKERS")]
         workers: Option<usize>,
+        /// `thread_per_core` (default) or `work_stealing`.
+        #[arg(long, env = "PORTCULLIS_RUNTIME")]
+        runtime: Option<portcullis_config::RuntimeKind>,
         /// Human-readable logs instead of JSON.
         #[arg(long)]
         pretty: bool,
@@ -57,13 +60,20 @@ fn main() -> ExitCode {
         workers: std::env::var("PORTCULLIS_WORKERS")
             .ok()
             .and_then(|w| w.parse().ok()),
+        runtime: std::env::var("PORTCULLIS_RUNTIME")
+            .ok()
+            .and_then(|r| r.parse().ok()),
         pretty: false,
     }) {
         Command::Check => check(&config),
         Command::Routes => routes(&config),
         Command::Apikey(cmd) => cli::run_blocking(&config, |store| cli::apikey(store, cmd)),
         Command::User(cmd) => cli::run_blocking(&config, |store| cli::user(store, cmd)),
-        Command::Run { workers, pretty } => run(&config, workers, pretty),
+        Command::Run {
+            workers,
+            runtime,
+            pretty,
+        } => run(&config, workers, runtime, pretty),
     }
 }
 
@@ -134,7 +144,12 @@ async fn load(path: &std::path::Path, open_store: bool) -> Option<std::sync::Arc
     }
 }
 
-fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode {
+fn run(
+    path: &std::path::Path,
+    workers: Option<usize>,
+    runtime_kind: Option<portcullis_config::RuntimeKind>,
+    pretty: bool,
+) -> ExitCode {
     // Logging first, from the raw config, so load errors are logged too.
     let logging = portcullis_config::load(path)
         .map(|c| c.logging)
@@ -146,16 +161,21 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
     };
     portcullis_gateway::telemetry::init_logging(format, &logging.level);
 
-    let raw_workers = portcullis_config::load(path)
-        .ok()
-        .and_then(|c| c.server.workers.map(|w| w.0));
+    let raw_server = portcullis_config::load(path).ok().map(|c| c.server);
+    let raw_workers = raw_server
+        .as_ref()
+        .and_then(|s| s.workers.as_ref().map(|w| w.0));
+    let runtime_kind = runtime_kind
+        .or(raw_server.map(|s| s.runtime))
+        .unwrap_or_default();
     let workers = workers
         .or(raw_workers)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    // One worker: a current-thread runtime avoids the work-stealing scheduler's
-    // cross-thread bookkeeping entirely.
-    let built = if workers == 1 {
+    // One worker, or thread-per-core: current-thread runtimes avoid the
+    // work-stealing scheduler's cross-thread bookkeeping entirely.
+    let per_core = workers > 1 && runtime_kind == portcullis_config::RuntimeKind::ThreadPerCore;
+    let built = if workers == 1 || per_core {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -177,8 +197,32 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
     let Some(shared) = runtime.block_on(load(path, true)) else {
         return ExitCode::FAILURE;
     };
+    let pool = if per_core {
+        match WorkerPool::start(workers - 1) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("error: cannot start the worker threads: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let handles = match &pool {
+        Some(p) => std::iter::once(runtime.handle().clone())
+            .chain(p.handles.iter().cloned())
+            .collect(),
+        None => Vec::new(),
+    };
     tracing::info!(
         workers,
+        runtime = if workers == 1 {
+            "single"
+        } else if per_core {
+            "thread_per_core"
+        } else {
+            "work_stealing"
+        },
         config = %path.display(),
         version = env!("CARGO_PKG_VERSION"),
         open_files = fd_limit,
@@ -188,8 +232,14 @@ fn run(path: &std::path::Path, workers: Option<usize>, pretty: bool) -> ExitCode
     let result = runtime.block_on(async {
         // Signal handlers are registered before any listener binds.
         let shutdown = shutdown_signal();
-        portcullis_gateway::run(shared, shutdown).await
+        portcullis_gateway::run(
+            shared,
+            shutdown,
+            portcullis_gateway::workers::Workers::new(handles),
+        )
+        .await
     });
+    drop(pool);
     match result {
         Ok(()) => {
             tracing::info!("stopped");
@@ -219,6 +269,57 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+}
+
+/// The extra threads of `thread_per_core`: each runs its own current-thread runtime
+/// until the pool is dropped (after the drain), which stops and joins them.
+struct WorkerPool {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerPool {
+    fn start(count: usize) -> std::io::Result<WorkerPool> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut pool = WorkerPool {
+            handles: Vec::new(),
+            stop: Some(stop_tx),
+            threads: Vec::new(),
+        };
+        for i in 1..=count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            pool.handles.push(runtime.handle().clone());
+            let mut stop = stop_rx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("portcullis-worker-{i}"))
+                .spawn(move || {
+                    portcullis_gateway::workers::set_current(i);
+                    runtime.block_on(async move {
+                        while !*stop.borrow() {
+                            if stop.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                })?;
+            pool.threads.push(thread);
+        }
+        Ok(pool)
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }

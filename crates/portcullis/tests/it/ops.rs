@@ -309,21 +309,31 @@ async fn wait_in_flight(up: &Upstream) {
 }
 
 /// The worker count: `--workers` over `PORTCULLIS_WORKERS` over `server.workers`;
-/// the "starting" line reports it, and one worker (current-thread runtime) and
-/// several serve alike.
+/// the "starting" line reports it and the runtime (thread-per-core by default, with
+/// one named thread per extra worker; work-stealing on request), and every layout
+/// serves alike.
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_flag_env_and_config() {
     let up = Upstream::echo().await;
     let yaml = config(&up.url()).replace("routes:", "server:\n  workers: 2\nroutes:");
-    for (args, env, expected) in [
-        (&["--workers", "1"][..], &[][..], 1),
+    for (args, env, expected, runtime) in [
+        (&["--workers", "1"][..], &[][..], 1, "single"),
         (
             &["--workers", "3"][..],
             &[("PORTCULLIS_WORKERS", "5")][..],
             3,
+            "thread_per_core",
         ),
-        (&[][..], &[("PORTCULLIS_WORKERS", "4")][..], 4),
-        (&[][..], &[][..], 2),
+        (
+            &[][..],
+            &[
+                ("PORTCULLIS_WORKERS", "4"),
+                ("PORTCULLIS_RUNTIME", "work_stealing"),
+            ][..],
+            4,
+            "work_stealing",
+        ),
+        (&[][..], &[][..], 2, "thread_per_core"),
     ] {
         let gw = Gateway::start_with_args(&yaml, args, env);
         let starting = gw
@@ -334,6 +344,18 @@ async fn workers_flag_env_and_config() {
             .to_owned();
         let v: serde_json::Value = serde_json::from_str(&starting).unwrap();
         assert_eq!(v["workers"], expected, "{args:?} {env:?}: {starting}");
+        assert_eq!(v["runtime"], runtime, "{starting}");
+        let worker_threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("portcullis-work"))
+            .count();
+        let want = if runtime == "thread_per_core" {
+            expected - 1
+        } else {
+            0
+        };
+        assert_eq!(worker_threads, want, "{runtime}");
         // Concurrent requests, proxied and answered by the gateway itself.
         let c = client();
         let mut tasks = Vec::new();
