@@ -7,6 +7,11 @@
 #
 # Usage: bench/ab.sh A_BIN B_BIN       (build both with `cargo build --release` first)
 # Knobs: AB_ROUNDS=5  AB_DURATION=10  AB_CONNECTIONS=50
+#        AB_A_ENV / AB_B_ENV  extra environment of A / B ("PORTCULLIS_WORKERS=2
+#                             PORTCULLIS_RUNTIME=work_stealing"), so one binary can be
+#                             compared with itself in two settings
+#        AB_PROXY_CPUS=0  AB_OTHER_CPUS=1  taskset lists of the proxies and of
+#                             upstream + wrk ("0-1" and "0-1": a shared layout)
 # Needs: wrk, taskset, target/release/portcullis-bench-upstream (bench/run.sh installs
 # and builds them).
 set -euo pipefail
@@ -17,6 +22,8 @@ B_BIN=$(realpath "${2:?usage: bench/ab.sh A_BIN B_BIN}")
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-10}
 CONNECTIONS=${AB_CONNECTIONS:-50}
+PROXY_CPUS=${AB_PROXY_CPUS:-0}
+OTHER_CPUS=${AB_OTHER_CPUS:-1}
 UPSTREAM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis-bench-upstream
 TMP=$(mktemp -d)
 PIDS=()
@@ -43,19 +50,19 @@ wait_up() {
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-taskset -c 1 "$UPSTREAM_BIN" --listen "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
+taskset -c "$OTHER_CPUS" "$UPSTREAM_BIN" --listen "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
 PIDS+=($!)
 wait_up "$UP_PORT"
 
 declare -A PORT PID ADMIN
 PORT[A]=$A_PORT PORT[B]=$B_PORT ADMIN[A]=$A_ADMIN ADMIN[B]=$B_ADMIN
 for side in A B; do
-    bin=A_BIN
-    [[ $side == B ]] && bin=B_BIN
+    bin=A_BIN extra=${AB_A_ENV:-}
+    [[ $side == B ]] && bin=B_BIN extra=${AB_B_ENV:-}
     mkdir -p "$TMP/$side"
     (cd "$TMP/$side" && PORTCULLIS_LISTEN="127.0.0.1:${PORT[$side]}" PORTCULLIS_ADMIN_LISTEN="127.0.0.1:${ADMIN[$side]}" \
         UPSTREAM_URL="http://127.0.0.1:$UP_PORT" PORTCULLIS_WORKERS=1 PORTCULLIS_ACCESS_LOG=false \
-        taskset -c 0 "${!bin}" run -c "$ROOT/examples/proxy.yaml" >"$TMP/$side.log" 2>&1) &
+        env $extra taskset -c "$PROXY_CPUS" "${!bin}" run -c "$ROOT/examples/proxy.yaml" >"$TMP/$side.log" 2>&1) &
     PID[$side]=$!
     PIDS+=("${PID[$side]}")
     wait_up "${PORT[$side]}"
@@ -67,11 +74,11 @@ done
 
 HZ=$(getconf CLK_TCK)
 printf 'round\tside\treq_s\tcpu_us_per_req\n'
-for side in A B; do taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:${PORT[$side]}/" >/dev/null; done
+for side in A B; do taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:${PORT[$side]}/" >/dev/null; done
 for r in $(seq "$ROUNDS"); do
     for side in A B; do
         before=$(cpu_ticks "${PID[$side]}")
-        out=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[$side]}/")
+        out=$(taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[$side]}/")
         after=$(cpu_ticks "${PID[$side]}")
         reqs=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")

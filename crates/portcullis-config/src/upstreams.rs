@@ -59,6 +59,9 @@ pub struct PassiveCheckConfig {
     pub eject_for: Duration,
     #[serde(default = "default_max_eject")]
     pub max_eject: Duration,
+    /// Most targets ejected at once, in percent of the group (at least one).
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: Scalar<u32>,
 }
 
 /// `breaker:` of a named upstream: per target.
@@ -176,6 +179,9 @@ fn default_eject_for() -> Duration {
 }
 fn default_max_eject() -> Duration {
     Duration::secs(300)
+}
+fn default_max_ejected_percent() -> Scalar<u32> {
+    Scalar(50)
 }
 fn default_max_concurrent() -> Scalar<u32> {
     Scalar(1024)

@@ -25,6 +25,8 @@ pub struct Group {
     pub states: Box<[Arc<TargetState>]>,
     balancer: Balancer,
     passive: Option<PassivePolicy>,
+    /// Most targets passive health may eject at once.
+    max_ejected: usize,
     breaker: Option<BreakerPolicy>,
     /// Try unhealthy targets when none is healthy.
     panic: bool,
@@ -55,18 +57,19 @@ pub struct Picked<'a> {
     pub target: &'a FixedTarget,
     in_flight: Option<InFlight<'a>>,
     group: &'a Group,
-    _attempt: Attempt,
+    attempt: Attempt,
 }
 
 impl Picked<'_> {
     /// The attempt ended: the response head arrived after `latency` (least-request's
     /// EWMA), or it failed. Feeds passive health and the breaker.
+    /// (Dropping a `Picked` instead reports nothing: for attempts that say nothing
+    /// about the target, such as one whose client body stalled.)
     pub fn done(self, outcome: Outcome, latency: std::time::Duration) {
-        self.group.states[self.index].report(
-            outcome,
-            self.group.passive.as_ref(),
-            self.group.breaker.as_ref(),
-        );
+        let g = self.group;
+        let may_eject = outcome == Outcome::Success || g.may_eject();
+        self.attempt
+            .report(outcome, g.passive.as_ref(), g.breaker.as_ref(), may_eject);
         if let Some(f) = self.in_flight {
             f.done(latency);
         }
@@ -165,22 +168,46 @@ pub(crate) fn compile(
         }
     };
     let passive = u.health.passive.as_ref().map(|p| PassivePolicy {
-        failures: p.failures.0.max(1),
+        failures: p.failures.0,
         eject_for: p.eject_for.get(),
         max_eject: p.max_eject.get().max(p.eject_for.get()),
     });
     let breaker = u.breaker.as_ref().map(|b| BreakerPolicy {
         max_concurrent: b.max_concurrent.0,
-        failures: b.failures.0.max(1),
+        failures: b.failures.0,
         open_for: b.open_for.get(),
     });
+    let mut max_ejected = targets.len();
+    if let Some(p) = &u.health.passive {
+        for (key, bad) in [
+            ("failures", p.failures.0 == 0),
+            ("eject_for", p.eject_for.get().is_zero()),
+            (
+                "max_ejected_percent",
+                p.max_ejected_percent.0 == 0 || p.max_ejected_percent.0 > 100,
+            ),
+        ] {
+            if bad {
+                errors.push(
+                    at,
+                    format!("{field}.health.passive.{key}"),
+                    "must be more than 0 (a percentage at most 100)",
+                );
+            }
+        }
+        // At least one target may always be ejected (a group of one included).
+        max_ejected = (targets.len() * p.max_ejected_percent.0 as usize / 100).max(1);
+    }
     if let Some(b) = &u.breaker {
-        if b.max_concurrent.0 == 0 || b.max_pending.0 == 0 {
-            errors.push(
-                at,
-                format!("{field}.breaker"),
-                "max_concurrent and max_pending must be at least 1",
-            );
+        for (key, bad) in [
+            ("max_concurrent", b.max_concurrent.0 == 0),
+            ("max_pending", b.max_pending.0 == 0),
+            ("failures", b.failures.0 == 0),
+            ("open_for", b.open_for.get().is_zero()),
+        ] {
+            if bad {
+                errors.push(at, format!("{field}.breaker.{key}"), "must be more than 0");
+            }
         }
     }
     let name: Arc<str> = Arc::from(name);
@@ -194,6 +221,7 @@ pub(crate) fn compile(
         states,
         balancer,
         passive,
+        max_ejected,
         breaker,
         panic: u.health.panic.0,
     })
@@ -211,7 +239,7 @@ impl Group {
         tried: &[usize],
     ) -> Result<Picked<'a>, GatewayError> {
         let overloaded = Cell::new(false);
-        let admits = |i: usize| match self.states[i].admit(self.breaker.as_ref()) {
+        let admits = |i: usize| match self.states[i].usable(self.breaker.as_ref()) {
             Ok(()) => true,
             Err(Unusable::Overloaded) => {
                 overloaded.set(true);
@@ -246,6 +274,11 @@ impl Group {
         Err(GatewayError::server(ErrorCode::ServiceUnavailable))
     }
 
+    /// Whether passive health may eject one more target now.
+    fn may_eject(&self) -> bool {
+        self.states.iter().filter(|s| s.ejected()).count() < self.max_ejected
+    }
+
     fn pick_with<'a>(
         &'a self,
         ctx: &RequestCtx<'_>,
@@ -253,9 +286,9 @@ impl Group {
         usable: impl Fn(usize) -> bool,
     ) -> Option<Picked<'a>> {
         let (i, in_flight) = match &self.balancer {
-            Balancer::RoundRobin(rr) => (rr.pick(usable)?, None),
+            Balancer::RoundRobin(rr) => (rr.pick(&usable)?, None),
             Balancer::LeastRequest(lr) => {
-                let (i, f) = lr.pick(usable)?;
+                let (i, f) = lr.pick(&usable)?;
                 (i, Some(f))
             }
             Balancer::Hash {
@@ -278,9 +311,27 @@ impl Group {
                         .map(|(_, v)| v.as_bytes()),
                 };
                 match key.filter(|k| !k.is_empty()) {
-                    Some(k) => (table.pick(k, usable)?, None),
-                    None => (fallback.pick(usable)?, None),
+                    Some(k) => (table.pick(k, &usable)?, None),
+                    None => (fallback.pick(&usable)?, None),
                 }
+            }
+        };
+        // Claim the chosen target (the half-open probe, or a concurrency slot); lost
+        // to another request in the meantime: the next usable target instead.
+        let attempt = match self.states[i].claim(self.breaker.as_ref()) {
+            Ok(a) => a,
+            Err(_) => {
+                drop(in_flight);
+                let (j, a) = (0..self.targets.len())
+                    .filter(|&j| j != i && usable(j))
+                    .find_map(|j| Some((j, self.states[j].claim(self.breaker.as_ref()).ok()?)))?;
+                return Some(Picked {
+                    index: j,
+                    target: &self.targets[j],
+                    in_flight: None,
+                    group: self,
+                    attempt: a,
+                });
             }
         };
         Some(Picked {
@@ -288,7 +339,7 @@ impl Group {
             target: &self.targets[i],
             in_flight,
             group: self,
-            _attempt: self.states[i].start(),
+            attempt,
         })
     }
 

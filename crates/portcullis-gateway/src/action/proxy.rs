@@ -52,6 +52,9 @@ pub async fn forward(
         None => None,
     };
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    // The first target is picked on the client's own headers (hash keys such as
+    // `header:host`), before the gateway adds or removes any.
+    let mut next = upstream_uri(action, ctx, req.uri(), Some(req.headers()), &[])?;
 
     let original_host = ctx.authority.clone();
     let (mut parts, body) = req.into_parts();
@@ -125,20 +128,17 @@ pub async fn forward(
         r.budget.deposit();
     }
 
+    // Whether the request body streams from the client during the attempt: then a
+    // timeout or a broken exchange may be the client's doing (a slow upload), and
+    // it is not held against the target.
+    let client_streams = replay.is_none() && body.is_some();
     let metrics = &ctx.shared.metrics;
     let mut template = Some(parts);
     let mut tried = [usize::MAX; MAX_ATTEMPTS as usize];
     let mut attempt: u32 = 1;
     loop {
         let more = retry.is_some_and(|r| attempt < r.attempts);
-        let tried_so_far = &tried[..(attempt - 1) as usize];
-        let (uri, label, picked) = upstream_uri(
-            action,
-            ctx,
-            &original_uri,
-            template.as_ref().map(|p| &p.headers),
-            tried_so_far,
-        )?;
+        let (uri, label, picked) = next;
         ctx.record.upstream = Some(label.clone());
         let mut head = if more {
             match &template {
@@ -171,99 +171,123 @@ pub async fn forward(
         let result =
             tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
         let index = picked.as_ref().map(|p| p.index);
-        // Why this attempt may be retried, or the error to answer with.
-        let reason: &'static str = match result {
-            Ok(Ok(res)) => {
-                let status = res.status();
-                let retryable = retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
-                if let Some(p) = picked {
-                    let outcome = if status.is_server_error() {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    };
-                    p.done(outcome, started.elapsed());
-                }
-                if !(retryable && more) {
-                    return Ok(respond(
-                        action,
-                        ctx,
-                        res,
-                        started,
-                        deadline,
-                        client_upgrade,
-                        tunnel,
-                    ));
-                }
-                "status"
-            }
-            Ok(Err(err)) => {
-                if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
-                    count_error(metrics, route, "forbidden");
-                    tracing::warn!(route = %route, upstream = %label, "upstream name resolves only to forbidden addresses");
-                    return Err(GatewayError::new(
-                        ErrorCode::UpstreamForbidden,
-                        format!("upstream {label:?} is not an allowed target"),
-                    ));
-                }
-                let e = classify(&err, route, &label, metrics);
-                let upstream_fault = e.code == ErrorCode::UpstreamUnavailable
-                    || e.code == ErrorCode::UpstreamTimeout;
-                if let Some(p) = picked {
-                    if upstream_fault {
-                        p.done(Outcome::Failure, started.elapsed());
+        // The attempt's result, and why it may be retried.
+        let (outcome, reason): (Result<Response<Incoming>, GatewayError>, &'static str) =
+            match result {
+                Ok(Ok(res)) => {
+                    let status = res.status();
+                    if let Some(p) = picked {
+                        p.done(target_outcome(status), started.elapsed());
                     }
+                    let retryable =
+                        more && retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
+                    if !retryable {
+                        return Ok(respond(
+                            action,
+                            ctx,
+                            res,
+                            started,
+                            deadline,
+                            client_upgrade,
+                            tunnel,
+                        ));
+                    }
+                    (Ok(res), "status")
                 }
-                let kind = if err.is_connect() { "connect" } else { "reset" };
-                let retryable = upstream_fault
-                    && retry.is_some_and(|r| {
-                        if kind == "connect" {
-                            r.on_connect
-                        } else {
-                            r.on_reset
+                Ok(Err(err)) => {
+                    if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
+                        count_error(metrics, route, "forbidden");
+                        tracing::warn!(route = %route, upstream = %label, "upstream name resolves only to forbidden addresses");
+                        return Err(GatewayError::new(
+                            ErrorCode::UpstreamForbidden,
+                            format!("upstream {label:?} is not an allowed target"),
+                        ));
+                    }
+                    let mut e = classify(&err, route, &label, metrics);
+                    let upstream_fault = e.code == ErrorCode::UpstreamUnavailable
+                        || e.code == ErrorCode::UpstreamTimeout;
+                    let connect = err.is_connect();
+                    if let Some(p) = picked {
+                        if upstream_fault && (connect || !client_streams) {
+                            p.done(Outcome::Failure, started.elapsed());
                         }
-                    });
-                if !(retryable && more) {
+                    }
                     // A templated upstream (FnKit function) is named: the name came
                     // from the client's own path, so it reveals nothing internal.
                     if e.code == ErrorCode::UpstreamUnavailable
                         && matches!(action.target, Target::Template { .. })
                     {
-                        return Err(GatewayError::new(
+                        e = GatewayError::new(
                             ErrorCode::UpstreamUnavailable,
                             unreachable_message(&label),
-                        ));
+                        );
                     }
-                    return Err(e);
+                    let kind = if connect { "connect" } else { "reset" };
+                    let retryable = more
+                        && upstream_fault
+                        && retry.is_some_and(|r| if connect { r.on_connect } else { r.on_reset });
+                    if !retryable {
+                        return Err(e);
+                    }
+                    (Err(e), kind)
                 }
-                kind
-            }
-            Err(_) => {
-                count_error(metrics, route, "timeout");
-                tracing::warn!(route = %route, upstream = %label, "upstream timed out before responding");
-                if let Some(p) = picked {
-                    p.done(Outcome::Failure, started.elapsed());
+                Err(_) => {
+                    count_error(metrics, route, "timeout");
+                    tracing::warn!(route = %route, upstream = %label, "upstream timed out before responding");
+                    if let Some(p) = picked {
+                        if !client_streams {
+                            p.done(Outcome::Failure, started.elapsed());
+                        }
+                    }
+                    let e = GatewayError::server(ErrorCode::UpstreamTimeout);
+                    if !(more && retry.is_some_and(|r| r.on_timeout)) {
+                        return Err(e);
+                    }
+                    (Err(e), "timeout")
                 }
-                if !(more && retry.is_some_and(|r| r.on_timeout)) {
-                    return Err(GatewayError::server(ErrorCode::UpstreamTimeout));
-                }
-                "timeout"
-            }
+            };
+        // A retry: when the budget allows, the deadline leaves time for it and a
+        // target can take it; else the client gets this attempt's own result.
+        let give_up = |outcome: Result<Response<Incoming>, GatewayError>,
+                       client_upgrade,
+                       tunnel| match outcome {
+            Ok(res) => Ok(respond(
+                action,
+                ctx,
+                res,
+                started,
+                deadline,
+                client_upgrade,
+                tunnel,
+            )),
+            Err(e) => Err(e),
         };
-        // Retry, if the budget allows and the deadline leaves time for it.
         let Some(r) = retry else {
-            return Err(GatewayError::server(ErrorCode::InternalError));
+            return give_up(outcome, client_upgrade, tunnel);
         };
-        let wait = portcullis_upstream::retry::backoff(r.backoff, r.max_backoff, attempt);
-        let late = deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d);
-        if late || !r.budget.withdraw() {
-            tracing::debug!(route = %route, upstream = %label, reason, "retry refused (budget or deadline)");
-            return Err(match reason {
-                "timeout" => GatewayError::server(ErrorCode::UpstreamTimeout),
-                "status" => GatewayError::server(ErrorCode::UpstreamUnavailable),
-                _ => GatewayError::server(ErrorCode::UpstreamUnavailable),
-            });
+        if let Some(i) = index {
+            tried[(attempt - 1) as usize] = i;
         }
+        let wait = portcullis_upstream::retry::backoff(r.backoff, r.max_backoff, attempt);
+        if deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d) {
+            return give_up(outcome, client_upgrade, tunnel);
+        }
+        let headers = template.as_ref().map(|p| &p.headers);
+        next = match upstream_uri(
+            action,
+            ctx,
+            &original_uri,
+            headers,
+            &tried[..attempt as usize],
+        ) {
+            Ok(n) => n,
+            Err(_) => return give_up(outcome, client_upgrade, tunnel),
+        };
+        if !r.budget.withdraw() {
+            tracing::debug!(route = %route, upstream = %label, reason, "retry budget spent");
+            return give_up(outcome, client_upgrade, tunnel);
+        }
+        drop(outcome);
         metrics
             .upstream_retries
             .get_or_create(&UpstreamErrorLabels {
@@ -272,11 +296,18 @@ pub async fn forward(
             })
             .inc();
         tracing::debug!(route = %route, upstream = %label, reason, attempt, "retrying upstream request");
-        if let Some(i) = index {
-            tried[(attempt - 1) as usize] = i;
-        }
         tokio::time::sleep(wait).await;
         attempt += 1;
+    }
+}
+
+/// What a response says about its target, for passive health and the breaker:
+/// 502, 503 and 504 are the target failing; any other status (an application's
+/// 500 included, which a client can often provoke) is the target working.
+fn target_outcome(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        502..=504 => Outcome::Failure,
+        _ => Outcome::Success,
     }
 }
 

@@ -101,9 +101,9 @@ async fn probe_one(
         ),
         Status::Up => {
             tracing::info!(upstream = %group, target = %state.url, "upstream target is up");
-            match notifier {
-                Some(n) => n.recovered(group, state),
-                None => state.clear_downtime(),
+            let owed = state.clear_downtime();
+            if let (Some(n), Some(since)) = (notifier, owed) {
+                n.recovered(group, state, since);
             }
         }
         Status::Unknown => {}

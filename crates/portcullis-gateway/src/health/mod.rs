@@ -79,6 +79,14 @@ impl Upstreams {
                     .any(|info| info.name == *g && info.targets.iter().any(|t| t.state.url == *url))
             });
         }
+        // Groups without active checks (now): whatever old checks said is void.
+        for g in groups.iter().filter(|g| g.active.is_none()) {
+            for t in &g.targets {
+                if t.state.record().status != portcullis_upstream::Status::Unknown {
+                    t.state.reset_active();
+                }
+            }
+        }
         let Ok(mut checkers) = self.checkers.lock() else {
             return;
         };

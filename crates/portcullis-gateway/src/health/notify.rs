@@ -11,7 +11,7 @@ use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::BodyExt;
 use portcullis_config::{NotificationsConfig, WebhookFormat};
 use portcullis_upstream::target::epoch_ms;
-use portcullis_upstream::{Status, TargetState};
+use portcullis_upstream::TargetState;
 use serde_json::json;
 
 use crate::body::Body;
@@ -107,32 +107,19 @@ impl Notifier {
     /// After a round of checks: a target down for `after` and not yet reported is
     /// reported now.
     pub fn check_downtime(self: &Arc<Self>, upstream: &str, state: &TargetState) {
-        let r = state.record();
-        let (Status::Down, Some(since), false) = (r.status, r.first_down_at, r.notified_down)
-        else {
+        let Some(since) = state.take_down_notice(self.after) else {
             return;
         };
-        let downtime = Duration::from_millis(epoch_ms().saturating_sub(since));
-        if downtime < self.after {
-            return;
-        }
-        state.set_notified_down(true);
         self.send(Event::Down {
             upstream: upstream.to_owned(),
             target: state.url.to_string(),
             since_ms: since,
-            downtime,
+            downtime: Duration::from_millis(epoch_ms().saturating_sub(since)),
         });
     }
 
-    /// A target came back: report the recovery if its downtime was reported.
-    pub fn recovered(&self, upstream: &str, state: &TargetState) {
-        let r = state.record();
-        state.clear_downtime();
-        if !r.notified_down {
-            return;
-        }
-        let since = r.first_down_at.unwrap_or_else(epoch_ms);
+    /// A target whose downtime (since `since`) was reported is up again.
+    pub fn recovered(&self, upstream: &str, state: &TargetState, since: u64) {
         self.send(Event::Recovered {
             upstream: upstream.to_owned(),
             target: state.url.to_string(),

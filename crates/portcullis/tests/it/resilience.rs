@@ -226,7 +226,6 @@ async fn active_checks_take_targets_out_and_back_and_notify_with_the_downtime() 
         hook.url()
     );
     let gw = Gateway::start(&yaml);
-    a.health_requests.load(Ordering::SeqCst);
     wait_status(&gw, &b.url(), "up").await;
 
     b.health_status.store(503, Ordering::SeqCst);
@@ -418,17 +417,21 @@ async fn a_post_is_never_retried_unless_the_route_says_so() {
 #[tokio::test]
 async fn the_retry_budget_caps_attempts_when_every_target_fails() {
     let (a, b) = (Target::start("a").await, Target::start("b").await);
-    a.status.store(502, Ordering::SeqCst);
-    b.status.store(502, Ordering::SeqCst);
+    a.status.store(503, Ordering::SeqCst);
+    b.status.store(503, Ordering::SeqCst);
     let gw = Gateway::start(&group_yaml(
         &[&a, &b],
         "",
-        "      retries: {attempts: 3, on: [502], budget_percent: 20, min_per_second: 0, backoff: 1ms}\n",
+        "      retries: {attempts: 3, on: [503], budget_percent: 20, min_per_second: 0, backoff: 1ms}\n",
     ));
     let client = client();
     for _ in 0..100 {
+        // Retried or not, the client gets the upstream's own 503, never a
+        // gateway-made error.
         let res = client.get(gw.url("/")).send().await.unwrap();
-        assert_eq!(res.status(), 502);
+        assert_eq!(res.status(), 503);
+        let body = res.text().await.unwrap();
+        assert!(body == "a" || body == "b", "{body}");
     }
     let attempts = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
     // Without a budget: 300. With 20 %: 100 + 20.
@@ -437,18 +440,42 @@ async fn the_retry_budget_caps_attempts_when_every_target_fails() {
         .await;
 }
 
+/// GETs `url` until the body is `body` (fails after 10 s).
+async fn until_body(url: &str, body: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text == body {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered {body:?}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_breaker_opens_on_failures_and_closes_after_a_good_probe() {
     let a = Target::start("a").await;
-    a.status.store(500, Ordering::SeqCst);
+    a.status.store(503, Ordering::SeqCst);
     let gw = Gateway::start(&group_yaml(
         &[&a],
-        "    breaker: {failures: 3, open_for: 300ms}\n",
-        "",
+        "    breaker: {failures: 3, open_for: 2s}\n",
+        "      retries: false\n",
     ));
     let client = client();
     for _ in 0..3 {
-        assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 500);
+        let res = client.get(gw.url("/")).send().await.unwrap();
+        assert_eq!(res.text().await.unwrap(), "a");
     }
     // Open: refused without reaching the target.
     assert_error(
@@ -463,9 +490,8 @@ async fn the_breaker_opens_on_failures_and_closes_after_a_good_probe() {
         view["upstreams"][0]["targets"][0]["breaker"], "open",
         "{view}"
     );
-    // After open_for, one probe: it fails → open again.
-    let res = until_status(&gw.url("/"), 500).await;
-    drop(res);
+    // After open_for, one probe reaches the target; it fails → open again.
+    until_body(&gw.url("/"), "a").await;
     assert_eq!(a.requests.load(Ordering::SeqCst), 4);
     assert_error(
         client.get(gw.url("/")).send().await.unwrap(),
@@ -479,13 +505,23 @@ async fn the_breaker_opens_on_failures_and_closes_after_a_good_probe() {
     for _ in 0..5 {
         assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 200);
     }
+    let view = admin_json(&gw, "/admin/upstreams").await;
+    assert_eq!(
+        view["upstreams"][0]["targets"][0]["breaker"], "closed",
+        "{view}"
+    );
 }
 
 #[tokio::test]
 async fn the_breaker_limits_concurrent_requests_per_target() {
-    let slow = Upstream::serve(false, |_req| async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        Response::new(full("slow"))
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let slow = Upstream::serve(false, move |_req| {
+        let held = held.clone();
+        async move {
+            let _ = held.acquire().await.unwrap();
+            Response::new(full("slow"))
+        }
     })
     .await;
     let yaml = format!(
@@ -502,22 +538,83 @@ routes:
     );
     let gw = Gateway::start(&yaml);
     let client = client();
-    let sends = (0..6).map(|_| client.get(gw.url("/")).send());
-    let results = futures_util::future::join_all(sends).await;
-    let statuses: Vec<u16> = results
-        .into_iter()
-        .map(|r| r.unwrap().status().as_u16())
+    let first: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.get(gw.url("/")).send()))
         .collect();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        2,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 503).count(),
-        4,
-        "{statuses:?}"
-    );
+    slow.wait_requests(2).await;
+    // Two in flight: the next ones are refused at once, the target never sees them.
+    for _ in 0..4 {
+        assert_error(
+            client.get(gw.url("/")).send().await.unwrap(),
+            503,
+            "UPSTREAM_OVERLOADED",
+        )
+        .await;
+    }
+    assert_eq!(slow.requests.load(Ordering::SeqCst), 2);
+    gate.add_permits(2);
+    for f in first {
+        assert_eq!(f.await.unwrap().unwrap().status(), 200);
+    }
+    // Slots free again.
+    gate.add_permits(1);
+    assert_eq!(client.get(gw.url("/")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn a_slow_client_upload_is_not_held_against_the_target() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Target::start("a").await;
+    let gw = Gateway::start(&group_yaml(
+        &[&a],
+        "    health:\n      passive: {failures: 1, eject_for: 1h}\n",
+        "      timeouts: {response: 300ms}\n",
+    ));
+    // A POST that announces 100 bytes and sends 10: the upstream waits for the rest,
+    // the gateway times out (504), and the target did nothing wrong.
+    let mut s = tcp_connect(gw.addr()).await;
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    // Not ejected: the next request is served.
+    let res = client().get(gw.url("/")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "a");
+}
+
+#[tokio::test]
+async fn hashing_on_host_uses_the_clients_host_header() {
+    let ts = [
+        Target::start("a").await,
+        Target::start("b").await,
+        Target::start("c").await,
+    ];
+    let gw = Gateway::start(&group_yaml(
+        &[&ts[0], &ts[1], &ts[2]],
+        "    balancer: {hash: \"header:host\"}\n",
+        "",
+    ));
+    let client = client();
+    for host in ["one.test", "two.test", "three.test", "four.test"] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let res = client
+                .get(gw.url("/"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            seen.insert(res.text().await.unwrap());
+        }
+        assert_eq!(seen.len(), 1, "{host} went to {seen:?}");
+    }
 }
 
 #[tokio::test]
@@ -596,8 +693,8 @@ async fn target_state_outlives_a_reload() {
         "",
     );
     let gw = Gateway::start(&yaml);
-    b.status.store(500, Ordering::SeqCst);
-    // Round-robin reaches b within two requests; its 500 ejects it.
+    b.status.store(503, Ordering::SeqCst);
+    // Round-robin reaches b within two requests; its 503 ejects it.
     for _ in 0..2 {
         client().get(gw.url("/")).send().await.unwrap();
     }
