@@ -8,6 +8,7 @@
 
 pub mod action;
 pub mod admin;
+pub mod alloc_count;
 pub mod auth;
 pub mod authority;
 pub mod body;

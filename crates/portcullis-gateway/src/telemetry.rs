@@ -262,6 +262,14 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             tracing::error!("failed to encode metrics");
         }
+        let allocations = crate::alloc_count::allocations();
+        if allocations > 0 {
+            // Before the closing `# EOF` of the OpenMetrics text.
+            let body = out.trim_end().trim_end_matches("# EOF").to_owned();
+            out = format!(
+                "{body}# HELP portcullis_heap_allocations Heap allocations since start (alloc-count builds only).\n# TYPE portcullis_heap_allocations counter\nportcullis_heap_allocations_total {allocations}\n# EOF\n"
+            );
+        }
         out
     }
 }

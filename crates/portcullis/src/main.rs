@@ -48,6 +48,11 @@ enum Command {
     User(cli::UserCommand),
 }
 
+#[cfg(feature = "alloc-count")]
+#[global_allocator]
+static ALLOC: portcullis_gateway::alloc_count::CountingAlloc =
+    portcullis_gateway::alloc_count::CountingAlloc;
+
 fn main() -> ExitCode {
     // One TLS crypto provider for the whole process (ring), whatever else is linked in.
     let _ = rustls::crypto::ring::default_provider().install_default();
