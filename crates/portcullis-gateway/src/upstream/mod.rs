@@ -262,7 +262,7 @@ impl UpstreamClient {
                 "too many upstream targets in use",
             ));
         };
-        let deadline = Instant::now() + inner.connect_timeout;
+        let mut deadline = Instant::now() + inner.connect_timeout;
         // Set once a request came back unsent: the second try is the last.
         let mut retried = false;
         loop {
@@ -317,6 +317,8 @@ impl UpstreamClient {
                     tracing::debug!(upstream = %key.authority, error = %e.error(), "upstream connection closed before the request was sent; retrying once");
                     req = back;
                     retried = true;
+                    // The first try failed at once; the retry gets a whole connect timeout.
+                    deadline = Instant::now() + inner.connect_timeout;
                 }
                 back => {
                     let sent = back.is_none();
@@ -470,13 +472,26 @@ fn absolute_form(req: &mut Request<Body>, key: &Key) {
 }
 
 fn http1_response(res: Response<Incoming>, tx: Tx1, target: Arc<Target>) -> Response<PooledBody> {
-    // An upgraded connection belongs to the tunnel now.
-    let held = if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+    // An upgraded connection belongs to the tunnel now; one the upstream closes after
+    // this response is not worth keeping.
+    let held = if res.status() == StatusCode::SWITCHING_PROTOCOLS
+        || res.version() != Version::HTTP_11
+        || says_close(res.headers())
+    {
         Held::None
     } else {
         Held::Http1(Some((tx, target)))
     };
     res.map(|b| PooledBody::new(b, held))
+}
+
+fn says_close(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
 }
 
 /// An upstream response body. When an HTTP/1 body ends, its connection goes back to

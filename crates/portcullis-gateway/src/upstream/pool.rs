@@ -216,11 +216,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     fn new(key: &Key, limits: Limits) -> Self {
+        // Host and port only (never userinfo), as the legacy client's `set_host` did.
         let default_port = if key.https { 443 } else { 80 };
-        let host = if key.authority.port_u16() == Some(default_port) {
-            HeaderValue::from_str(key.authority.host()).ok()
-        } else {
-            HeaderValue::from_str(key.authority.as_str()).ok()
+        let host = match key.authority.port_u16() {
+            Some(port) if port != default_port => {
+                HeaderValue::from_str(&format!("{}:{port}", key.authority.host())).ok()
+            }
+            _ => HeaderValue::from_str(key.authority.host()).ok(),
         };
         Target {
             limits,
@@ -363,7 +365,11 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     /// An HTTP/1 connection whose exchange finished and that is ready for another.
     pub fn put_h1(&self, tx: H1) {
         let mut st = self.lock();
-        if st.retired || st.idle.len() >= self.limits.max_idle || tx.is_closed() {
+        if st.retired
+            || st.idle.len() >= self.limits.max_idle
+            || self.limits.idle_timeout.is_zero()
+            || tx.is_closed()
+        {
             drop(st);
             drop(tx);
             return;
@@ -649,14 +655,14 @@ mod tests {
         ));
         assert!(t.lock().idle.is_empty());
 
-        let pool = TestPool::new(Limits {
-            idle_timeout: Duration::ZERO,
-            ..limits()
-        });
-        let t = pool.target(&key("a:80")).unwrap();
-        let _slot = connect_h1(&t).await;
         t.put_h1(fake(3));
-        assert_eq!(t.lock().idle.len(), 1);
+        {
+            let mut st = t.lock();
+            st.idle[0].since = st.idle[0]
+                .since
+                .checked_sub(Duration::from_secs(5))
+                .unwrap();
+        }
         // Idle for longer than the idle timeout: never handed out.
         assert!(matches!(
             t.checkout(Proto::Http1, false, far()).await,
@@ -890,6 +896,8 @@ mod tests {
         let t = TestTarget::new(&key("example.com:80"), limits());
         assert_eq!(t.host.unwrap(), "example.com");
         let t = TestTarget::new(&key("example.com:8080"), limits());
+        assert_eq!(t.host.unwrap(), "example.com:8080");
+        let t = TestTarget::new(&key("user:pw@example.com:8080"), limits());
         assert_eq!(t.host.unwrap(), "example.com:8080");
         let k = Key {
             https: true,
