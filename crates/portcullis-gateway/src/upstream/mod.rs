@@ -277,7 +277,8 @@ impl UpstreamClient {
                 Ok(Checkout::Http2(tx, stream)) => Sender::Http2(tx, stream),
                 Ok(Checkout::Connect(connecting)) => {
                     self.start_reaper();
-                    let connect = self.connect(&key, connecting, deadline);
+                    // Boxed: per connection, and it keeps every request's future small.
+                    let connect = Box::pin(self.connect(&key, connecting, deadline));
                     match tokio::time::timeout_at(deadline, connect).await {
                         Ok(Ok(sender)) => sender,
                         Ok(Err(e)) => return Err(UpstreamError::connect(e)),

@@ -169,6 +169,16 @@ impl<H1: Conn, H2: Conn + Clone> Pool<H1, H2> {
     }
 }
 
+impl<H1: Conn, H2: Conn + Clone> Drop for Pool<H1, H2> {
+    /// The client is gone: its idle connections close now (each connection's task
+    /// holds its target, so they would otherwise live until the upstream closes them).
+    fn drop(&mut self) {
+        for t in lock(&self.targets).values() {
+            t.retire();
+        }
+    }
+}
+
 pub(crate) struct Target<H1: Conn, H2: Conn + Clone> {
     limits: Limits,
     /// `Host` for HTTP/1 requests: the authority without the scheme's default port.
@@ -419,6 +429,15 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
             !c.tx.is_closed()
                 && (c.streams > 0 || now.saturating_duration_since(c.idle_since) < idle_timeout)
         });
+    }
+
+    fn retire(&self) {
+        let mut st = self.lock();
+        st.retired = true;
+        let idle = std::mem::take(&mut st.idle);
+        let h2 = std::mem::take(&mut st.h2);
+        drop(st);
+        drop((idle, h2));
     }
 
     /// Retires the target when it has no connection at all.
@@ -889,6 +908,16 @@ mod tests {
         }
         // Every target busy: a fifth cannot be added.
         assert!(pool.target(&key("h:80")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_pool_lets_go_of_its_idle_connections() {
+        let pool = TestPool::new(limits());
+        let t = pool.target(&key("a:80")).unwrap();
+        let _slot = connect_h1(&t).await;
+        t.put_h1(fake(1));
+        drop(pool);
+        assert!(t.lock().idle.is_empty() && t.lock().retired);
     }
 
     #[test]
