@@ -4,7 +4,8 @@
 //! addresses their route's targets permit.
 //!
 //! - A request is sent from the caller's task: no boxed future, no task hop. Each
-//!   connection has one task driving it.
+//!   connection has one task driving it, on the worker that opened it; a request
+//!   uses its own worker's connections (see [`pool`]).
 //! - HTTP/1: an idle connection goes back to its target's pool when the response body
 //!   ends (an unfinished body closes it); a `101 Switching Protocols` never does.
 //! - HTTP/2: one connection carries up to `http2_max_streams` requests at once; the
@@ -50,6 +51,8 @@ use pool::{Checkout, Conn, Key, Proto};
 /// Targets one client pools connections for (templated upstreams make them from
 /// client input); idle ones are evicted first.
 const MAX_TARGETS: usize = 1024;
+/// Workers whose connections are kept apart (more share the last stack).
+const MAX_WORKER: usize = 255;
 /// Fastest reaper tick.
 const REAP_MIN: Duration = Duration::from_millis(10);
 
@@ -262,23 +265,25 @@ impl UpstreamClient {
                 "too many upstream targets in use",
             ));
         };
+        // Connections are driven by the runtime that opened them: this worker's.
+        let worker = crate::workers::current().min(MAX_WORKER);
         let mut deadline = Instant::now() + inner.connect_timeout;
         // Set once a request came back unsent: the second try is the last.
         let mut retried = false;
         loop {
-            let conn = match target.checkout(proto, retried, deadline).await {
-                Ok(Checkout::Http1(mut tx)) => {
+            let conn = match target.checkout(proto, retried, worker, deadline).await {
+                Ok(Checkout::Http1(mut tx, home)) => {
                     // Ready at once unless it closed since it was pooled.
                     if tx.ready().await.is_err() {
                         continue;
                     }
-                    Sender::Http1(tx)
+                    Sender::Http1(tx, home)
                 }
                 Ok(Checkout::Http2(tx, stream)) => Sender::Http2(tx, stream),
                 Ok(Checkout::Connect(connecting)) => {
                     self.start_reaper();
                     // Boxed: per connection, and it keeps every request's future small.
-                    let connect = Box::pin(self.connect(&key, connecting, deadline));
+                    let connect = Box::pin(self.connect(&key, connecting, worker, deadline));
                     match tokio::time::timeout_at(deadline, connect).await {
                         Ok(Ok(sender)) => sender,
                         Ok(Err(e)) => return Err(UpstreamError::connect(e)),
@@ -297,10 +302,10 @@ impl UpstreamClient {
                 }
             };
             let unsent = match conn {
-                Sender::Http1(mut tx) => {
+                Sender::Http1(mut tx, home) => {
                     origin_form(&mut req, &target);
                     match tx.try_send_request(req).await {
-                        Ok(res) => return Ok(http1_response(res, tx, target)),
+                        Ok(res) => return Ok(http1_response(res, tx, home, target)),
                         Err(e) => e,
                     }
                 }
@@ -349,6 +354,7 @@ impl UpstreamClient {
         &self,
         key: &Key,
         connecting: pool::Connecting<Tx1, Tx2>,
+        worker: usize,
         deadline: Instant,
     ) -> Result<Sender, ConnectError> {
         let inner = &*self.inner;
@@ -358,10 +364,10 @@ impl UpstreamClient {
                 if inner.protocol == UpstreamProtocol::Http2 && !h2 {
                     return Err(ConnectError::NoH2);
                 }
-                return self.handshake(*tls, h2, connecting).await;
+                return self.handshake(*tls, h2, connecting, worker).await;
             }
         };
-        self.handshake(stream, h2, connecting).await
+        self.handshake(stream, h2, connecting, worker).await
     }
 
     async fn handshake<I>(
@@ -369,6 +375,7 @@ impl UpstreamClient {
         io: I,
         h2: bool,
         connecting: pool::Connecting<Tx1, Tx2>,
+        worker: usize,
     ) -> Result<Sender, ConnectError>
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -397,13 +404,14 @@ impl UpstreamClient {
                 return Err(ConnectError::TimedOut);
             };
             spawn_conn(conn.with_upgrades(), slot);
-            Ok(Sender::Http1(tx))
+            Ok(Sender::Http1(tx, worker))
         }
     }
 }
 
 enum Sender {
-    Http1(Tx1),
+    /// With the worker driving the connection.
+    Http1(Tx1, usize),
     Http2(Tx2, Stream),
 }
 
@@ -472,7 +480,12 @@ fn absolute_form(req: &mut Request<Body>, key: &Key) {
     *req.version_mut() = Version::HTTP_2;
 }
 
-fn http1_response(res: Response<Incoming>, tx: Tx1, target: Arc<Target>) -> Response<PooledBody> {
+fn http1_response(
+    res: Response<Incoming>,
+    tx: Tx1,
+    worker: usize,
+    target: Arc<Target>,
+) -> Response<PooledBody> {
     // An upgraded connection belongs to the tunnel now; one the upstream closes after
     // this response is not worth keeping.
     let held = if res.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -481,7 +494,7 @@ fn http1_response(res: Response<Incoming>, tx: Tx1, target: Arc<Target>) -> Resp
     {
         Held::None
     } else {
-        Held::Http1(Some((tx, target)))
+        Held::Http1(Some((tx, worker, target)))
     };
     res.map(|b| PooledBody::new(b, held))
 }
@@ -504,7 +517,7 @@ pub struct PooledBody {
 
 enum Held {
     None,
-    Http1(Option<(Tx1, Arc<Target>)>),
+    Http1(Option<(Tx1, usize, Arc<Target>)>),
     /// Dropped with the body: the stream's place on the connection is free again.
     #[allow(dead_code)]
     Http2(Stream),
@@ -517,8 +530,8 @@ impl PooledBody {
 
     fn give_back(&mut self) {
         if let Held::Http1(conn) = &mut self.held {
-            if let Some((tx, target)) = conn.take() {
-                give_back(tx, target);
+            if let Some((tx, worker, target)) = conn.take() {
+                give_back(tx, worker, target);
             }
         }
     }
@@ -527,14 +540,14 @@ impl PooledBody {
 /// Pools an HTTP/1 connection whose response is complete, once hyper is ready to send
 /// on it again (at once, unless it is still sending the request body: then a small
 /// task waits for that).
-fn give_back(mut tx: Tx1, target: Arc<Target>) {
+fn give_back(mut tx: Tx1, worker: usize, target: Arc<Target>) {
     if tx.is_ready() {
-        target.put_h1(tx);
+        target.put_h1(tx, worker);
     } else if !Conn::is_closed(&tx) {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if tx.ready().await.is_ok() {
-                    target.put_h1(tx);
+                    target.put_h1(tx, worker);
                 }
             });
         }

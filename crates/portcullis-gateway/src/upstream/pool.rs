@@ -1,12 +1,17 @@
 //! Per-target connection pools: the bookkeeping, with no I/O.
 //!
 //! A pool belongs to one [`super::UpstreamClient`] and keeps one [`Target`] per
-//! (scheme, authority). A target holds a LIFO stack of idle HTTP/1 senders (the most
-//! recently used connection is the one least likely to have been closed by the
-//! upstream) and the shared HTTP/2 senders with their streams in flight, and counts
-//! every connection it opened against `max_connections` until the connection's task
-//! ends. Each target has its own `std::sync::Mutex`, held only to push, pop or count,
-//! never across an await.
+//! (scheme, authority). A target holds the idle HTTP/1 senders and the shared HTTP/2
+//! senders with their streams in flight, and counts every connection it opened
+//! against `max_connections` until the connection's task ends. Each target has its
+//! own `std::sync::Mutex`, held only to push, pop or count, never across an await.
+//!
+//! Connections are kept by the worker whose runtime drives them (`thread_per_core`
+//! runs one runtime per worker): a request takes its own worker's connections first,
+//! the most recently used one (the least likely to have been closed by the upstream),
+//! and opens a new one rather than use another worker's, which would cost two
+//! cross-thread wake-ups per request. Only at the cap does it borrow another
+//! worker's connection rather than wait.
 //!
 //! Generic over the connection handles so the mechanics are tested without sockets.
 
@@ -81,8 +86,8 @@ pub(crate) enum Waited {
 
 /// What a checkout hands over.
 pub(crate) enum Checkout<H1: Conn, H2: Conn + Clone> {
-    /// An idle HTTP/1 connection, now the caller's.
-    Http1(H1),
+    /// An idle HTTP/1 connection, now the caller's, and the worker driving it.
+    Http1(H1, usize),
     /// A shared HTTP/2 connection with one stream reserved.
     Http2(H2, Stream<H1, H2>),
     /// Room for a new connection: the caller connects.
@@ -190,20 +195,42 @@ pub(crate) struct Target<H1: Conn, H2: Conn + Clone> {
 }
 
 struct State<H1, H2> {
-    idle: Vec<Idle<H1>>,
+    /// Idle HTTP/1 connections by the worker that drives them, each stack LIFO.
+    idle: Vec<Vec<Idle<H1>>>,
+    idle_count: usize,
     h2: Vec<H2Conn<H2>>,
     /// Connections counted against `max_connections`, until their task ends.
     open: usize,
     /// Checkouts waiting for a connection.
     waiting: usize,
-    /// An HTTP/2 connect is under way: other requests wait for it instead of opening
-    /// their own (a burst would otherwise open one connection per request).
-    h2_connecting: bool,
+    /// Workers with an HTTP/2 connect under way: their other requests wait for it
+    /// instead of opening their own (a burst would open one per request).
+    h2_connecting: Vec<usize>,
     /// `Negotiated` targets: whether the last connection chose h2.
     learned_h2: Option<bool>,
     next_id: u64,
     /// Out of the pool's map: connections are used once and never pooled.
     retired: bool,
+}
+
+impl<H1: Conn, H2> State<H1, H2> {
+    /// The most recently pooled usable connection of `worker`; closed or expired
+    /// ones met on the way are dropped.
+    fn pop_idle(&mut self, worker: usize, idle_timeout: Duration) -> Option<H1> {
+        let stack = self.idle.get_mut(worker)?;
+        let now = Instant::now();
+        while let Some(idle) = stack.pop() {
+            self.idle_count -= 1;
+            if now.saturating_duration_since(idle.since) < idle_timeout && !idle.tx.is_closed() {
+                return Some(idle.tx);
+            }
+        }
+        None
+    }
+
+    fn stop_connecting(&mut self, worker: usize) {
+        self.h2_connecting.retain(|w| *w != worker);
+    }
 }
 
 struct Idle<H1> {
@@ -214,6 +241,7 @@ struct Idle<H1> {
 struct H2Conn<H2> {
     tx: H2,
     id: u64,
+    worker: usize,
     streams: usize,
     idle_since: Instant,
 }
@@ -239,10 +267,11 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
             host,
             state: Mutex::new(State {
                 idle: Vec::new(),
+                idle_count: 0,
                 h2: Vec::new(),
                 open: 0,
                 waiting: 0,
-                h2_connecting: false,
+                h2_connecting: Vec::new(),
                 learned_h2: None,
                 next_id: 0,
                 retired: false,
@@ -255,21 +284,23 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         lock(&self.state)
     }
 
-    /// A connection for one request: an idle HTTP/1 one, a stream on an HTTP/2 one,
-    /// or room to connect. At the cap (or while this target's HTTP/2 connection is
-    /// being opened) it waits until `deadline`. `fresh`: skip idle HTTP/1
-    /// connections when a new one may be opened (a retry after a stale one).
+    /// A connection for one request on `worker`: an idle HTTP/1 one, a stream on an
+    /// HTTP/2 one, or room to connect. At the cap (or while this worker's HTTP/2
+    /// connection to the target is being opened) it waits until `deadline`. `fresh`:
+    /// skip idle HTTP/1 connections when a new one may be opened (a retry after a
+    /// stale one).
     pub async fn checkout(
         self: &Arc<Self>,
         proto: Proto,
         fresh: bool,
+        worker: usize,
         deadline: Instant,
     ) -> Result<Checkout<H1, H2>, Waited> {
         let mut counted = Counted {
             target: self,
             yes: false,
         };
-        if let Ok(c) = self.try_checkout(proto, fresh, &mut counted) {
+        if let Ok(c) = self.try_checkout(proto, fresh, worker, &mut counted) {
             return Ok(c);
         }
         let sleep = tokio::time::sleep_until(deadline);
@@ -281,7 +312,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_checkout(proto, fresh, &mut counted) {
+            match self.try_checkout(proto, fresh, worker, &mut counted) {
                 Ok(c) => return Ok(c),
                 Err(r) => reason = r,
             }
@@ -296,60 +327,21 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         self: &Arc<Self>,
         proto: Proto,
         fresh: bool,
+        worker: usize,
         counted: &mut Counted<'_, H1, H2>,
     ) -> Result<Checkout<H1, H2>, Waited> {
-        let limits = &self.limits;
         let mut st = self.lock();
         let use_h2 = match proto {
             Proto::Http1 => false,
             Proto::Http2 => true,
             Proto::Negotiated => st.learned_h2 != Some(false),
         };
+        let room = st.open < self.limits.max_connections;
         let got = if use_h2 {
-            st.h2.retain(|c| !c.tx.is_closed());
-            st.h2
-                .iter_mut()
-                .find(|c| c.streams < limits.max_streams)
-                .map(|c| {
-                    c.streams += 1;
-                    Checkout::Http2(
-                        c.tx.clone(),
-                        Stream {
-                            target: self.clone(),
-                            id: c.id,
-                        },
-                    )
-                })
+            self.checkout_h2(&mut st, worker, room)
         } else {
-            None
+            self.checkout_h1(&mut st, worker, room, fresh)
         };
-        let got = got.or_else(|| {
-            if use_h2 || (fresh && st.open < limits.max_connections) {
-                return None;
-            }
-            let now = Instant::now();
-            while let Some(idle) = st.idle.pop() {
-                if now.saturating_duration_since(idle.since) < limits.idle_timeout
-                    && !idle.tx.is_closed()
-                {
-                    return Some(Checkout::Http1(idle.tx));
-                }
-            }
-            None
-        });
-        let got = got.or_else(|| {
-            if (use_h2 && st.h2_connecting) || st.open >= limits.max_connections {
-                return None;
-            }
-            st.open += 1;
-            st.h2_connecting |= use_h2;
-            Some(Checkout::Connect(Connecting {
-                slot: Some(Slot {
-                    target: self.clone(),
-                }),
-                claim: use_h2,
-            }))
-        });
         match got {
             Some(c) => {
                 if counted.yes {
@@ -363,7 +355,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
                     st.waiting += 1;
                     counted.yes = true;
                 }
-                Err(if use_h2 && st.h2_connecting {
+                Err(if use_h2 && st.h2_connecting.contains(&worker) {
                     Waited::Connecting
                 } else {
                     Waited::Overloaded
@@ -372,11 +364,87 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         }
     }
 
-    /// An HTTP/1 connection whose exchange finished and that is ready for another.
-    pub fn put_h1(&self, tx: H1) {
+    fn checkout_h2(
+        self: &Arc<Self>,
+        st: &mut State<H1, H2>,
+        worker: usize,
+        room: bool,
+    ) -> Option<Checkout<H1, H2>> {
+        let max = self.limits.max_streams;
+        st.h2.retain(|c| !c.tx.is_closed());
+        let may_connect = room && !st.h2_connecting.contains(&worker);
+        // This worker's own connections; another worker's only when this one cannot
+        // open one now.
+        let pick = st
+            .h2
+            .iter()
+            .position(|c| c.worker == worker && c.streams < max)
+            .or_else(|| {
+                if may_connect {
+                    None
+                } else {
+                    st.h2.iter().position(|c| c.streams < max)
+                }
+            });
+        if let Some(i) = pick {
+            let c = &mut st.h2[i];
+            c.streams += 1;
+            return Some(Checkout::Http2(
+                c.tx.clone(),
+                Stream {
+                    target: self.clone(),
+                    id: c.id,
+                },
+            ));
+        }
+        if !may_connect {
+            return None;
+        }
+        st.open += 1;
+        st.h2_connecting.push(worker);
+        Some(self.connecting(worker, true))
+    }
+
+    fn checkout_h1(
+        self: &Arc<Self>,
+        st: &mut State<H1, H2>,
+        worker: usize,
+        room: bool,
+        fresh: bool,
+    ) -> Option<Checkout<H1, H2>> {
+        let idle_timeout = self.limits.idle_timeout;
+        if !(fresh && room) {
+            if let Some(tx) = st.pop_idle(worker, idle_timeout) {
+                return Some(Checkout::Http1(tx, worker));
+            }
+        }
+        if room {
+            st.open += 1;
+            return Some(self.connecting(worker, false));
+        }
+        // At the cap: another worker's idle connection beats waiting.
+        (0..st.idle.len()).filter(|w| *w != worker).find_map(|w| {
+            st.pop_idle(w, idle_timeout)
+                .map(|tx| Checkout::Http1(tx, w))
+        })
+    }
+
+    fn connecting(self: &Arc<Self>, worker: usize, claim: bool) -> Checkout<H1, H2> {
+        Checkout::Connect(Connecting {
+            slot: Some(Slot {
+                target: self.clone(),
+            }),
+            claim,
+            worker,
+        })
+    }
+
+    /// An HTTP/1 connection (driven by `worker`) whose exchange finished and that
+    /// is ready for another.
+    pub fn put_h1(&self, tx: H1, worker: usize) {
         let mut st = self.lock();
         if st.retired
-            || st.idle.len() >= self.limits.max_idle
+            || st.idle_count >= self.limits.max_idle
             || self.limits.idle_timeout.is_zero()
             || tx.is_closed()
         {
@@ -384,10 +452,14 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
             drop(tx);
             return;
         }
-        st.idle.push(Idle {
+        if st.idle.len() <= worker {
+            st.idle.resize_with(worker + 1, Vec::new);
+        }
+        st.idle[worker].push(Idle {
             tx,
             since: Instant::now(),
         });
+        st.idle_count += 1;
         let wake = st.waiting > 0;
         drop(st);
         if wake {
@@ -423,8 +495,12 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     fn sweep(&self, now: Instant) {
         let idle_timeout = self.limits.idle_timeout;
         let mut st = self.lock();
-        st.idle
-            .retain(|i| now.saturating_duration_since(i.since) < idle_timeout && !i.tx.is_closed());
+        for stack in &mut st.idle {
+            stack.retain(|i| {
+                now.saturating_duration_since(i.since) < idle_timeout && !i.tx.is_closed()
+            });
+        }
+        st.idle_count = st.idle.iter().map(Vec::len).sum();
         st.h2.retain(|c| {
             !c.tx.is_closed()
                 && (c.streams > 0 || now.saturating_duration_since(c.idle_since) < idle_timeout)
@@ -434,6 +510,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     fn retire(&self) {
         let mut st = self.lock();
         st.retired = true;
+        st.idle_count = 0;
         let idle = std::mem::take(&mut st.idle);
         let h2 = std::mem::take(&mut st.h2);
         drop(st);
@@ -443,7 +520,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     /// Retires the target when it has no connection at all.
     fn retire_if_empty(&self) -> bool {
         let mut st = self.lock();
-        let empty = st.open == 0 && st.waiting == 0 && !st.h2_connecting;
+        let empty = st.open == 0 && st.waiting == 0 && st.h2_connecting.is_empty();
         st.retired |= empty;
         empty
     }
@@ -451,11 +528,12 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     /// Retires the target when nothing is using it, closing its idle connections.
     fn evict_if_unused(&self) -> bool {
         let mut st = self.lock();
-        let idle = st.idle.len() + st.h2.iter().filter(|c| c.streams == 0).count();
-        if st.waiting > 0 || st.h2_connecting || st.open > idle {
+        let idle = st.idle_count + st.h2.iter().filter(|c| c.streams == 0).count();
+        if st.waiting > 0 || !st.h2_connecting.is_empty() || st.open > idle {
             return false;
         }
         st.retired = true;
+        st.idle_count = 0;
         st.idle.clear();
         st.h2.clear();
         true
@@ -506,8 +584,9 @@ impl<H1: Conn, H2: Conn + Clone> Drop for Stream<H1, H2> {
 /// [`Connecting::http2`] (connect failed, request cancelled), it frees its slot.
 pub(crate) struct Connecting<H1: Conn, H2: Conn + Clone> {
     slot: Option<Slot<H1, H2>>,
-    /// This connect is the target's pending HTTP/2 connect.
+    /// This connect is its worker's pending HTTP/2 connect to the target.
     claim: bool,
+    worker: usize,
 }
 
 impl<H1: Conn, H2: Conn + Clone> Connecting<H1, H2> {
@@ -522,7 +601,7 @@ impl<H1: Conn, H2: Conn + Clone> Connecting<H1, H2> {
         let mut st = slot.target.lock();
         st.learned_h2 = Some(false);
         if claim {
-            st.h2_connecting = false;
+            st.stop_connecting(self.worker);
         }
         drop(st);
         if claim {
@@ -539,9 +618,8 @@ impl<H1: Conn, H2: Conn + Clone> Connecting<H1, H2> {
         let target = slot.target.clone();
         let mut st = target.lock();
         st.learned_h2 = Some(true);
-        if self.claim {
-            st.h2_connecting = false;
-            self.claim = false;
+        if std::mem::take(&mut self.claim) {
+            st.stop_connecting(self.worker);
         }
         let id = st.next_id;
         st.next_id += 1;
@@ -549,6 +627,7 @@ impl<H1: Conn, H2: Conn + Clone> Connecting<H1, H2> {
             st.h2.push(H2Conn {
                 tx,
                 id,
+                worker: self.worker,
                 streams: 1,
                 idle_since: Instant::now(),
             });
@@ -569,7 +648,7 @@ impl<H1: Conn, H2: Conn + Clone> Drop for Connecting<H1, H2> {
             return;
         }
         if let Some(t) = self.target() {
-            t.lock().h2_connecting = false;
+            t.lock().stop_connecting(self.worker);
             // One of the waiters takes over the connect.
             t.notify.notify_waiters();
         }
@@ -631,7 +710,7 @@ mod tests {
 
     /// Connects (the pool says so) and returns the slot of the new HTTP/1 connection.
     async fn connect_h1(t: &Arc<TestTarget>) -> Slot<Fake, Fake> {
-        match t.checkout(Proto::Http1, false, far()).await {
+        match t.checkout(Proto::Http1, false, 0, far()).await {
             Ok(Checkout::Connect(c)) => c.http1().unwrap(),
             _ => panic!("expected a connect"),
         }
@@ -643,17 +722,17 @@ mod tests {
         let t = pool.target(&key("a:80")).unwrap();
         let _s1 = connect_h1(&t).await;
         let _s2 = connect_h1(&t).await;
-        t.put_h1(fake(1));
-        t.put_h1(fake(2));
+        t.put_h1(fake(1), 0);
+        t.put_h1(fake(2), 0);
         for want in [2, 1] {
-            match t.checkout(Proto::Http1, false, far()).await {
-                Ok(Checkout::Http1(c)) => assert_eq!(c.id, want),
+            match t.checkout(Proto::Http1, false, 0, far()).await {
+                Ok(Checkout::Http1(c, _)) => assert_eq!(c.id, want),
                 _ => panic!("expected an idle connection"),
             }
         }
         // None idle any more: room for a third connection.
         assert!(matches!(
-            t.checkout(Proto::Http1, false, far()).await,
+            t.checkout(Proto::Http1, false, 0, far()).await,
             Ok(Checkout::Connect(_))
         ));
     }
@@ -663,31 +742,31 @@ mod tests {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
         let _slots = [connect_h1(&t).await, connect_h1(&t).await];
-        t.put_h1(fake(1));
+        t.put_h1(fake(1), 0);
         let closed = fake(2);
-        t.put_h1(closed.clone());
+        t.put_h1(closed.clone(), 0);
         closed.closed.store(true, Ordering::SeqCst);
         // The closed one is dropped, the one below it is used.
         assert!(matches!(
-            t.checkout(Proto::Http1, false, far()).await,
-            Ok(Checkout::Http1(Fake { id: 1, .. }))
+            t.checkout(Proto::Http1, false, 0, far()).await,
+            Ok(Checkout::Http1(Fake { id: 1, .. }, 0))
         ));
-        assert!(t.lock().idle.is_empty());
+        assert!(t.lock().idle_count == 0);
 
-        t.put_h1(fake(3));
+        t.put_h1(fake(3), 0);
         {
             let mut st = t.lock();
-            st.idle[0].since = st.idle[0]
+            st.idle[0][0].since = st.idle[0][0]
                 .since
                 .checked_sub(Duration::from_secs(5))
                 .unwrap();
         }
         // Idle for longer than the idle timeout: never handed out.
         assert!(matches!(
-            t.checkout(Proto::Http1, false, far()).await,
+            t.checkout(Proto::Http1, false, 0, far()).await,
             Ok(Checkout::Connect(_))
         ));
-        assert!(t.lock().idle.is_empty());
+        assert!(t.lock().idle_count == 0);
     }
 
     #[tokio::test]
@@ -695,20 +774,20 @@ mod tests {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
         let _slots = [connect_h1(&t).await, connect_h1(&t).await];
-        t.put_h1(fake(1));
-        t.put_h1(fake(2));
-        t.put_h1(fake(3));
-        assert_eq!(t.lock().idle.len(), 2, "max_idle is 2");
+        t.put_h1(fake(1), 0);
+        t.put_h1(fake(2), 0);
+        t.put_h1(fake(3), 0);
+        assert_eq!(t.lock().idle_count, 2, "max_idle is 2");
         // A retry opens a fresh connection while the cap allows it…
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, true, far()).await else {
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, true, 0, far()).await else {
             panic!("a retry took an idle connection");
         };
         let _third = c.http1().unwrap();
         assert_eq!(open(&t), 3);
         // … and at the cap takes an idle one after all.
         assert!(matches!(
-            t.checkout(Proto::Http1, true, far()).await,
-            Ok(Checkout::Http1(_))
+            t.checkout(Proto::Http1, true, 0, far()).await,
+            Ok(Checkout::Http1(..))
         ));
     }
 
@@ -724,22 +803,22 @@ mod tests {
         assert_eq!(open(&t), 3);
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.checkout(Proto::Http1, false, far()).await })
+            tokio::spawn(async move { t.checkout(Proto::Http1, false, 0, far()).await })
         };
         while pool.pending(&"a:80".parse().unwrap()) == 0 {
             tokio::task::yield_now().await;
         }
         assert_eq!(pool.open(&"a:80".parse().unwrap()), 3);
-        t.put_h1(fake(7));
+        t.put_h1(fake(7), 0);
         match waiter.await.unwrap() {
-            Ok(Checkout::Http1(c)) => assert_eq!(c.id, 7),
+            Ok(Checkout::Http1(c, _)) => assert_eq!(c.id, 7),
             _ => panic!("the waiter did not get the returned connection"),
         }
         assert_eq!(t.lock().waiting, 0);
         // A connection's task ending frees its slot for a waiter, too.
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.checkout(Proto::Http1, false, far()).await })
+            tokio::spawn(async move { t.checkout(Proto::Http1, false, 0, far()).await })
         };
         while t.lock().waiting == 0 {
             tokio::task::yield_now().await;
@@ -758,7 +837,7 @@ mod tests {
             connect_h1(&t).await,
         ];
         let deadline = Instant::now() + Duration::from_millis(30);
-        let r = t.checkout(Proto::Http1, false, deadline).await;
+        let r = t.checkout(Proto::Http1, false, 0, deadline).await;
         assert!(matches!(r, Err(Waited::Overloaded)));
         assert_eq!(t.lock().waiting, 0, "a gone waiter is not counted");
     }
@@ -767,13 +846,13 @@ mod tests {
     async fn http2_streams_share_a_connection_up_to_max_streams() {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, far()).await else {
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
             panic!("expected a connect");
         };
         // While it connects, others wait for it rather than open their own.
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.checkout(Proto::Http2, false, far()).await })
+            tokio::spawn(async move { t.checkout(Proto::Http2, false, 0, far()).await })
         };
         while t.lock().waiting == 0 {
             tokio::task::yield_now().await;
@@ -785,13 +864,13 @@ mod tests {
         };
         assert_eq!(tx.id, 1);
         // Two streams in flight (max_streams): the next request opens a second one.
-        let Ok(Checkout::Connect(c2)) = t.checkout(Proto::Http2, false, far()).await else {
+        let Ok(Checkout::Connect(c2)) = t.checkout(Proto::Http2, false, 0, far()).await else {
             panic!("expected a second connection");
         };
         let (_slot2, s3) = c2.http2(fake(2)).unwrap();
         drop(s1);
         // A finished stream makes room on the first connection again.
-        let Ok(Checkout::Http2(tx, _s4)) = t.checkout(Proto::Http2, false, far()).await else {
+        let Ok(Checkout::Http2(tx, _s4)) = t.checkout(Proto::Http2, false, 0, far()).await else {
             panic!("expected a stream");
         };
         assert_eq!(tx.id, 1);
@@ -802,12 +881,12 @@ mod tests {
     async fn a_failed_http2_connect_lets_a_waiter_try() {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, far()).await else {
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
             panic!("expected a connect");
         };
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.checkout(Proto::Http2, false, far()).await })
+            tokio::spawn(async move { t.checkout(Proto::Http2, false, 0, far()).await })
         };
         while t.lock().waiting == 0 {
             tokio::task::yield_now().await;
@@ -821,12 +900,12 @@ mod tests {
     async fn negotiated_targets_learn_http1_and_release_the_waiters() {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:443")).unwrap();
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Negotiated, false, far()).await else {
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Negotiated, false, 0, far()).await else {
             panic!("expected a connect");
         };
         let waiter = {
             let t = t.clone();
-            tokio::spawn(async move { t.checkout(Proto::Negotiated, false, far()).await })
+            tokio::spawn(async move { t.checkout(Proto::Negotiated, false, 0, far()).await })
         };
         while t.lock().waiting == 0 {
             tokio::task::yield_now().await;
@@ -845,11 +924,11 @@ mod tests {
         let t = pool.target(&key("a:80")).unwrap();
         let s = connect_h1(&t).await;
         let idle = fake(1);
-        t.put_h1(idle);
+        t.put_h1(idle, 0);
         pool.sweep();
-        assert_eq!(t.lock().idle.len(), 1);
+        assert_eq!(t.lock().idle_count, 1);
         pool.sweep_at(Instant::now() + Duration::from_secs(5));
-        assert!(t.lock().idle.is_empty(), "expired connection kept");
+        assert!(t.lock().idle_count == 0, "expired connection kept");
         // The target stays while its connection's task runs, then goes.
         assert_eq!(pool.len(), 1);
         drop(s);
@@ -857,15 +936,15 @@ mod tests {
         assert_eq!(pool.len(), 0);
         assert!(t.lock().retired);
         // A retired target never pools again.
-        t.put_h1(fake(2));
-        assert!(t.lock().idle.is_empty());
+        t.put_h1(fake(2), 0);
+        assert!(t.lock().idle_count == 0);
     }
 
     #[tokio::test]
     async fn idle_http2_connections_expire_in_a_sweep() {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, far()).await else {
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
             panic!("expected a connect");
         };
         let (_slot, stream) = c.http2(fake(1)).unwrap();
@@ -911,13 +990,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn workers_keep_their_own_connections_and_borrow_only_at_the_cap() {
+        let pool = TestPool::new(Limits {
+            max_connections: 2,
+            ..limits()
+        });
+        let t = pool.target(&key("a:80")).unwrap();
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, false, 1, far()).await else {
+            panic!("expected a connect");
+        };
+        let _s1 = c.http1().unwrap();
+        t.put_h1(fake(1), 1);
+        // Worker 2 opens its own rather than drive worker 1's…
+        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, false, 2, far()).await else {
+            panic!("worker 2 took worker 1's connection under the cap");
+        };
+        let _s2 = c.http1().unwrap();
+        // … and at the cap borrows it, and it goes back to worker 1's stack.
+        let Ok(Checkout::Http1(tx, home)) = t.checkout(Proto::Http1, false, 2, far()).await else {
+            panic!("expected worker 1's idle connection");
+        };
+        assert_eq!((tx.id, home), (1, 1));
+        t.put_h1(tx, home);
+        assert_eq!(t.lock().idle[1].len(), 1);
+        assert!(matches!(
+            t.checkout(Proto::Http1, false, 1, far()).await,
+            Ok(Checkout::Http1(Fake { id: 1, .. }, 1))
+        ));
+    }
+
+    #[tokio::test]
+    async fn each_worker_opens_its_own_http2_connection() {
+        let pool = TestPool::new(Limits {
+            max_connections: 2,
+            ..limits()
+        });
+        let t = pool.target(&key("a:80")).unwrap();
+        let mut held = Vec::new();
+        for (worker, id) in [(1, 1), (2, 2)] {
+            let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, worker, far()).await
+            else {
+                panic!("worker {worker} did not open its own connection");
+            };
+            held.push(c.http2(fake(id)).unwrap());
+        }
+        // At the cap: a worker's own connection first, then another's.
+        let Ok(Checkout::Http2(tx, _s3)) = t.checkout(Proto::Http2, false, 2, far()).await else {
+            panic!("expected a stream");
+        };
+        assert_eq!(tx.id, 2, "its own connection first");
+        let Ok(Checkout::Http2(tx, _s4)) = t.checkout(Proto::Http2, false, 2, far()).await else {
+            panic!("expected a stream");
+        };
+        assert_eq!(tx.id, 1, "worker 2's own is full (max_streams 2)");
+        // Every stream of every connection busy, no room for another: overloaded.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(matches!(
+            t.checkout(Proto::Http2, false, 3, soon).await,
+            Err(Waited::Overloaded)
+        ));
+    }
+
+    #[tokio::test]
     async fn a_dropped_pool_lets_go_of_its_idle_connections() {
         let pool = TestPool::new(limits());
         let t = pool.target(&key("a:80")).unwrap();
         let _slot = connect_h1(&t).await;
-        t.put_h1(fake(1));
+        t.put_h1(fake(1), 0);
         drop(pool);
-        assert!(t.lock().idle.is_empty() && t.lock().retired);
+        assert!(t.lock().idle_count == 0 && t.lock().retired);
     }
 
     #[test]

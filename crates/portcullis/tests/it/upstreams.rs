@@ -284,7 +284,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-/// 50 concurrent requests to an h2c upstream share one connection.
+/// 50 concurrent requests to an h2c upstream share one connection per worker.
 #[tokio::test]
 async fn http2_upstream_requests_are_multiplexed() {
     let up = Upstream::serve(true, |req| async move {
@@ -293,7 +293,9 @@ async fn http2_upstream_requests_are_multiplexed() {
         hyper::Response::new(full(format!("{:?}", req.version())))
     })
     .await;
-    let gw = Gateway::start(&pool_config(&up.url(), &["protocol: http2"]));
+    // Each worker drives connections of its own: two workers, at most two.
+    let yaml = pool_config(&up.url(), &["protocol: http2"]);
+    let gw = Gateway::start(&format!("server: {{workers: 2}}\n{yaml}"));
     let statuses = concurrent_gets(&gw.url("/m"), 50).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(up.requests.load(Ordering::SeqCst), 50);
