@@ -442,6 +442,13 @@ pub struct UpstreamConfig {
     /// A circuit breaker per target.
     #[serde(default)]
     pub breaker: Option<crate::BreakerConfig>,
+    /// Max connections per host in all (idle and busy); at the cap a request waits
+    /// for one until the connect timeout, then gets a 503.
+    #[serde(default = "default_pool_max_connections")]
+    pub pool_max_connections: Scalar<usize>,
+    /// Requests in flight on one HTTP/2 connection before another is opened.
+    #[serde(default = "default_http2_max_streams")]
+    pub http2_max_streams: Scalar<usize>,
 }
 
 /// One target of an upstream group.
@@ -476,6 +483,12 @@ pub fn default_pool_idle() -> Duration {
 }
 pub fn default_pool_max_idle() -> Scalar<usize> {
     Scalar(256)
+}
+pub fn default_pool_max_connections() -> Scalar<usize> {
+    Scalar(1024)
+}
+pub fn default_http2_max_streams() -> Scalar<usize> {
+    Scalar(100)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]

@@ -20,7 +20,9 @@ pub enum Body {
     Empty,
     Full(Option<Bytes>),
     /// An upstream response streamed through, cut if silent for longer than `idle`.
-    Upstream(IdleTimeout<Incoming>),
+    Upstream(IdleTimeout<crate::upstream::PooledBody>),
+    /// A client's request body streamed to an upstream.
+    Client(IdleTimeout<Incoming>),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
     /// Compressed on the fly ([`crate::policy::compress`]).
     Compressed(Box<crate::policy::compress::CompressBody>),
@@ -59,6 +61,7 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Body::Client(b) => Pin::new(b).poll_frame(cx),
             Body::Boxed(b) => Pin::new(b).poll_frame(cx),
             Body::Compressed(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Tee(b) => Pin::new(&mut **b).poll_frame(cx),
@@ -70,6 +73,7 @@ impl HttpBody for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Upstream(b) => b.is_end_stream(),
+            Body::Client(b) => b.is_end_stream(),
             Body::Boxed(b) => b.is_end_stream(),
             Body::Compressed(b) => b.is_end_stream(),
             Body::Tee(b) => b.is_end_stream(),
@@ -81,6 +85,7 @@ impl HttpBody for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Upstream(b) => b.size_hint(),
+            Body::Client(b) => b.size_hint(),
             Body::Boxed(b) => b.size_hint(),
             Body::Compressed(b) => b.size_hint(),
             Body::Tee(b) => b.size_hint(),

@@ -6,19 +6,13 @@
 //! - Concurrent lookups of one name share one query; answers are cached for
 //!   `dns_cache_ttl`, failures for `dns_negative_ttl`, in a bounded cache.
 //! - An optional hosts file (`server.hosts_file`) is consulted first.
-//! - A route's [`TargetRules`] filter the addresses on every connect.
+//! - A route's [`crate::targets::TargetRules`] filter the addresses on every connect
+//!   ([`crate::upstream`]).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::pin::Pin;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::{mpsc, Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use hyper_util::client::legacy::connect::dns::Name;
-
-use crate::targets::{ForbiddenTarget, TargetRules};
 
 const THREADS: usize = 4;
 const QUEUE: usize = 1024;
@@ -201,46 +195,6 @@ fn parse_hosts(text: &str) -> HashMap<String, Vec<IpAddr>> {
         }
     }
     out
-}
-
-/// The resolver as hyper's connector sees it, with the route's address rules.
-#[derive(Clone)]
-pub struct UpstreamResolver {
-    pub resolver: Arc<Resolver>,
-    pub rules: Option<Arc<TargetRules>>,
-}
-
-type ResolveFuture =
-    Pin<Box<dyn Future<Output = Result<std::vec::IntoIter<SocketAddr>, std::io::Error>> + Send>>;
-
-impl tower::Service<Name> for UpstreamResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future = ResolveFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let templated = this.rules.is_some();
-            let addrs = this.resolver.lookup(name.as_str(), templated).await?;
-            let permitted: Vec<SocketAddr> = addrs
-                .iter()
-                .filter(|ip| this.rules.as_ref().is_none_or(|r| r.permits(**ip)))
-                .map(|ip| SocketAddr::new(*ip, 0))
-                .collect();
-            if permitted.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    ForbiddenTarget,
-                ));
-            }
-            Ok(permitted.into_iter())
-        })
-    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ pub fn client_config(settings: &ClientSettings) -> Result<rustls::ClientConfig, 
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    // hyper-rustls sets ALPN from the enabled protocols.
+    // Each upstream client sets ALPN from its protocol.
     config.alpn_protocols.clear();
     Ok(config)
 }

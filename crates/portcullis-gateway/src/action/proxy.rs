@@ -22,7 +22,7 @@ use crate::forwarded;
 use crate::snapshot::relative_to;
 use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
 use crate::template::Template;
-use crate::upstream::{ClientSettings, UpstreamClient};
+use crate::upstream::{ClientSettings, PoolSettings, PooledBody, UpstreamClient, UpstreamError};
 
 pub async fn forward(
     action: &ProxyAction,
@@ -96,7 +96,7 @@ pub async fn forward(
         .total_timeout
         .map(|t| tokio::time::Instant::now() + t);
     let streamed = |body: Incoming| {
-        Body::Upstream(
+        Body::Client(
             IdleTimeout::new(body, action.body_timeout)
                 .with_limit(max_body)
                 .with_deadline(deadline)
@@ -172,7 +172,7 @@ pub async fn forward(
             tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
         let index = picked.as_ref().map(|p| p.index);
         // The attempt's result, and why it may be retried.
-        let (outcome, reason): (Result<Response<Incoming>, GatewayError>, &'static str) =
+        let (outcome, reason): (Result<Response<PooledBody>, GatewayError>, &'static str) =
             match result {
                 Ok(Ok(res)) => {
                     let status = res.status();
@@ -248,7 +248,7 @@ pub async fn forward(
             };
         // A retry: when the budget allows, the deadline leaves time for it and a
         // target can take it; else the client gets this attempt's own result.
-        let give_up = |outcome: Result<Response<Incoming>, GatewayError>,
+        let give_up = |outcome: Result<Response<PooledBody>, GatewayError>,
                        client_upgrade,
                        tunnel| match outcome {
             Ok(res) => Ok(respond(
@@ -318,7 +318,7 @@ pub const MAX_ATTEMPTS: u32 = 10;
 fn respond(
     action: &ProxyAction,
     ctx: &RequestCtx<'_>,
-    mut res: Response<Incoming>,
+    mut res: Response<PooledBody>,
     started: Instant,
     deadline: Option<tokio::time::Instant>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -418,7 +418,7 @@ fn count_error(metrics: &crate::telemetry::Metrics, route: &Arc<str>, kind: &'st
 }
 
 fn classify(
-    err: &hyper_util::client::legacy::Error,
+    err: &UpstreamError,
     route: &Arc<str>,
     label: &Arc<str>,
     metrics: &crate::telemetry::Metrics,
@@ -435,6 +435,11 @@ fn classify(
     if find_cause::<DeadlineExceeded>(err).is_some() {
         count_error(metrics, route, "timeout");
         return GatewayError::server(ErrorCode::UpstreamTimeout);
+    }
+    if err.is_overloaded() {
+        count_error(metrics, route, "overloaded");
+        tracing::warn!(route = %route, upstream = %label, error = %error_chain(err), "upstream connection pool at its cap");
+        return GatewayError::server(ErrorCode::UpstreamOverloaded);
     }
     let kind = if err.is_connect() {
         "connect"
@@ -904,14 +909,19 @@ pub(crate) fn compile(
         return None;
     }
     let default_tls = UpstreamTlsConfig::default();
-    let (protocol, tls, idle, max_idle) = match upstream_cfg {
-        Some(u) => (u.protocol, &u.tls, u.pool_idle_timeout, u.pool_max_idle.0),
+    let (protocol, tls) = match upstream_cfg {
+        Some(u) => (u.protocol, &u.tls),
         None => (
             p.protocol.unwrap_or(UpstreamProtocol::Auto),
             p.tls.as_ref().unwrap_or(&default_tls),
-            portcullis_config::default_pool_idle(),
-            portcullis_config::default_pool_max_idle().0,
         ),
+    };
+    let pool = match PoolSettings::of(upstream_cfg) {
+        Ok(pool) => pool,
+        Err((key, e)) => {
+            errors.push(p.upstream.referenced, format!("upstreams.{raw}.{key}"), e);
+            return None;
+        }
     };
     let templated = matches!(target, Target::Template { .. });
     if !templated && (p.targets.is_some() || !p.allow_names.is_empty()) {
@@ -978,8 +988,7 @@ pub(crate) fn compile(
         ca_file: tls.ca_file.as_ref().map(|c| relative_to(errors.file, c)),
         insecure_skip_verify: tls.insecure_skip_verify.0,
         connect_timeout: p.timeouts.connect.get(),
-        pool_idle_timeout: idle.get(),
-        pool_max_idle: max_idle,
+        pool,
         targets,
     };
     let client = match clients.registry.client(&settings) {

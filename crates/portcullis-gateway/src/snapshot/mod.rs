@@ -451,8 +451,10 @@ fn compile_notifier(
         ca_file: None,
         insecure_skip_verify: false,
         connect_timeout: std::time::Duration::from_secs(5),
-        pool_idle_timeout: std::time::Duration::from_secs(4),
-        pool_max_idle: 4,
+        pool: crate::upstream::PoolSettings {
+            max_idle: 4,
+            ..Default::default()
+        },
         targets: None,
     };
     let client = match clients.client(&settings) {
