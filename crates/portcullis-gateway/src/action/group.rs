@@ -28,6 +28,8 @@ pub struct Group {
     /// Most targets passive health may eject at once.
     max_ejected: usize,
     breaker: Option<BreakerPolicy>,
+    /// Breaker: most requests waiting for a pooled connection to one target.
+    max_pending: Option<usize>,
     /// Try unhealthy targets when none is healthy.
     panic: bool,
 }
@@ -223,6 +225,7 @@ pub(crate) fn compile(
         passive,
         max_ejected,
         breaker,
+        max_pending: u.breaker.as_ref().map(|b| b.max_pending.0 as usize),
         panic: u.health.panic.0,
     })
 }
@@ -237,9 +240,18 @@ impl Group {
         ctx: &RequestCtx<'_>,
         headers: &http::HeaderMap,
         tried: &[usize],
+        client: &crate::upstream::UpstreamClient,
     ) -> Result<Picked<'a>, GatewayError> {
         let overloaded = Cell::new(false);
+        let queue_full = |i: usize| {
+            self.max_pending
+                .is_some_and(|m| client.pending(&self.targets[i].authority) >= m)
+        };
         let admits = |i: usize| match self.states[i].usable(self.breaker.as_ref()) {
+            Ok(()) if queue_full(i) => {
+                overloaded.set(true);
+                false
+            }
             Ok(()) => true,
             Err(Unusable::Overloaded) => {
                 overloaded.set(true);

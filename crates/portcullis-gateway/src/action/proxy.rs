@@ -561,7 +561,7 @@ fn upstream_uri<'a>(
         Target::Fixed(t) => fixed(t).map(|(u, l)| (u, l, None)),
         Target::Group(g) => {
             let empty = HeaderMap::new();
-            let picked = g.pick(f, headers.unwrap_or(&empty), tried)?;
+            let picked = g.pick(f, headers.unwrap_or(&empty), tried, &action.client)?;
             let (uri, label) = fixed(picked.target)?;
             Ok((uri, label, Some(picked)))
         }

@@ -140,6 +140,8 @@ pub fn admin_view(groups: &[GroupInfo]) -> Value {
                         "ejected": s.ejected(),
                         "breaker": if s.breaker_open() { "open" } else { "closed" },
                         "in_flight": s.in_flight(),
+                        "connections": g.client.open(&t.target.authority),
+                        "pending": g.client.pending(&t.target.authority),
                         "last_check": r.last_check,
                         "last_up": r.last_up,
                         "first_down_at": r.first_down_at,

@@ -725,3 +725,62 @@ async fn target_state_outlives_a_reload() {
     }
     assert_eq!(b.requests.load(Ordering::SeqCst), 1, "b is still ejected");
 }
+
+#[tokio::test]
+async fn the_breaker_refuses_a_target_whose_connection_queue_is_full() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let slow = Upstream::serve(false, move |_req| {
+        let held = held.clone();
+        async move {
+            let _ = held.acquire().await.unwrap();
+            Response::new(full("slow"))
+        }
+    })
+    .await;
+    // One connection at most, one request waiting for it at most.
+    let yaml = format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+admin: {{address: "127.0.0.1:0", token: "admin-S3cret-token"}}
+server: {{workers: 1}}
+upstreams:
+  app:
+    targets: [{{url: "{}"}}]
+    pool_max_connections: 1
+    breaker: {{max_pending: 1}}
+routes:
+  - path_prefix: /
+    proxy: {{upstream: app}}
+"#,
+        slow.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let client = client();
+    let busy = tokio::spawn(client.get(gw.url("/1")).send());
+    slow.wait_requests(1).await;
+    let waiting = tokio::spawn(client.get(gw.url("/2")).send());
+    // The second request waits for the only connection: the queue is full.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = admin_json(&gw, "/admin/upstreams").await;
+        let t = &view["upstreams"][0]["targets"][0];
+        if t["pending"] == 1 {
+            assert_eq!(t["connections"], 1, "{view}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never pending: {view}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    assert_error(
+        client.get(gw.url("/3")).send().await.unwrap(),
+        503,
+        "UPSTREAM_OVERLOADED",
+    )
+    .await;
+    // Refused at once, not after waiting for the connect timeout.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    gate.add_permits(100);
+    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
+}

@@ -79,16 +79,20 @@ async fn consistent_hashing_keeps_keys_and_a_fourth_target_moves_few() {
             body["headers"]["host"][0].as_str().unwrap().to_owned()
         }
     };
+    // Enough keys that the share is measured, not sampled (the target URLs, and
+    // with them the table, change every run): ideal 25 %, bound 30 %.
     let mut moved = 0;
-    for i in 0..300 {
+    for i in 0..1_200 {
         let user = format!("user-{i}");
         let first = target(&three, user.clone()).await;
-        assert_eq!(first, target(&three, user.clone()).await, "{user} moved");
+        if i < 100 {
+            assert_eq!(first, target(&three, user.clone()).await, "{user} moved");
+        }
         if first != target(&four, user).await {
             moved += 1;
         }
     }
-    assert!(moved <= 90, "{moved} of 300 keys moved");
+    assert!(moved <= 360, "{moved} of 1200 keys moved");
     assert!(moved > 0);
     // No key: round-robin, every target used.
     for _ in 0..30 {
