@@ -10,6 +10,7 @@
 #        AB_A_ENV / AB_B_ENV  extra environment of A / B ("PORTCULLIS_WORKERS=2
 #                             PORTCULLIS_RUNTIME=work_stealing"), so one binary can be
 #                             compared with itself in two settings
+#        AB_PATH=/  request path ("/64k": the 64 KiB response)
 #        AB_PROXY_CPUS=0  AB_OTHER_CPUS=1  taskset lists of the proxies and of
 #                             upstream + wrk ("0-1" and "0-1": a shared layout)
 # Needs: wrk, taskset, target/release/portcullis-bench-upstream (bench/run.sh installs
@@ -22,6 +23,7 @@ B_BIN=$(realpath "${2:?usage: bench/ab.sh A_BIN B_BIN}")
 ROUNDS=${AB_ROUNDS:-5}
 DURATION=${AB_DURATION:-10}
 CONNECTIONS=${AB_CONNECTIONS:-50}
+AB_PATH=${AB_PATH:-/}
 PROXY_CPUS=${AB_PROXY_CPUS:-0}
 OTHER_CPUS=${AB_OTHER_CPUS:-1}
 UPSTREAM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/portcullis-bench-upstream
@@ -74,11 +76,11 @@ done
 
 HZ=$(getconf CLK_TCK)
 printf 'round\tside\treq_s\tcpu_us_per_req\n'
-for side in A B; do taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:${PORT[$side]}/" >/dev/null; done
+for side in A B; do taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d2s "http://127.0.0.1:${PORT[$side]}$AB_PATH" >/dev/null; done
 for r in $(seq "$ROUNDS"); do
     for side in A B; do
         before=$(cpu_ticks "${PID[$side]}")
-        out=$(taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[$side]}/")
+        out=$(taskset -c "$OTHER_CPUS" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" "http://127.0.0.1:${PORT[$side]}$AB_PATH")
         after=$(cpu_ticks "${PID[$side]}")
         reqs=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")

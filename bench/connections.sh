@@ -45,6 +45,7 @@ wait_up() {
         sleep 0.1
     done
     log "nothing answers on port $1"
+    for f in "$TMP"/*.log; do log "== $f"; tail -n 5 "$f" >&2; done
     exit 1
 }
 # RSS in KiB of a process and its children (nginx: master + worker).
@@ -106,7 +107,7 @@ start_haproxy() {
     port=$(free_port)
     cat >"$TMP/haproxy.cfg" <<CONF
 global
-    maxconn 20000
+    maxconn 9000
     nbthread 1
 defaults
     mode http

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod error;
 pub mod forwarded;
 pub mod health;
+pub mod memory;
 pub mod policy;
 
 pub mod reload;
@@ -60,6 +61,8 @@ pub struct Shared {
     pub instance_id: Arc<str>,
     /// Connection slots (`server.max_connections`), shared by every listener.
     pub connection_slots: Arc<tokio::sync::Semaphore>,
+    /// Size of `connection_slots`.
+    pub max_connections: usize,
     generation: Generation,
     ready: AtomicBool,
     /// Serialises reloads; also remembers the last loaded file content.
@@ -155,9 +158,8 @@ impl Shared {
             )]))
         })?;
         let clients = ClientRegistry::new(Arc::new(resolver));
-        let connection_slots = Arc::new(tokio::sync::Semaphore::new(max_connections(
-            config.server.max_connections.map(|m| m.0),
-        )));
+        let max_connections = max_connections(config.server.max_connections.map(|m| m.0));
+        let connection_slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         let instance_id: Arc<str> = Arc::from(format!(
             "portcullis-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -179,6 +181,7 @@ impl Shared {
             config_path: path.to_owned(),
             instance_id,
             connection_slots,
+            max_connections,
             generation: Generation::new(),
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(file_hash(path)),

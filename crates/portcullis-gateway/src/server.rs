@@ -35,6 +35,7 @@ pub async fn run(
 
     // Reload triggers first, so a change made right after "listening" is never missed.
     crate::reload::spawn_sighup(shared.clone());
+    crate::memory::spawn_trimmer(shared.clone(), shared.max_connections);
     let _watcher = if snapshot.config.server.watch_config.0 {
         crate::reload::spawn_file_watch(shared.clone())
     } else {
@@ -387,6 +388,9 @@ macro_rules! serve {
         let shared = $ctx.shared.clone();
         let info = $info;
         let activity = info.activity.clone();
+        // Not boxed: hyper's HTTP/1 dispatcher already keeps the in-flight future in
+        // a box of its own (measured: boxing it again saved no memory per
+        // connection, bench/connections.sh).
         let service = service_fn(move |req| handle(shared.clone(), info.clone(), req));
         match $mode {
             Protocol::Http1 => {
