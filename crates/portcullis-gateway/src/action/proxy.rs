@@ -223,8 +223,12 @@ pub async fn forward(
                         );
                     }
                     let kind = if connect { "connect" } else { "reset" };
+                    // A full pool (nothing was sent) is retried like a connect
+                    // failure, preferably on another target; it is not the target's
+                    // fault, so it was not reported above.
+                    let pool_full = err.is_overloaded();
                     let retryable = more
-                        && upstream_fault
+                        && (upstream_fault || pool_full)
                         && retry.is_some_and(|r| if connect { r.on_connect } else { r.on_reset });
                     if !retryable {
                         return Err(e);

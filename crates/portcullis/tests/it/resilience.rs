@@ -784,3 +784,49 @@ routes:
     assert_eq!(busy.await.unwrap().unwrap().status(), 200);
     assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_full_connection_pool_is_retried_on_another_target() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let busy = Upstream::serve(false, move |_req| {
+        let held = held.clone();
+        async move {
+            let _ = held.acquire().await.unwrap();
+            Response::new(full("busy"))
+        }
+    })
+    .await;
+    let free = Target::start("free").await;
+    // One connection per target; a request finding it busy waits 300 ms, then goes
+    // to the other target instead of failing.
+    let yaml = format!(
+        r#"listeners: [{{address: "127.0.0.1:0"}}]
+server: {{workers: 1}}
+upstreams:
+  app:
+    targets: [{{url: "{}"}}, {{url: "{}"}}]
+    pool_max_connections: 1
+routes:
+  - path_prefix: /
+    proxy:
+      upstream: app
+      timeouts: {{connect: 300ms}}
+"#,
+        busy.url(),
+        free.url()
+    );
+    let gw = Gateway::start(&yaml);
+    let client = client();
+    // Round-robin: the first request holds the busy target's only connection.
+    let first = tokio::spawn(client.get(gw.url("/1")).send());
+    busy.wait_requests(1).await;
+    for i in 0..4 {
+        let res = client.get(gw.url(&format!("/{i}"))).send().await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        assert_eq!(res.text().await.unwrap(), "free");
+    }
+    assert_eq!(busy.requests.load(Ordering::SeqCst), 1);
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+}
