@@ -6,6 +6,7 @@ pub mod login;
 pub mod proxy;
 pub mod redirect;
 pub mod respond;
+pub mod retry;
 pub mod static_files;
 
 use std::collections::BTreeMap;

@@ -830,3 +830,31 @@ routes:
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_stalled_body_kept_for_replay_is_a_408_and_never_reaches_a_target() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b) = (Target::start("a").await, Target::start("b").await);
+    // A group of two retries PUTs, so their bodies are read first for replay.
+    let gw = Gateway::start(&group_yaml(
+        &[&a, &b],
+        "",
+        "      timeouts: {body: 300ms}\n",
+    ));
+    let mut s = tcp_connect(gw.addr()).await;
+    s.write_all(b"PUT /doc HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+    assert_eq!(
+        a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst),
+        0
+    );
+}
