@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::interp::{ByteSize, Duration, Flag, Scalar, Secret, Text};
+use crate::upstreams::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -410,107 +411,6 @@ pub struct AuthConfig {
     /// configured authenticators set are always removed).
     #[serde(default)]
     pub identity_headers: Vec<Text>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// `http://host:port[/base]` or `https://…`. May use `{param}` templates in routes.
-    /// Exactly one of `url` and `targets`.
-    #[serde(default)]
-    pub url: Text,
-    /// A group: several targets sharing the protocol, TLS and pool settings.
-    #[serde(default)]
-    pub targets: Vec<Spanned<GroupTargetConfig>>,
-    /// How a group picks a target for each request.
-    #[serde(default)]
-    pub balancer: BalancerConfig,
-    #[serde(default)]
-    pub protocol: UpstreamProtocol,
-    #[serde(default)]
-    pub tls: UpstreamTlsConfig,
-    /// Close pooled connections idle longer than this (keep it below the upstream's
-    /// own keep-alive timeout).
-    #[serde(default = "default_pool_idle")]
-    pub pool_idle_timeout: Duration,
-    /// Max idle pooled connections per host.
-    #[serde(default = "default_pool_max_idle")]
-    pub pool_max_idle: Scalar<usize>,
-    /// Active and passive health checks of the targets.
-    #[serde(default)]
-    pub health: crate::UpstreamHealthConfig,
-    /// A circuit breaker per target.
-    #[serde(default)]
-    pub breaker: Option<crate::BreakerConfig>,
-    /// Max connections per host in all (idle and busy); at the cap a request waits
-    /// for one until the connect timeout, then gets a 503.
-    #[serde(default = "default_pool_max_connections")]
-    pub pool_max_connections: Scalar<usize>,
-    /// Requests in flight on one HTTP/2 connection before another is opened.
-    #[serde(default = "default_http2_max_streams")]
-    pub http2_max_streams: Scalar<usize>,
-}
-
-/// One target of an upstream group.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupTargetConfig {
-    /// `http://host:port[/base]` or `https://…` (no templates).
-    pub url: Text,
-    /// Share of requests under `round_robin` (0 takes none; at most 1000).
-    #[serde(default = "default_weight")]
-    pub weight: Scalar<u32>,
-}
-
-fn default_weight() -> Scalar<u32> {
-    Scalar(1)
-}
-
-/// `round_robin` (smooth, weighted; default), `least_request`, or
-/// `{hash: "header:x-user"}` (consistent hashing on `header:<name>`,
-/// `cookie:<name>`, `ip` or `param:<name>`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BalancerConfig {
-    #[default]
-    RoundRobin,
-    LeastRequest,
-    Hash(Text),
-}
-
-pub fn default_pool_idle() -> Duration {
-    Duration::secs(4)
-}
-pub fn default_pool_max_idle() -> Scalar<usize> {
-    Scalar(256)
-}
-pub fn default_pool_max_connections() -> Scalar<usize> {
-    Scalar(1024)
-}
-pub fn default_http2_max_streams() -> Scalar<usize> {
-    Scalar(100)
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 for `http://`, ALPN (h2 or HTTP/1.1) for `https://`.
-    #[default]
-    Auto,
-    Http1,
-    /// HTTP/2 only: h2c prior knowledge for `http://`, ALPN h2 for `https://`.
-    Http2,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamTlsConfig {
-    /// Extra PEM CA bundle trusted for this upstream (besides the web PKI roots).
-    #[serde(default)]
-    pub ca_file: Option<Text>,
-    /// Never use outside tests.
-    #[serde(default)]
-    pub insecure_skip_verify: Flag,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
