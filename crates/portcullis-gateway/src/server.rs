@@ -218,7 +218,7 @@ impl ConnActivity {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight(self.clone(), false)
     }
 
     /// A request is in flight.
@@ -226,8 +226,8 @@ impl ConnActivity {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
+    fn touch(&self, now: tokio::time::Instant) {
+        let ms = now.saturating_duration_since(self.start).as_millis() as u64;
         self.last_ms.store(ms, Ordering::Release);
     }
 
@@ -306,13 +306,29 @@ impl Drop for Watchdog {
     }
 }
 
-/// One request in flight; dropped with its response body.
-pub struct InFlight(Arc<ConnActivity>);
+/// One request in flight; ended with its response body.
+pub struct InFlight(Arc<ConnActivity>, bool);
+
+impl InFlight {
+    /// Ends the request at `now` (a clock read the caller already made).
+    pub fn end_at(mut self, now: std::time::Instant) {
+        self.end(tokio::time::Instant::from_std(now));
+    }
+
+    fn end(&mut self, now: tokio::time::Instant) {
+        if !self.1 {
+            self.1 = true;
+            self.0.touch(now);
+            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !self.1 {
+            self.end(tokio::time::Instant::now());
+        }
     }
 }
 

@@ -59,7 +59,21 @@ impl ConnInfo {
 pub struct ResponseBody {
     body: Body,
     record: Option<AccessRecord>,
-    _in_flight: crate::server::InFlight,
+    in_flight: Option<crate::server::InFlight>,
+}
+
+impl Drop for ResponseBody {
+    /// One clock read ends both the request's record and its connection's
+    /// activity.
+    fn drop(&mut self) {
+        let now = Instant::now();
+        if let Some(record) = self.record.as_mut() {
+            record.end = Some(now);
+        }
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.end_at(now);
+        }
+    }
 }
 
 impl HttpBody for ResponseBody {
@@ -117,6 +131,7 @@ pub async fn handle(
     let mut record = AccessRecord {
         shared: shared.clone(),
         start,
+        end: None,
         method: req.method().clone(),
         path: String::new(),
         route: None,
@@ -159,7 +174,7 @@ pub async fn handle(
         ResponseBody {
             body,
             record: Some(record),
-            _in_flight: in_flight,
+            in_flight: Some(in_flight),
         }
     }))
 }
@@ -264,7 +279,7 @@ async fn dispatch(
         }
     };
     let route: &Route = found.value;
-    record.route = Some(route.name.clone());
+    record.route = Some(route.metrics.clone());
 
     let mut ctx = RequestCtx {
         shared,

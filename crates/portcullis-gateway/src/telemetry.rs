@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::Method;
@@ -59,20 +59,109 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// Route labels of requests no configured route handled; allocated once.
+/// The metrics of requests no configured route handled; allocated once.
 pub struct FixedLabels {
-    pub unmatched: Arc<str>,
-    pub builtin: Arc<str>,
-    pub login: Arc<str>,
+    pub unmatched: Arc<RouteMetrics>,
+    pub builtin: Arc<RouteMetrics>,
 }
 
 impl Default for FixedLabels {
     fn default() -> Self {
         FixedLabels {
-            unmatched: Arc::from("(none)"),
-            builtin: Arc::from("(builtin)"),
-            login: Arc::from("(login)"),
+            unmatched: RouteMetrics::new(Arc::from("(none)")),
+            builtin: RouteMetrics::new(Arc::from("(builtin)")),
         }
+    }
+}
+
+/// Statuses whose request counters a route keeps at hand; any other status is
+/// looked up by its labels.
+const COUNTED_STATUSES: [u16; 25] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413, 415,
+    422, 429, 500, 502, 503, 504,
+];
+const METHOD_SLOTS: usize = 10;
+
+/// A route's metric handles. Each is resolved from its family on the route's first
+/// request (a route that never serves one adds no series) and then used without a
+/// label lookup. Families keep one series per label set, so handles of the same
+/// route name in an older or newer snapshot are the same series.
+pub struct RouteMetrics {
+    pub name: Arc<str>,
+    duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+    /// [`METHOD_SLOTS`] × [`COUNTED_STATUSES`], allocated on first use.
+    requests: OnceLock<Box<[OnceLock<Counter>]>>,
+}
+
+impl RouteMetrics {
+    pub fn new(name: Arc<str>) -> Arc<Self> {
+        Arc::new(RouteMetrics {
+            name,
+            duration: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            requests: OnceLock::new(),
+        })
+    }
+
+    fn labels(&self) -> RouteLabels {
+        RouteLabels {
+            route: self.name.clone(),
+        }
+    }
+
+    pub fn observe_duration(&self, m: &Metrics, seconds: f64) {
+        self.duration
+            .get_or_init(|| m.request_duration.get_or_create(&self.labels()).clone())
+            .observe(seconds);
+    }
+
+    pub fn observe_upstream(&self, m: &Metrics, seconds: f64) {
+        self.upstream_duration
+            .get_or_init(|| m.upstream_duration.get_or_create(&self.labels()).clone())
+            .observe(seconds);
+    }
+
+    pub fn count_request(&self, m: &Metrics, method: &Method, status: u16) {
+        let slot = COUNTED_STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .map(|s| method_slot(method) * COUNTED_STATUSES.len() + s);
+        let method = method_label(method);
+        let labels = || RequestLabels {
+            route: self.name.clone(),
+            method,
+            status,
+        };
+        let table = slot.map(|_| {
+            self.requests.get_or_init(|| {
+                (0..METHOD_SLOTS * COUNTED_STATUSES.len())
+                    .map(|_| OnceLock::new())
+                    .collect()
+            })
+        });
+        match slot.zip(table).and_then(|(i, t)| t.get(i)) {
+            Some(cell) => cell
+                .get_or_init(|| m.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => m.requests.get_or_create(&labels()).inc(),
+        };
+    }
+}
+
+/// The index of [`method_label`]'s label, below [`METHOD_SLOTS`].
+fn method_slot(m: &Method) -> usize {
+    match *m {
+        Method::GET => 0,
+        Method::POST => 1,
+        Method::PUT => 2,
+        Method::DELETE => 3,
+        Method::PATCH => 4,
+        Method::HEAD => 5,
+        Method::OPTIONS => 6,
+        Method::CONNECT => 7,
+        Method::TRACE => 8,
+        _ => 9,
     }
 }
 
@@ -300,9 +389,11 @@ pub fn method_label(m: &Method) -> &'static str {
 pub struct AccessRecord {
     pub shared: Arc<crate::Shared>,
     pub start: Instant,
+    /// When the response ended, if the caller read the clock already.
+    pub end: Option<Instant>,
     pub method: Method,
     pub path: String,
-    pub route: Option<Arc<str>>,
+    pub route: Option<Arc<RouteMetrics>>,
     pub status: u16,
     pub upstream: Option<Arc<str>>,
     pub request_id: String,
@@ -316,30 +407,20 @@ pub struct AccessRecord {
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
-        let route = self
-            .route
-            .clone()
-            .unwrap_or_else(|| self.shared.labels.unmatched.clone());
+        let elapsed = match self.end {
+            Some(end) => end.saturating_duration_since(self.start),
+            None => self.start.elapsed(),
+        };
+        let route = self.route.as_ref().unwrap_or(&self.shared.labels.unmatched);
         let m = &self.shared.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                method: method_label(&self.method),
-                status: self.status,
-            })
-            .inc();
-        m.request_duration
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
+        route.count_request(m, &self.method, self.status);
+        route.observe_duration(m, elapsed.as_secs_f64());
         if self.log {
             tracing::info!(
                 target: "access",
                 method = %self.method,
                 path = %self.path,
-                route = %route,
+                route = %route.name,
                 status = self.status,
                 upstream = self.upstream.as_deref().unwrap_or(""),
                 duration_ms = (elapsed.as_micros() as f64) / 1000.0,

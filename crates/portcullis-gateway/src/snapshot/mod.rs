@@ -108,6 +108,8 @@ pub use crate::action::{
 
 pub struct Route {
     pub name: Arc<str>,
+    /// Request and upstream metrics of this route, resolved on first use.
+    pub metrics: Arc<crate::telemetry::RouteMetrics>,
     pub chain: crate::policy::Chain,
     /// `open` or `public` when the chain has no auth policy (`portcullis routes`).
     pub unauthenticated: &'static str,

@@ -130,8 +130,10 @@ pub(super) fn compile(
                 ""
             }
         };
+        let label: Arc<str> = Arc::from(name.as_str());
         let compiled = Arc::new(Route {
-            name: Arc::from(name.as_str()),
+            metrics: crate::telemetry::RouteMetrics::new(label.clone()),
+            name: label,
             chain: Chain::new(chain),
             unauthenticated,
             max_body: route
@@ -219,6 +221,7 @@ fn login_routes(
         }
         let route = Arc::new(Route {
             name: Arc::from("(login)"),
+            metrics: crate::telemetry::RouteMetrics::new(Arc::from("(login)")),
             chain: Chain::default(),
             unauthenticated: "public",
             max_body: config.server.max_request_body.0,

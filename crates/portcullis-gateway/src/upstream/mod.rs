@@ -267,11 +267,12 @@ impl UpstreamClient {
         };
         // Connections are driven by the runtime that opened them: this worker's.
         let worker = crate::workers::current().min(MAX_WORKER);
-        let mut deadline = Instant::now() + inner.connect_timeout;
+        let mut now = Instant::now();
+        let mut deadline = now + inner.connect_timeout;
         // Set once a request came back unsent: the second try is the last.
         let mut retried = false;
         loop {
-            let conn = match target.checkout(proto, retried, worker, deadline).await {
+            let conn = match target.checkout(proto, retried, worker, now, deadline).await {
                 Ok(Checkout::Http1(mut tx, home)) => {
                     // Ready at once unless it closed since it was pooled.
                     if tx.ready().await.is_err() {
@@ -324,7 +325,8 @@ impl UpstreamClient {
                     req = back;
                     retried = true;
                     // The first try failed at once; the retry gets a whole connect timeout.
-                    deadline = Instant::now() + inner.connect_timeout;
+                    now = Instant::now();
+                    deadline = now + inner.connect_timeout;
                 }
                 back => {
                     let sent = back.is_none();

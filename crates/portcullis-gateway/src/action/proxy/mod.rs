@@ -19,7 +19,7 @@ use crate::body::{find_cause, Body, BodyTooLarge, DeadlineExceeded, IdleTimedOut
 use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
 use crate::forwarded;
-use crate::telemetry::{RouteLabels, UpstreamErrorLabels};
+use crate::telemetry::UpstreamErrorLabels;
 use crate::template::Template;
 use crate::upstream::{PooledBody, UpstreamClient, UpstreamError};
 
@@ -160,23 +160,20 @@ pub async fn forward(
         };
         let upstream_req = Request::from_parts(head, attempt_body);
 
+        // One clock read per attempt serves its deadline and its latency.
         let started = Instant::now();
-        let response_timeout = match deadline {
-            Some(d) => action
-                .response_timeout
-                .min(d.saturating_duration_since(tokio::time::Instant::now())),
-            None => action.response_timeout,
-        };
-        let result =
-            tokio::time::timeout(response_timeout, action.client.request(upstream_req)).await;
+        let respond_by = tokio::time::Instant::from_std(started) + action.response_timeout;
+        let respond_by = deadline.map_or(respond_by, |d| d.min(respond_by));
+        let result = tokio::time::timeout_at(respond_by, action.client.request(upstream_req)).await;
         let index = picked.as_ref().map(|p| p.index);
         // The attempt's result, and why it may be retried.
         let (outcome, reason): (Result<Response<PooledBody>, GatewayError>, &'static str) =
             match result {
                 Ok(Ok(res)) => {
                     let status = res.status();
+                    let took = started.elapsed();
                     if let Some(p) = picked {
-                        p.done(target_outcome(status), started.elapsed());
+                        p.done(target_outcome(status), took);
                     }
                     let retryable =
                         more && retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
@@ -185,7 +182,7 @@ pub async fn forward(
                             action,
                             ctx,
                             res,
-                            started,
+                            took,
                             deadline,
                             client_upgrade,
                             tunnel,
@@ -258,7 +255,7 @@ pub async fn forward(
                 action,
                 ctx,
                 res,
-                started,
+                started.elapsed(),
                 deadline,
                 client_upgrade,
                 tunnel,
@@ -309,19 +306,15 @@ fn respond(
     action: &ProxyAction,
     ctx: &RequestCtx<'_>,
     mut res: Response<PooledBody>,
-    started: Instant,
+    took: Duration,
     deadline: Option<tokio::time::Instant>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     tunnel: Option<crate::tunnel::Tunnel>,
 ) -> Response<Body> {
     let route = &ctx.route.name;
-    ctx.shared
+    ctx.route
         .metrics
-        .upstream_duration
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+        .observe_upstream(&ctx.shared.metrics, took.as_secs_f64());
 
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(client_upgrade), Some(tunnel)) = (client_upgrade, tunnel) {

@@ -216,9 +216,8 @@ struct State<H1, H2> {
 impl<H1: Conn, H2> State<H1, H2> {
     /// The most recently pooled usable connection of `worker`; closed or expired
     /// ones met on the way are dropped.
-    fn pop_idle(&mut self, worker: usize, idle_timeout: Duration) -> Option<H1> {
+    fn pop_idle(&mut self, worker: usize, now: Instant, idle_timeout: Duration) -> Option<H1> {
         let stack = self.idle.get_mut(worker)?;
-        let now = Instant::now();
         while let Some(idle) = stack.pop() {
             self.idle_count -= 1;
             if now.saturating_duration_since(idle.since) < idle_timeout && !idle.tx.is_closed() {
@@ -288,19 +287,20 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
     /// HTTP/2 one, or room to connect. At the cap (or while this worker's HTTP/2
     /// connection to the target is being opened) it waits until `deadline`. `fresh`:
     /// skip idle HTTP/1 connections when a new one may be opened (a retry after a
-    /// stale one).
+    /// stale one). `now` (the caller's clock read) ages idle connections.
     pub async fn checkout(
         self: &Arc<Self>,
         proto: Proto,
         fresh: bool,
         worker: usize,
+        now: Instant,
         deadline: Instant,
     ) -> Result<Checkout<H1, H2>, Waited> {
         let mut counted = Counted {
             target: self,
             yes: false,
         };
-        if let Ok(c) = self.try_checkout(proto, fresh, worker, &mut counted) {
+        if let Ok(c) = self.try_checkout(proto, fresh, worker, now, &mut counted) {
             return Ok(c);
         }
         let sleep = tokio::time::sleep_until(deadline);
@@ -312,7 +312,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_checkout(proto, fresh, worker, &mut counted) {
+            match self.try_checkout(proto, fresh, worker, Instant::now(), &mut counted) {
                 Ok(c) => return Ok(c),
                 Err(r) => reason = r,
             }
@@ -328,6 +328,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         proto: Proto,
         fresh: bool,
         worker: usize,
+        now: Instant,
         counted: &mut Counted<'_, H1, H2>,
     ) -> Result<Checkout<H1, H2>, Waited> {
         let mut st = self.lock();
@@ -340,7 +341,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         let got = if use_h2 {
             self.checkout_h2(&mut st, worker, room)
         } else {
-            self.checkout_h1(&mut st, worker, room, fresh)
+            self.checkout_h1(&mut st, worker, room, fresh, now)
         };
         match got {
             Some(c) => {
@@ -411,10 +412,11 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         worker: usize,
         room: bool,
         fresh: bool,
+        now: Instant,
     ) -> Option<Checkout<H1, H2>> {
         let idle_timeout = self.limits.idle_timeout;
         if !(fresh && room) {
-            if let Some(tx) = st.pop_idle(worker, idle_timeout) {
+            if let Some(tx) = st.pop_idle(worker, now, idle_timeout) {
                 return Some(Checkout::Http1(tx, worker));
             }
         }
@@ -424,7 +426,7 @@ impl<H1: Conn, H2: Conn + Clone> Target<H1, H2> {
         }
         // At the cap: another worker's idle connection beats waiting.
         (0..st.idle.len()).filter(|w| *w != worker).find_map(|w| {
-            st.pop_idle(w, idle_timeout)
+            st.pop_idle(w, now, idle_timeout)
                 .map(|tx| Checkout::Http1(tx, w))
         })
     }

@@ -53,7 +53,10 @@ fn open(t: &TestTarget) -> usize {
 
 /// Connects (the pool says so) and returns the slot of the new HTTP/1 connection.
 async fn connect_h1(t: &Arc<TestTarget>) -> Slot<Fake, Fake> {
-    match t.checkout(Proto::Http1, false, 0, far()).await {
+    match t
+        .checkout(Proto::Http1, false, 0, Instant::now(), far())
+        .await
+    {
         Ok(Checkout::Connect(c)) => c.http1().unwrap(),
         _ => panic!("expected a connect"),
     }
@@ -68,14 +71,18 @@ async fn idle_http1_connections_are_reused_last_in_first_out() {
     t.put_h1(fake(1), 0);
     t.put_h1(fake(2), 0);
     for want in [2, 1] {
-        match t.checkout(Proto::Http1, false, 0, far()).await {
+        match t
+            .checkout(Proto::Http1, false, 0, Instant::now(), far())
+            .await
+        {
             Ok(Checkout::Http1(c, _)) => assert_eq!(c.id, want),
             _ => panic!("expected an idle connection"),
         }
     }
     // None idle any more: room for a third connection.
     assert!(matches!(
-        t.checkout(Proto::Http1, false, 0, far()).await,
+        t.checkout(Proto::Http1, false, 0, Instant::now(), far())
+            .await,
         Ok(Checkout::Connect(_))
     ));
 }
@@ -91,7 +98,8 @@ async fn closed_and_expired_idle_connections_are_skipped() {
     closed.closed.store(true, Ordering::SeqCst);
     // The closed one is dropped, the one below it is used.
     assert!(matches!(
-        t.checkout(Proto::Http1, false, 0, far()).await,
+        t.checkout(Proto::Http1, false, 0, Instant::now(), far())
+            .await,
         Ok(Checkout::Http1(Fake { id: 1, .. }, 0))
     ));
     assert!(t.lock().idle_count == 0);
@@ -106,7 +114,8 @@ async fn closed_and_expired_idle_connections_are_skipped() {
     }
     // Idle for longer than the idle timeout: never handed out.
     assert!(matches!(
-        t.checkout(Proto::Http1, false, 0, far()).await,
+        t.checkout(Proto::Http1, false, 0, Instant::now(), far())
+            .await,
         Ok(Checkout::Connect(_))
     ));
     assert!(t.lock().idle_count == 0);
@@ -122,14 +131,18 @@ async fn at_most_max_idle_are_kept_and_retries_skip_them() {
     t.put_h1(fake(3), 0);
     assert_eq!(t.lock().idle_count, 2, "max_idle is 2");
     // A retry opens a fresh connection while the cap allows it…
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, true, 0, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http1, true, 0, Instant::now(), far())
+        .await
+    else {
         panic!("a retry took an idle connection");
     };
     let _third = c.http1().unwrap();
     assert_eq!(open(&t), 3);
     // … and at the cap takes an idle one after all.
     assert!(matches!(
-        t.checkout(Proto::Http1, true, 0, far()).await,
+        t.checkout(Proto::Http1, true, 0, Instant::now(), far())
+            .await,
         Ok(Checkout::Http1(..))
     ));
 }
@@ -146,7 +159,10 @@ async fn the_total_cap_waits_for_a_returned_connection() {
     assert_eq!(open(&t), 3);
     let waiter = {
         let t = t.clone();
-        tokio::spawn(async move { t.checkout(Proto::Http1, false, 0, far()).await })
+        tokio::spawn(async move {
+            t.checkout(Proto::Http1, false, 0, Instant::now(), far())
+                .await
+        })
     };
     while pool.pending(&"a:80".parse().unwrap()) == 0 {
         tokio::task::yield_now().await;
@@ -161,7 +177,10 @@ async fn the_total_cap_waits_for_a_returned_connection() {
     // A connection's task ending frees its slot for a waiter, too.
     let waiter = {
         let t = t.clone();
-        tokio::spawn(async move { t.checkout(Proto::Http1, false, 0, far()).await })
+        tokio::spawn(async move {
+            t.checkout(Proto::Http1, false, 0, Instant::now(), far())
+                .await
+        })
     };
     while t.lock().waiting == 0 {
         tokio::task::yield_now().await;
@@ -180,7 +199,9 @@ async fn the_total_cap_times_out_as_overloaded() {
         connect_h1(&t).await,
     ];
     let deadline = Instant::now() + Duration::from_millis(30);
-    let r = t.checkout(Proto::Http1, false, 0, deadline).await;
+    let r = t
+        .checkout(Proto::Http1, false, 0, Instant::now(), deadline)
+        .await;
     assert!(matches!(r, Err(Waited::Overloaded)));
     assert_eq!(t.lock().waiting, 0, "a gone waiter is not counted");
 }
@@ -189,13 +210,19 @@ async fn the_total_cap_times_out_as_overloaded() {
 async fn http2_streams_share_a_connection_up_to_max_streams() {
     let pool = TestPool::new(limits());
     let t = pool.target(&key("a:80")).unwrap();
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http2, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a connect");
     };
     // While it connects, others wait for it rather than open their own.
     let waiter = {
         let t = t.clone();
-        tokio::spawn(async move { t.checkout(Proto::Http2, false, 0, far()).await })
+        tokio::spawn(async move {
+            t.checkout(Proto::Http2, false, 0, Instant::now(), far())
+                .await
+        })
     };
     while t.lock().waiting == 0 {
         tokio::task::yield_now().await;
@@ -207,13 +234,19 @@ async fn http2_streams_share_a_connection_up_to_max_streams() {
     };
     assert_eq!(tx.id, 1);
     // Two streams in flight (max_streams): the next request opens a second one.
-    let Ok(Checkout::Connect(c2)) = t.checkout(Proto::Http2, false, 0, far()).await else {
+    let Ok(Checkout::Connect(c2)) = t
+        .checkout(Proto::Http2, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a second connection");
     };
     let (_slot2, s3) = c2.http2(fake(2)).unwrap();
     drop(s1);
     // A finished stream makes room on the first connection again.
-    let Ok(Checkout::Http2(tx, _s4)) = t.checkout(Proto::Http2, false, 0, far()).await else {
+    let Ok(Checkout::Http2(tx, _s4)) = t
+        .checkout(Proto::Http2, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a stream");
     };
     assert_eq!(tx.id, 1);
@@ -224,12 +257,18 @@ async fn http2_streams_share_a_connection_up_to_max_streams() {
 async fn a_failed_http2_connect_lets_a_waiter_try() {
     let pool = TestPool::new(limits());
     let t = pool.target(&key("a:80")).unwrap();
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http2, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a connect");
     };
     let waiter = {
         let t = t.clone();
-        tokio::spawn(async move { t.checkout(Proto::Http2, false, 0, far()).await })
+        tokio::spawn(async move {
+            t.checkout(Proto::Http2, false, 0, Instant::now(), far())
+                .await
+        })
     };
     while t.lock().waiting == 0 {
         tokio::task::yield_now().await;
@@ -243,12 +282,18 @@ async fn a_failed_http2_connect_lets_a_waiter_try() {
 async fn negotiated_targets_learn_http1_and_release_the_waiters() {
     let pool = TestPool::new(limits());
     let t = pool.target(&key("a:443")).unwrap();
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Negotiated, false, 0, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Negotiated, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a connect");
     };
     let waiter = {
         let t = t.clone();
-        tokio::spawn(async move { t.checkout(Proto::Negotiated, false, 0, far()).await })
+        tokio::spawn(async move {
+            t.checkout(Proto::Negotiated, false, 0, Instant::now(), far())
+                .await
+        })
     };
     while t.lock().waiting == 0 {
         tokio::task::yield_now().await;
@@ -287,7 +332,10 @@ async fn idle_connections_expire_in_a_sweep() {
 async fn idle_http2_connections_expire_in_a_sweep() {
     let pool = TestPool::new(limits());
     let t = pool.target(&key("a:80")).unwrap();
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, 0, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http2, false, 0, Instant::now(), far())
+        .await
+    else {
         panic!("expected a connect");
     };
     let (_slot, stream) = c.http2(fake(1)).unwrap();
@@ -339,25 +387,35 @@ async fn workers_keep_their_own_connections_and_borrow_only_at_the_cap() {
         ..limits()
     });
     let t = pool.target(&key("a:80")).unwrap();
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, false, 1, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http1, false, 1, Instant::now(), far())
+        .await
+    else {
         panic!("expected a connect");
     };
     let _s1 = c.http1().unwrap();
     t.put_h1(fake(1), 1);
     // Worker 2 opens its own rather than drive worker 1's…
-    let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http1, false, 2, far()).await else {
+    let Ok(Checkout::Connect(c)) = t
+        .checkout(Proto::Http1, false, 2, Instant::now(), far())
+        .await
+    else {
         panic!("worker 2 took worker 1's connection under the cap");
     };
     let _s2 = c.http1().unwrap();
     // … and at the cap borrows it, and it goes back to worker 1's stack.
-    let Ok(Checkout::Http1(tx, home)) = t.checkout(Proto::Http1, false, 2, far()).await else {
+    let Ok(Checkout::Http1(tx, home)) = t
+        .checkout(Proto::Http1, false, 2, Instant::now(), far())
+        .await
+    else {
         panic!("expected worker 1's idle connection");
     };
     assert_eq!((tx.id, home), (1, 1));
     t.put_h1(tx, home);
     assert_eq!(t.lock().idle[1].len(), 1);
     assert!(matches!(
-        t.checkout(Proto::Http1, false, 1, far()).await,
+        t.checkout(Proto::Http1, false, 1, Instant::now(), far())
+            .await,
         Ok(Checkout::Http1(Fake { id: 1, .. }, 1))
     ));
 }
@@ -371,24 +429,34 @@ async fn each_worker_opens_its_own_http2_connection() {
     let t = pool.target(&key("a:80")).unwrap();
     let mut held = Vec::new();
     for (worker, id) in [(1, 1), (2, 2)] {
-        let Ok(Checkout::Connect(c)) = t.checkout(Proto::Http2, false, worker, far()).await else {
+        let Ok(Checkout::Connect(c)) = t
+            .checkout(Proto::Http2, false, worker, Instant::now(), far())
+            .await
+        else {
             panic!("worker {worker} did not open its own connection");
         };
         held.push(c.http2(fake(id)).unwrap());
     }
     // At the cap: a worker's own connection first, then another's.
-    let Ok(Checkout::Http2(tx, _s3)) = t.checkout(Proto::Http2, false, 2, far()).await else {
+    let Ok(Checkout::Http2(tx, _s3)) = t
+        .checkout(Proto::Http2, false, 2, Instant::now(), far())
+        .await
+    else {
         panic!("expected a stream");
     };
     assert_eq!(tx.id, 2, "its own connection first");
-    let Ok(Checkout::Http2(tx, _s4)) = t.checkout(Proto::Http2, false, 2, far()).await else {
+    let Ok(Checkout::Http2(tx, _s4)) = t
+        .checkout(Proto::Http2, false, 2, Instant::now(), far())
+        .await
+    else {
         panic!("expected a stream");
     };
     assert_eq!(tx.id, 1, "worker 2's own is full (max_streams 2)");
     // Every stream of every connection busy, no room for another: overloaded.
     let soon = Instant::now() + Duration::from_millis(20);
     assert!(matches!(
-        t.checkout(Proto::Http2, false, 3, soon).await,
+        t.checkout(Proto::Http2, false, 3, Instant::now(), soon)
+            .await,
         Err(Waited::Overloaded)
     ));
 }
