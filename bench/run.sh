@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Portcullis benchmark: Portcullis vs nginx vs the bare upstream, on loopback, plus
-# Portcullis-only groups: route-table size (routes), authentication cost (auth) and
-# policy cost (policies: CORS + security headers + a local rate limit, a cache hit).
+# Portcullis-only groups: route-table size (routes), authentication cost (auth),
+# policy cost (policies: CORS + security headers + a local rate limit, a cache hit)
+# and upstream groups (group: three targets with active health checks against one).
 #
 # Usage (from anywhere; needs root or sudo-less apt for the first run):
 #   bench/run.sh                                 # full run, ~9 minutes
@@ -13,7 +14,9 @@
 #   BENCH_ROUNDS=3         interleaved rounds; the table shows the median per metric
 #   BENCH_CONNECTIONS=50   wrk -c
 #   BENCH_THREADS=1        wrk -t
-#   BENCH_CONTENDERS="direct nginx portcullis routes auth policies"   subset to run
+#   BENCH_CONTENDERS="direct nginx portcullis routes auth policies group"   subset to run
+#   BENCH_WORKERS=1        nginx worker_processes and PORTCULLIS_WORKERS (2 with
+#                          BENCH_LAYOUT=shared: both proxies on both cores)
 #   BENCH_LAYOUT=isolated  isolated: proxy alone on SUT CPUs, upstream with wrk; shared: proxy+upstream
 #   BENCH_SUT_CPUS=0       taskset list for the proxy (and, with shared, the upstream)
 #   BENCH_WRK_CPUS=1       taskset list for the load generator (and, with isolated, the upstream)
@@ -40,7 +43,8 @@ WARMUP=${BENCH_WARMUP:-2}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 THREADS=${BENCH_THREADS:-1}
-CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth policies}
+CONTENDERS=${BENCH_CONTENDERS:-direct nginx portcullis routes auth policies group}
+WORKERS=${BENCH_WORKERS:-1}
 SUT_CPUS=${BENCH_SUT_CPUS:-0}
 WRK_CPUS=${BENCH_WRK_CPUS:-1}
 PIN=${BENCH_PIN:-1}
@@ -53,14 +57,14 @@ BIG_BYTES=65536
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { printf '[bench] error: %s\n' "$*" >&2; exit 1; }
 want() { [[ " $CONTENDERS " == *" $1 "* ]]; }
-want_gateway() { want portcullis || want routes || want auth || want policies; }
+want_gateway() { want portcullis || want routes || want auth || want policies || want group; }
 
-for v in DURATION WARMUP ROUNDS CONNECTIONS THREADS; do
+for v in DURATION WARMUP ROUNDS CONNECTIONS THREADS WORKERS; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "BENCH_$v must be a non-negative integer (got '${!v}')"
 done
 ((ROUNDS >= 1 && DURATION >= 1)) || die "BENCH_ROUNDS and BENCH_DURATION must be >= 1"
 for c in $CONTENDERS; do
-    case $c in direct | nginx | portcullis | routes | auth | policies) ;; *) die "unknown contender '$c'" ;; esac
+    case $c in direct | nginx | portcullis | routes | auth | policies | group) ;; *) die "unknown contender '$c'" ;; esac
 done
 
 # ---------------------------------------------------------------------------
@@ -235,7 +239,7 @@ if want nginx; then
     ((EUID == 0)) && user_line="user root;" # workers must reach the 0700 temp dir
     cat >"$ND/nginx.conf" <<EOF
 $user_line
-worker_processes 1;
+worker_processes $WORKERS;
 daemon off;
 master_process on;
 pid $ND/nginx.pid;
@@ -309,7 +313,7 @@ start_portcullis() {
     port=${PORT[$name]}
     free_port aport
     PORTCULLIS_LISTEN="127.0.0.1:$port" UPSTREAM_URL="$UPSTREAM_URL" \
-        PORTCULLIS_ADMIN_LISTEN="127.0.0.1:$aport" PORTCULLIS_WORKERS=1 PORTCULLIS_ACCESS_LOG=false \
+        PORTCULLIS_ADMIN_LISTEN="127.0.0.1:$aport" PORTCULLIS_WORKERS=$WORKERS PORTCULLIS_ACCESS_LOG=false \
         "${PIN_SUT[@]}" "$PORTCULLIS_BIN" run -c "$config" >"$TMP/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
@@ -447,6 +451,42 @@ if want policies; then
     done
 fi
 
+# Upstream-group group: the small GET through one target, and through a group of
+# three (round-robin, active health checks every second on each target). The two
+# extra targets are upstream processes of their own beside the first.
+if want group; then
+    GROUP_URLS=("$UPSTREAM_URL")
+    for i in 2 3; do
+        free_port gport
+        "${PIN_UP[@]}" "$UPSTREAM_BIN" --listen "127.0.0.1:$gport" >"$TMP/upstream$i.log" 2>&1 &
+        gpid=$!
+        PIDS+=("$gpid")
+        wait_http "upstream$i" "$gpid" "http://127.0.0.1:$gport/" 10 "$TMP/upstream$i.log"
+        GROUP_URLS+=("http://127.0.0.1:$gport")
+    done
+    gen_policies group-single "" "$TMP/group-single.yaml"
+    cat >"$TMP/group-three.yaml" <<EOF
+listeners: [{address: "127.0.0.1:__PORT__"}]
+logging: {access_log: false}
+store: {data_dir: "$TMP/data-group-three"}
+upstreams:
+  three:
+    targets:
+      - {url: "${GROUP_URLS[0]}"}
+      - {url: "${GROUP_URLS[1]}"}
+      - {url: "${GROUP_URLS[2]}"}
+    health:
+      active: {path: /, interval: 1s, timeout: 1s}
+routes:
+  - path_prefix: /
+    public: true
+    proxy: {upstream: three}
+EOF
+    for c in group-single group-three; do
+        start_portcullis "$c" "$TMP/$c.yaml" 20
+    done
+fi
+
 # ---------------------------------------------------------------------------
 # Scenarios
 # ---------------------------------------------------------------------------
@@ -465,11 +505,12 @@ EOF
     cat "$TMP/report.lua"
 } >"$TMP/post.lua"
 
-SCENARIOS=(small big post routes auth policies)
-declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42 [auth]=/ [policies]=/)
-declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua [auth]=report.lua [policies]=report.lua)
+SCENARIOS=(small big post routes auth policies group)
+declare -A S_PATH=([small]=/ [big]=/64k [post]=/upload [routes]=/svc5/items/42 [auth]=/ [policies]=/ [group]=/)
+declare -A S_SCRIPT=([small]=report.lua [big]=report.lua [post]=post.lua [routes]=report.lua [auth]=report.lua
+    [policies]=report.lua [group]=report.lua)
 declare -A S_TITLE=([small]="small GET /" [big]="64 KiB GET /64k" [post]="16 KiB POST" [routes]="routes GET /svc5/items/42"
-    [auth]="auth small GET /" [policies]="policies small GET /")
+    [auth]="auth small GET /" [policies]="policies small GET /" [group]="group small GET /")
 
 contenders_for() {
     local c out=()
@@ -479,6 +520,8 @@ contenders_for() {
         for c in auth-plain auth-hs256 auth-rs256 auth-apikey; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
     elif [[ $1 == policies ]]; then
         for c in pol-plain pol-edge pol-cache; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
+    elif [[ $1 == group ]]; then
+        for c in group-single group-three; do [[ -n ${PROC_PIDS[$c]:-} ]] && out+=("$c"); done
     else
         for c in direct nginx portcullis; do [[ -n ${PORT[$c]:-} ]] && out+=("$c"); done
     fi
@@ -649,6 +692,8 @@ label() {
     pol-plain) echo "Portcullis, plain proxy (no policies)" ;;
     pol-edge) echo "Portcullis, CORS + security headers + local rate limit" ;;
     pol-cache) echo "Portcullis, cache hit" ;;
+    group-single) echo "Portcullis, one target" ;;
+    group-three) echo "Portcullis, group of 3 targets, active health checks" ;;
     esac
 }
 get() { awk -F'\t' -v s="$1" -v c="$2" -v col="$3" '$1 == s && $2 == c { print $col }' "$MED"; }
@@ -696,7 +741,7 @@ REPORT="$TMP/report.md"
     echo "- machine: $NCPU CPUs (${cpu_model:-unknown}), kernel $(uname -r), $(uname -m)"
     echo "- versions: git $git_rev; ${nginx_v}; ${wrk_v}; $(rustc --version 2>/dev/null || echo 'rustc ?')"
     echo "- load: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, ${WARMUP}s warm-up, $ROUNDS interleaved round(s), median per metric"
-    echo "- layout: $layout; nginx 1 worker process, Portcullis PORTCULLIS_WORKERS=1"
+    echo "- layout: $layout; nginx $WORKERS worker process(es), Portcullis PORTCULLIS_WORKERS=$WORKERS"
     echo "- bodies: small = 12 B response; 64k = 65,536 B response; POST = $POST_BYTES B request body, 3 B response"
     echo
     echo "## Results ($layout)"
@@ -791,6 +836,21 @@ REPORT="$TMP/report.md"
             [[ $c == pol-cache ]] && limit=0.6
             echo "| $(label "$c") | $cr | $rr | $pr | $(verdict "$cr" '<=' "$limit") |"
         done
+        echo
+    fi
+    if want group; then
+        cr=$(ratio "$(get group group-three 8)" "$(get group group-single 8)")
+        rr=$(ratio "$(get group group-three 3)" "$(get group group-single 3)")
+        pr=$(ratio "$(get group group-three 5)" "$(get group group-single 5)")
+        INVALID=0
+        had_errors group group-single group-three && INVALID=1
+        echo "## upstream group / one target CPU per request"
+        echo
+        echo "Target: a 3-target group with active health checks within 1.05× the CPU per request of one target."
+        echo
+        echo "| config | CPU/req ratio | req/s ratio | p99 ratio | CPU target |"
+        echo "|---|---:|---:|---:|---|"
+        echo "| $(label group-three) | $cr | $rr | $pr | $(verdict "$cr" '<=' 1.05) |"
         echo
     fi
     if ((any_errors > 0)); then
