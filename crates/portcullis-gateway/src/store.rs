@@ -30,6 +30,9 @@ impl Store for Unopened {
     async fn take(&self, _: &str) -> Result<Option<Vec<u8>>> {
         unopened()
     }
+    async fn touch(&self, _: &str, _: Duration) -> Result<bool> {
+        unopened()
+    }
     async fn scan_prefix(&self, _: &str, _: usize) -> Result<Vec<(String, Vec<u8>)>> {
         unopened()
     }

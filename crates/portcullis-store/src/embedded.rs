@@ -351,6 +351,23 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let key = key.to_string();
+        self.write(move |conn| {
+            let now = now_ms();
+            let exp = expiry(now, Some(ttl));
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE kv SET expires_at = ?2
+                     WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?3)",
+                )
+                .and_then(|mut st| st.execute(params![key, exp, to_i64(now)]))
+                .map_err(map_sqlite)?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_string();
         self.write(move |conn| {

@@ -114,6 +114,19 @@ pub trait Store: Send + Sync + 'static {
             self.backend_name()
         )))
     }
+    /// Gives a live `key` a new time to live (`ttl` from now) without touching its
+    /// value; true if the key was live. Rolling expiry (sessions): a key that already
+    /// expired or was deleted is never brought back.
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`], as for
+    /// [`Store::compare_and_set`].
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let _ = (key, ttl);
+        Err(StoreError::Backend(format!(
+            "touch is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
     /// Rate limit, atomic: decides `cost` for `key` under `rate` (sliding window or
     /// token bucket, see [`ratelimit`]) by the backend's clock (Redis: `TIME`;
     /// embedded: the system clock), counting it only if admitted. Exact across

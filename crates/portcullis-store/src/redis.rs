@@ -640,6 +640,12 @@ impl Store for RedisStore {
         Ok(value_u64(&v)? > 0)
     }
 
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let ms = Value::from(to_i64(ttl_millis(ttl)));
+        let v = self.cmd("PEXPIRE", vec![self.key(key), ms]).await?;
+        Ok(value_u64(&v)? == 1)
+    }
+
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         value_bytes(self.cmd("GETDEL", vec![self.key(key)]).await?)
     }

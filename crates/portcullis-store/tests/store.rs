@@ -193,6 +193,7 @@ async fn suite(store: Arc<dyn Store>) {
     ));
 
     compare_and_set_suite(s).await;
+    touch_suite(s).await;
 
     s.ping().await.expect("ping at end");
 }
@@ -236,6 +237,41 @@ async fn until_allowed(
         assert!(Instant::now() < deadline, "{key}: the window never reset");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// touch: a rolling expiry for live keys only, value untouched.
+async fn touch_suite(s: &dyn Store) {
+    // missing key: nothing is created
+    assert!(!s
+        .touch("touch:missing", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(get(s, "touch:missing").await, None);
+    // a live key without expiry gets one; its value stays
+    s.set("touch:forever", b"v", None).await.unwrap();
+    // a key about to expire is kept alive by touching it
+    s.set("touch:rolling", b"r", Some(TTL)).await.unwrap();
+    assert!(s
+        .touch("touch:rolling", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert!(s.touch("touch:forever", TTL).await.unwrap());
+    // once touch:forever (touched last, with TTL) has expired, touch:rolling's
+    // original TTL has passed too: only the touch kept it.
+    wait_expired(s, "touch:forever").await;
+    assert_eq!(get(s, "touch:rolling").await.as_deref(), Some(&b"r"[..]));
+    // an expired or deleted key is never brought back
+    assert!(!s
+        .touch("touch:forever", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(get(s, "touch:forever").await, None);
+    assert!(s.delete("touch:rolling").await.unwrap());
+    assert!(!s
+        .touch("touch:rolling", Duration::from_secs(60))
+        .await
+        .unwrap());
+    assert_eq!(get(s, "touch:rolling").await, None);
 }
 
 /// compare_and_set / compare_and_delete semantics, the same on every backend.
