@@ -5,6 +5,7 @@
 //! JWKS document that is cached and refreshed in the background.
 
 pub mod apikey;
+pub mod http_client;
 pub mod issuer;
 pub mod jwt;
 pub mod users;
