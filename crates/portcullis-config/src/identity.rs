@@ -56,6 +56,230 @@ pub enum AuthenticatorConfig {
     Jwt(Box<JwtConfig>),
     ApiKey(ApiKeyConfig),
     StaticToken(StaticTokenConfig),
+    /// Browser login with an OpenID Connect provider and server-side sessions.
+    Oidc(Box<OidcConfig>),
+}
+
+/// Browser login with an OpenID Connect provider (authorization code with PKCE
+/// S256), server-side sessions behind an opaque cookie, refresh, logout; bearer
+/// access tokens of the same provider for API clients. See docs/bff.md.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL; `/.well-known/openid-configuration` below it is read
+    /// for the endpoints, and its `issuer` must equal this one.
+    pub issuer: Spanned<Text>,
+    pub client_id: Text,
+    pub client_secret: Secret,
+    /// How the gateway authenticates at the token endpoint.
+    #[serde(default)]
+    pub client_auth: OidcClientAuth,
+    /// Space-separated scopes; must contain `openid`.
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Text,
+    /// Extra authorization-request parameters (`prompt: consent`, `audience: …`).
+    #[serde(default)]
+    pub authorize_params: BTreeMap<String, Text>,
+    /// The gateway's own public origin (`https://app.example.com`): the redirect URI is
+    /// this + `paths.callback`, and it is always an allowed return origin.
+    pub public_url: Spanned<Text>,
+    /// Origins a login may return to (`frontend_host`) and WebSockets may come from,
+    /// port included; empty = only `public_url`. A comma-separated string is split.
+    #[serde(default)]
+    pub allowed_origins: Vec<Text>,
+    #[serde(default)]
+    pub paths: OidcPaths,
+    /// Lifetime of a login's single-use state (state, nonce, PKCE verifier).
+    #[serde(default = "default_state_ttl")]
+    pub state_ttl: Duration,
+    /// Maximum age of the provider's authentication (`max_age`, `auth_time` checked);
+    /// 0 = not asked.
+    #[serde(default = "zero_duration")]
+    pub id_token_max_age: Duration,
+    /// Clock skew allowed on token times.
+    #[serde(default = "default_leeway")]
+    pub leeway: Duration,
+    /// Refresh the access token when it expires within this.
+    #[serde(default = "default_refresh_skew")]
+    pub refresh_skew: Duration,
+    /// Deadline of each call to the provider.
+    #[serde(default = "default_idp_timeout")]
+    pub timeout: Duration,
+    /// PEM roots trusted for the provider (default: the web PKI).
+    #[serde(default)]
+    pub ca_file: Option<Text>,
+    /// Logout redirects to the provider's `end_session_endpoint` (RP-initiated logout).
+    #[serde(default)]
+    pub end_session: Flag,
+    /// Where the provider sends the browser after logout (default `public_url` + `/`).
+    #[serde(default)]
+    pub post_logout_redirect: Option<Text>,
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Request headers carrying the user's identity upstream (client copies removed).
+    #[serde(default)]
+    pub identity_headers: IdentityHeadersConfig,
+    /// Send the session's access token upstream as `Authorization: Bearer`.
+    #[serde(default)]
+    pub forward_access_token: Flag,
+    /// Audiences a bearer access token of this provider may carry to be accepted by
+    /// API clients; empty = bearer tokens are not accepted.
+    #[serde(default)]
+    pub bearer_audience: Vec<Text>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OidcClientAuth {
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+/// Paths of the generated login endpoints.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcPaths {
+    #[serde(default = "default_oidc_login")]
+    pub login: Text,
+    #[serde(default = "default_oidc_callback")]
+    pub callback: Text,
+    #[serde(default = "default_oidc_logout")]
+    pub logout: Text,
+    /// The session user as JSON (seed 002 also serves it at `/whoami/me`).
+    #[serde(default = "default_oidc_me")]
+    pub me: Vec<Text>,
+}
+
+impl Default for OidcPaths {
+    fn default() -> Self {
+        OidcPaths {
+            login: default_oidc_login(),
+            callback: default_oidc_callback(),
+            logout: default_oidc_logout(),
+            me: default_oidc_me(),
+        }
+    }
+}
+
+/// The session cookie and the server-side session record.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    #[serde(default = "default_cookie_name")]
+    pub cookie_name: Text,
+    /// `false` only for local development over plain http.
+    #[serde(default = "yes")]
+    pub cookie_secure: Flag,
+    #[serde(default)]
+    pub cookie_same_site: SameSite,
+    /// `Domain` attribute; empty = host-only (never taken from the request).
+    #[serde(default)]
+    pub cookie_domain: Text,
+    /// Rolling: a session unused this long ends.
+    #[serde(default = "default_idle_ttl")]
+    pub idle_ttl: Duration,
+    /// Absolute: no session lives longer, however active.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime: Duration,
+    /// Base64 of 32 bytes: encrypts the tokens kept in the session record. Required.
+    #[serde(default)]
+    pub encryption_key: Secret,
+    /// Earlier keys, still accepted for reading (rotation).
+    #[serde(default)]
+    pub previous_keys: Vec<Secret>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            cookie_name: default_cookie_name(),
+            cookie_secure: yes(),
+            cookie_same_site: SameSite::default(),
+            cookie_domain: Text::default(),
+            idle_ttl: default_idle_ttl(),
+            max_lifetime: default_max_lifetime(),
+            encryption_key: Secret::default(),
+            previous_keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SameSite {
+    #[default]
+    Lax,
+    Strict,
+    None,
+}
+
+/// Header names of the session user's identity; an empty name sends nothing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeadersConfig {
+    #[serde(default = "default_sub_header")]
+    pub sub: Text,
+    #[serde(default = "default_email_header")]
+    pub email: Text,
+    #[serde(default = "default_name_header")]
+    pub name: Text,
+}
+
+impl Default for IdentityHeadersConfig {
+    fn default() -> Self {
+        IdentityHeadersConfig {
+            sub: default_sub_header(),
+            email: default_email_header(),
+            name: default_name_header(),
+        }
+    }
+}
+
+fn zero_duration() -> Duration {
+    Duration::secs(0)
+}
+fn default_oidc_scopes() -> Text {
+    Text::from("openid profile email offline_access")
+}
+fn default_state_ttl() -> Duration {
+    Duration::secs(600)
+}
+fn default_refresh_skew() -> Duration {
+    Duration::secs(60)
+}
+fn default_idp_timeout() -> Duration {
+    Duration::secs(10)
+}
+fn default_oidc_login() -> Text {
+    Text::from("/auth/login")
+}
+fn default_oidc_callback() -> Text {
+    Text::from("/auth/callback")
+}
+fn default_oidc_logout() -> Text {
+    Text::from("/auth/logout")
+}
+fn default_oidc_me() -> Vec<Text> {
+    vec![Text::from("/auth/me"), Text::from("/whoami/me")]
+}
+fn default_cookie_name() -> Text {
+    Text::from("sid")
+}
+fn default_idle_ttl() -> Duration {
+    Duration::secs(8 * 3600)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::secs(24 * 3600)
+}
+fn default_sub_header() -> Text {
+    Text::from("x-user-sub")
+}
+fn default_email_header() -> Text {
+    Text::from("x-user-email")
+}
+fn default_name_header() -> Text {
+    Text::from("x-user-name")
 }
 
 /// Where a credential is read from. The `Authorization: Bearer` header is always tried

@@ -210,6 +210,48 @@ mod tests {
     }
 
     #[test]
+    fn oidc_authenticator_defaults() {
+        let c = parse_str(
+            "authenticators:\n  web:\n    oidc:\n      issuer: https://idp.example.test\n      client_id: app\n      client_secret: s3cret\n      public_url: https://app.example.test\n      session: {encryption_key: k3y}\n",
+        )
+        .unwrap();
+        let AuthenticatorConfig::Oidc(o) = &c.authenticators["web"].value else {
+            panic!("not oidc");
+        };
+        assert_eq!(o.issuer.value.as_str(), "https://idp.example.test");
+        assert_eq!(o.client_auth, OidcClientAuth::ClientSecretBasic);
+        assert_eq!(o.scopes.as_str(), "openid profile email offline_access");
+        assert_eq!(o.paths.login.as_str(), "/auth/login");
+        assert_eq!(o.paths.callback.as_str(), "/auth/callback");
+        assert_eq!(o.paths.logout.as_str(), "/auth/logout");
+        assert_eq!(o.paths.me.len(), 2);
+        assert_eq!(o.state_ttl.get().as_secs(), 600);
+        assert_eq!(o.refresh_skew.get().as_secs(), 60);
+        assert_eq!(o.id_token_max_age.get().as_secs(), 0);
+        assert_eq!(o.session.cookie_name.as_str(), "sid");
+        assert!(o.session.cookie_secure.0);
+        assert_eq!(o.session.cookie_same_site, SameSite::Lax);
+        assert!(o.session.cookie_domain.as_str().is_empty());
+        assert_eq!(o.session.idle_ttl.get().as_secs(), 8 * 3600);
+        assert_eq!(o.identity_headers.sub.as_str(), "x-user-sub");
+        assert!(!o.forward_access_token.0);
+        // Secrets stay out of debug output and serialisation.
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("s3cret") && !json.contains("k3y"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn oidc_unknown_field_is_located() {
+        let err = parse_str(
+            "authenticators:\n  web:\n    oidc:\n      issuer: https://idp.example.test\n      client_id: app\n      client_secret: s\n      public_url: https://app.example.test\n      sesion: {}\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].line, 8, "{err}");
+        assert!(err.0[0].field.ends_with("sesion"), "{err}");
+    }
+
+    #[test]
     fn secrets_are_redacted_when_serialised() {
         let c = parse_str("auth:\n  tokens: [\"s3cret\"]\n").unwrap();
         let json = serde_json::to_string(&c).unwrap();
