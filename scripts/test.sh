@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests.
-# Installs what it needs when missing: rustfmt and clippy (a Rust toolchain is assumed)
-# and redis-server (with apt-get, through sudo unless root).
+# Installs what it needs when missing: rustfmt and clippy (a Rust toolchain is assumed),
+# redis-server, node and npm (with apt-get, through sudo unless root) and the test
+# IdP's npm packages (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,26 @@ if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+fi
+
+# The session tests run a real OpenID Connect provider (npm: oidc-provider) with
+# node >= 20; its packages are pinned by tests/node/package-lock.json.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "[test] installing nodejs and npm"
+    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+    echo "[test] node >= 20 is needed for the test IdP (found $(node --version))" >&2
+    exit 1
+fi
+node_dir=crates/portcullis/tests/node
+if [ ! -d "$node_dir/node_modules" ] || [ "$node_dir/package-lock.json" -nt "$node_dir/node_modules" ]; then
+    echo "[test] npm ci in $node_dir"
+    npm ci --no-audit --no-fund --prefix "$node_dir"
+    touch "$node_dir/node_modules"
 fi
 
 echo "[test] cargo fmt --check"

@@ -11,6 +11,7 @@ mod redis_harness;
 
 mod auth;
 mod basics;
+mod bff;
 mod config;
 mod examples;
 mod hardening;

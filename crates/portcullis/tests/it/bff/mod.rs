@@ -1,0 +1,5 @@
+//! Browser sessions (issue 9): a real OpenID Connect provider on loopback.
+
+pub mod idp;
+
+mod smoke;
