@@ -72,6 +72,7 @@ done
 # The gateway process is the subshell's child.
 for side in A B; do
     PID[$side]=$(pgrep -P "${PID[$side]}" || echo "${PID[$side]}")
+    PIDS+=("${PID[$side]}") # killing the subshell alone would leave it running
 done
 
 HZ=$(getconf CLK_TCK)
