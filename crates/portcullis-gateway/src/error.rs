@@ -30,13 +30,15 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     UpstreamTimeout,
     UpstreamOverloaded,
+    /// The OpenID Connect provider failed a login (exchange, ID token, discovery).
+    IdpError,
     LoopDetected,
     ServiceUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -57,6 +59,7 @@ impl ErrorCode {
         ErrorCode::UpstreamTimeout,
         ErrorCode::UpstreamOverloaded,
         ErrorCode::LoopDetected,
+        ErrorCode::IdpError,
         ErrorCode::ServiceUnavailable,
         ErrorCode::InternalError,
     ];
@@ -83,6 +86,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             ErrorCode::UpstreamOverloaded => "UPSTREAM_OVERLOADED",
+            ErrorCode::IdpError => "IDP_ERROR",
             ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
@@ -105,7 +109,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::QuotaExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamUnavailable | ErrorCode::IdpError => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::ServiceUnavailable | ErrorCode::UpstreamOverloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -133,6 +137,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => "the upstream service is unavailable",
             ErrorCode::UpstreamTimeout => "the upstream service did not answer in time",
             ErrorCode::UpstreamOverloaded => "the upstream service is overloaded",
+            ErrorCode::IdpError => "the identity provider could not complete the login",
             ErrorCode::ServiceUnavailable => {
                 "the gateway or a service it depends on is not available"
             }

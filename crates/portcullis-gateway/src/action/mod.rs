@@ -3,6 +3,7 @@
 
 pub mod group;
 pub mod login;
+pub mod oidc;
 pub mod proxy;
 pub mod redirect;
 pub mod respond;
@@ -35,6 +36,8 @@ pub enum Action {
     Redirect(RedirectAction),
     /// `token_issuer`'s login and guest endpoints, on routes the compiler generates.
     Login(login::LoginAction),
+    /// An `oidc` authenticator's login, callback, logout and user endpoints.
+    Oidc(oidc::OidcAction),
 }
 
 impl Action {
@@ -53,6 +56,7 @@ impl Action {
                 redirect::redirect(action, ctx.params, ctx.rest, req.uri().query())
             }
             Action::Login(action) => action.run(req, ctx.client_ip).await,
+            Action::Oidc(action) => action.run(req).await,
         }
     }
 
@@ -68,6 +72,7 @@ impl Action {
             Action::Respond(r) => format!("respond {}", r.status.as_u16()),
             Action::Redirect(r) => format!("redirect {}", r.status.as_u16()),
             Action::Login(l) => l.describe().to_owned(),
+            Action::Oidc(o) => o.describe().to_owned(),
         }
     }
 }

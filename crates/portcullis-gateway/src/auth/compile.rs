@@ -106,15 +106,28 @@ pub(crate) async fn compile_authenticators(
                     principal_header,
                 }
             }
-            AuthenticatorConfig::Oidc(_) => {
-                // The session authenticator lands in steps (issue 9): until its login
-                // flow exists, a config that names one is refused, never half-served.
-                errors.push(
-                    at,
-                    format!("{field}.oidc"),
-                    "oidc authenticators are not available in this build yet",
-                );
-                continue;
+            AuthenticatorConfig::Oidc(o) => {
+                if config
+                    .authenticators
+                    .iter()
+                    .filter(|(_, a)| matches!(a.value, AuthenticatorConfig::Oidc(_)))
+                    .count()
+                    > 1
+                {
+                    errors.push(
+                        at,
+                        format!("{field}.oidc"),
+                        "at most one oidc authenticator",
+                    );
+                    continue;
+                }
+                match crate::action::oidc::compile(o, at, &field, source, store, errors) {
+                    Some(service) => Authenticator::Oidc {
+                        name: Arc::from(name.as_str()),
+                        service,
+                    },
+                    None => continue,
+                }
             }
             AuthenticatorConfig::Jwt(j) => {
                 match compile_jwt(name, j, at, &field, source, errors).await {

@@ -72,6 +72,11 @@ pub enum Authenticator {
         principal_header: Option<HeaderName>,
         quota_fail_open: bool,
     },
+    /// A browser session (OpenID Connect login) named by its cookie.
+    Oidc {
+        name: Arc<str>,
+        service: Arc<crate::action::oidc::OidcService>,
+    },
 }
 
 impl Authenticator {
@@ -79,7 +84,8 @@ impl Authenticator {
         match self {
             Authenticator::StaticToken { name, .. }
             | Authenticator::Jwt { name, .. }
-            | Authenticator::ApiKey { name, .. } => name,
+            | Authenticator::ApiKey { name, .. }
+            | Authenticator::Oidc { name, .. } => name,
         }
     }
 
@@ -89,6 +95,11 @@ impl Authenticator {
             Authenticator::Jwt { sources, .. } | Authenticator::ApiKey { sources, .. } => {
                 sources.clone()
             }
+            Authenticator::Oidc { service, .. } => TokenSources {
+                header: false,
+                cookie: Some(service.cookie_name().to_owned()),
+                query: None,
+            },
         }
     }
 
@@ -110,6 +121,7 @@ impl Authenticator {
                 .map(|(_, h)| h.clone())
                 .chain(principal_header.iter().cloned())
                 .collect(),
+            Authenticator::Oidc { service, .. } => service.headers.all(),
         }
     }
 
@@ -196,7 +208,50 @@ impl Authenticator {
                 Err(JwtError::KeysUnavailable) => Err(Failure::KeysUnavailable),
                 Err(_) => Err(Failure::Invalid),
             },
+            Authenticator::Oidc { service, .. } => match service.session(credential).await {
+                Ok(Some(user)) => Ok(session_identity(service, user.record)),
+                Ok(None) => Err(Failure::Invalid),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session lookup failed");
+                    Err(Failure::StoreUnavailable)
+                }
+            },
         }
+    }
+}
+
+/// The identity of a browser session: its user, and the identity headers the
+/// authenticator names (values that are not valid header text are left out).
+fn session_identity(
+    service: &crate::action::oidc::OidcService,
+    record: portcullis_session::record::SessionRecord,
+) -> Identity {
+    let h = &service.headers;
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (&h.sub, Some(&record.sub)),
+        (&h.email, record.email.as_ref()),
+        (&h.name, record.name.as_ref()),
+    ] {
+        if let (Some(name), Some(Ok(v))) =
+            (name, value.map(|v| HeaderValue::from_bytes(v.as_bytes())))
+        {
+            headers.push((name.clone(), v));
+        }
+    }
+    Identity {
+        principal: record.sub.clone(),
+        scopes: record
+            .scope
+            .as_deref()
+            .unwrap_or("")
+            .split_ascii_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        headers,
+        source: CredentialSource::Cookie(service.cookie_name().to_owned()),
+        api_key: None,
+        token: None,
     }
 }
 

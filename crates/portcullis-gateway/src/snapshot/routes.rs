@@ -172,6 +172,7 @@ pub(super) fn compile(
     }
 
     login_routes(config, &policies.store, &mut table, errors);
+    oidc_routes(config, authenticators, &mut table, errors);
     CompiledRoutes {
         table: table.build(),
         used_clients: action_clients.used,
@@ -242,6 +243,74 @@ fn login_routes(
                 "token_issuer",
                 format!("endpoint {path:?}: {e}"),
             );
+        }
+    }
+}
+
+/// An `oidc` authenticator's endpoints become routes (any host): login, callback,
+/// logout and the session user. A user route on one of those paths is refused.
+fn oidc_routes(
+    config: &Config,
+    authenticators: &HashMap<String, Arc<Authenticator>>,
+    table: &mut RouteTableBuilder<Arc<Route>>,
+    errors: &mut Errors<'_>,
+) {
+    use crate::action::oidc::{methods, Endpoint, OidcAction};
+    for (name, a) in authenticators {
+        let Authenticator::Oidc { service, .. } = a.as_ref() else {
+            continue;
+        };
+        let at = config
+            .authenticators
+            .get(name)
+            .map_or(Location::UNKNOWN, |s| s.referenced);
+        let p = &service.paths;
+        let endpoints = [
+            (p.login.clone(), Endpoint::Login),
+            (p.callback.clone(), Endpoint::Callback),
+            (p.logout.clone(), Endpoint::Logout),
+        ]
+        .into_iter()
+        .chain(p.me.iter().map(|m| (m.clone(), Endpoint::Me)));
+        for (path, endpoint) in endpoints {
+            for (i, r) in config.routes.iter().enumerate() {
+                if r.value
+                    .path
+                    .as_ref()
+                    .is_some_and(|rp| rp.value.as_str() == path)
+                {
+                    errors.push(
+                        r.referenced,
+                        format!("routes[{i}].path"),
+                        format!("{path:?} is the oidc authenticator {name:?}'s endpoint"),
+                    );
+                }
+            }
+            let label: Arc<str> = Arc::from("(oidc)");
+            let route = Arc::new(Route {
+                metrics: crate::telemetry::RouteMetrics::new(label.clone()),
+                name: label,
+                chain: Chain::default(),
+                unauthenticated: "public",
+                max_body: 0,
+                action: Action::Oidc(OidcAction {
+                    service: service.clone(),
+                    endpoint,
+                }),
+            });
+            let spec = RouteSpec {
+                host: HostPattern::Any,
+                port: None,
+                path: PathPattern::Exact(path.clone()),
+                methods: Some(methods(endpoint)),
+            };
+            if let Err(e) = table.add(spec, route) {
+                errors.push(
+                    at,
+                    format!("authenticators.{name}.oidc.paths"),
+                    format!("endpoint {path:?}: {e}"),
+                );
+            }
         }
     }
 }

@@ -117,7 +117,7 @@ provider.on('grant.success', (ctx) => {
 provider.on('grant.error', (ctx, err) => {
   log({ event: 'grant.error', grant_type: ctx.oidc.params?.grant_type, error: err.error });
 });
-provider.on('revocation.success', () => log({ event: 'revocation.success' }));
+provider.on('grant.revoked', () => log({ event: 'grant.revoked' }));
 provider.on('end_session.success', () => log({ event: 'end_session.success' }));
 
 provider.listen(PORT, '127.0.0.1', () => log({ event: 'listening', port: PORT, issuer: ISSUER }));

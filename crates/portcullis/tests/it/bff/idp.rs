@@ -107,6 +107,11 @@ impl Idp {
             .count()
     }
 
+    /// Every event so far (for failure messages).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.events.lock().expect("events").clone()
+    }
+
     /// Requests the provider received on `path`.
     pub fn requests_to(&self, path: &str) -> usize {
         self.events

@@ -2,4 +2,5 @@
 
 pub mod idp;
 
+mod login;
 mod smoke;

@@ -1,0 +1,587 @@
+//! OpenID Connect login for browsers (the `oidc` authenticator): the generated
+//! login, callback, logout and "me" endpoints, and the server-side session a cookie
+//! names. The relying party itself (discovery, PKCE, token calls, ID-token checks)
+//! and the session store live in `portcullis-session`.
+//!
+//! - `GET login?next=&frontend_host=` → 302 to the provider (code + PKCE S256,
+//!   `state`, `nonce`), the login kept as a single-use record and bound to this
+//!   browser by a second cookie.
+//! - `GET callback` → the code exchanged, the ID token verified, a new session
+//!   (any session the browser held is ended: no fixation), 302 back.
+//! - `POST logout` → session deleted, tokens revoked, cookie cleared; 204, or 302
+//!   to the provider's `end_session_endpoint`.
+//! - `GET me` → `{sub, name, email, picture}` of the session, 401 without one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use portcullis_config::{Location, OidcClientAuth, OidcConfig, SameSite as CfgSameSite};
+use portcullis_session::cookie::{CookieSpec, SameSite};
+use portcullis_session::ids;
+use portcullis_session::oidc::{ClientAuth, OidcClient, OidcError, OidcSettings, RESERVED_PARAMS};
+use portcullis_session::record::{LoginState, SessionRecord};
+use portcullis_session::redirect::{safe_next, Origin, ReturnOrigins};
+use portcullis_session::seal::Sealer;
+use portcullis_session::sessions::{now_secs, SessionError, Sessions};
+use portcullis_store::Store;
+use subtle::ConstantTimeEq as _;
+
+use crate::body::Body;
+use crate::error::{ErrorCode, GatewayError};
+use crate::snapshot::{header_name, relative_to, Errors};
+
+/// One `oidc` authenticator's login machinery, shared by its generated routes and
+/// by the authenticator that reads the session cookie on other routes.
+pub struct OidcService {
+    client: OidcClient,
+    sessions: Sessions,
+    cookie: CookieSpec,
+    /// Binds a login's callback to the browser that started it.
+    binding: CookieSpec,
+    origins: ReturnOrigins,
+    pub paths: OidcPaths,
+    state_ttl: Duration,
+    max_lifetime: Duration,
+    end_session: bool,
+    post_logout_redirect: String,
+    /// Upstream identity headers: sub, email, name.
+    pub headers: IdentityHeaders,
+}
+
+#[derive(Clone, Debug)]
+pub struct OidcPaths {
+    pub login: String,
+    pub callback: String,
+    pub logout: String,
+    pub me: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct IdentityHeaders {
+    pub sub: Option<HeaderName>,
+    pub email: Option<HeaderName>,
+    pub name: Option<HeaderName>,
+}
+
+impl IdentityHeaders {
+    pub fn all(&self) -> Vec<HeaderName> {
+        [&self.sub, &self.email, &self.name]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Which generated endpoint a route serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Login,
+    Callback,
+    Logout,
+    Me,
+}
+
+pub struct OidcAction {
+    pub service: Arc<OidcService>,
+    pub endpoint: Endpoint,
+}
+
+impl OidcAction {
+    pub async fn run(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let s = &self.service;
+        match self.endpoint {
+            Endpoint::Login => s.login(&req).await,
+            Endpoint::Callback => s.callback(&req).await,
+            Endpoint::Logout => s.logout(&req).await,
+            Endpoint::Me => s.me(&req).await,
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Login => "oidc login",
+            Endpoint::Callback => "oidc callback",
+            Endpoint::Logout => "oidc logout",
+            Endpoint::Me => "oidc session user",
+        }
+    }
+}
+
+/// A session a cookie named, as the authenticator sees it.
+pub struct SessionUser {
+    pub record: SessionRecord,
+}
+
+fn bad_request(message: &str) -> GatewayError {
+    GatewayError::new(ErrorCode::BadRequest, message)
+}
+
+fn store_error(e: SessionError) -> GatewayError {
+    tracing::warn!(error = %e, "session store unavailable");
+    GatewayError::server(ErrorCode::ServiceUnavailable)
+}
+
+fn idp_error(e: OidcError) -> GatewayError {
+    // The provider's answer goes to the log, never to the client.
+    tracing::warn!(error = %e, "OpenID Connect login failed at the provider");
+    GatewayError::server(ErrorCode::IdpError)
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn no_store(res: &mut Response<Body>) {
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+fn redirect(location: &str) -> Result<Response<Body>, GatewayError> {
+    let value = HeaderValue::from_str(location)
+        .map_err(|_| GatewayError::server(ErrorCode::InternalError))?;
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::FOUND;
+    res.headers_mut().insert(header::LOCATION, value);
+    no_store(&mut res);
+    Ok(res)
+}
+
+impl OidcService {
+    pub fn cookie_name(&self) -> &str {
+        self.cookie.name()
+    }
+
+    fn cookie_value<'r>(&self, req: &'r Request<Incoming>, spec: &CookieSpec) -> Option<&'r str> {
+        crate::sanitize::cookie(req.headers(), spec.name())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The live session of a cookie value; `Ok(None)` for an unknown, ended or
+    /// unreadable one.
+    pub async fn session(&self, sid: &str) -> Result<Option<SessionUser>, SessionError> {
+        let Some(loaded) = self.sessions.load(sid).await? else {
+            return Ok(None);
+        };
+        // Rolling idle time: each use extends it (bounded by the absolute end).
+        self.sessions.touch(sid, &loaded.record).await?;
+        Ok(Some(SessionUser {
+            record: loaded.record,
+        }))
+    }
+
+    async fn login(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let query = req.uri().query();
+        let next = safe_next(query_param(query, "next").as_deref()).map_err(bad_request)?;
+        let return_to = self
+            .origins
+            .choose(
+                query_param(query, "frontend_host").as_deref(),
+                header_str(req, header::ORIGIN),
+                header_str(req, header::REFERER),
+            )
+            .map_err(bad_request)?;
+        let provider = self.client.provider().await.map_err(idp_error)?;
+        let random = || ids::state().map_err(|_| GatewayError::server(ErrorCode::InternalError));
+        let (state, nonce, binding) = (random()?, random()?, random()?);
+        let verifier =
+            ids::pkce_verifier().map_err(|_| GatewayError::server(ErrorCode::InternalError))?;
+        let login = LoginState {
+            verifier: verifier.clone(),
+            nonce: nonce.clone(),
+            next,
+            return_to: return_to.url(),
+            binding: ids::hashed(&binding),
+        };
+        self.sessions
+            .put_state(&state, &login, self.state_ttl)
+            .await
+            .map_err(store_error)?;
+        let url =
+            self.client
+                .authorize_url(&provider, &state, &nonce, &ids::pkce_challenge(&verifier));
+        let mut res = redirect(&url)?;
+        if let Some(c) = self.binding.set(&binding, self.state_ttl) {
+            res.headers_mut().append(header::SET_COOKIE, c);
+        }
+        Ok(res)
+    }
+
+    async fn callback(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let query = req.uri().query();
+        let state = query_param(query, "state").ok_or_else(|| bad_request("state is missing"))?;
+        // Taken first: whatever happens next, this state is used up.
+        let login = self
+            .sessions
+            .take_state(&state)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| bad_request("unknown, expired or already used login state"))?;
+        let binding = self.cookie_value(req, &self.binding).unwrap_or("");
+        if !bool::from(
+            ids::hashed(binding)
+                .as_bytes()
+                .ct_eq(login.binding.as_bytes()),
+        ) {
+            return Err(bad_request("this login was started in another browser"));
+        }
+        if query_param(query, "error").is_some() {
+            return Err(bad_request(
+                "the identity provider did not complete the login",
+            ));
+        }
+        // RFC 9207: a provider that names itself must be the one we asked.
+        if let Some(iss) = query_param(query, "iss") {
+            if iss != self.client.settings().issuer {
+                return Err(bad_request("the response comes from another issuer"));
+            }
+        }
+        let code = query_param(query, "code").ok_or_else(|| bad_request("code is missing"))?;
+        let provider = self.client.provider().await.map_err(idp_error)?;
+        let tokens = self
+            .client
+            .exchange(&provider, &code, &login.verifier)
+            .await
+            .map_err(idp_error)?;
+        let id_token = tokens
+            .id_token
+            .as_deref()
+            .ok_or_else(|| idp_error(OidcError::Invalid("no ID token".into())))?;
+        let claims = self
+            .client
+            .verify_id_token(&provider, id_token, Some(&login.nonce))
+            .await
+            .map_err(idp_error)?;
+        let now = now_secs();
+        let record = SessionRecord {
+            sub: claims.sub.clone(),
+            name: claims.string("name"),
+            email: claims.string("email"),
+            picture: claims.string("picture"),
+            scope: tokens.scope.clone(),
+            created_at: now,
+            expires_at: now + self.max_lifetime.as_secs(),
+            access_token: tokens.access_token.clone(),
+            access_expires_at: tokens.expires_in.map(|s| now + s),
+            refresh_token: tokens.refresh_token.clone(),
+            id_token: Some(id_token.to_owned()),
+        };
+        // No fixation: a session this browser already had ends; the new one has a
+        // new id.
+        if let Some(old) = self.cookie_value(req, &self.cookie) {
+            self.sessions.delete(old).await.map_err(store_error)?;
+        }
+        let sid = self.sessions.create(&record).await.map_err(store_error)?;
+        let mut res = redirect(&format!("{}{}", login.return_to, login.next))?;
+        let cookie = self
+            .cookie
+            .set(&sid, self.max_lifetime)
+            .ok_or_else(|| GatewayError::server(ErrorCode::InternalError))?;
+        res.headers_mut().append(header::SET_COOKIE, cookie);
+        res.headers_mut()
+            .append(header::SET_COOKIE, self.binding.clear());
+        tracing::info!(sub = %record.sub, "OpenID Connect login");
+        Ok(res)
+    }
+
+    async fn logout(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        // A cross-site page must not log the user out: the request's origin is
+        // checked like CSRF's (browsers send Origin with every POST).
+        let origin = header_str(req, header::ORIGIN)
+            .filter(|o| *o != "null")
+            .and_then(|o| Origin::parse(o).ok())
+            .or_else(|| header_str(req, header::REFERER).and_then(Origin::of_url));
+        if !origin.is_some_and(|o| self.origins.allows(&o)) {
+            return Err(GatewayError::new(
+                ErrorCode::CsrfRejected,
+                "logout must come from the application's own origin",
+            ));
+        }
+        let ended = match self.cookie_value(req, &self.cookie) {
+            Some(sid) => self.sessions.delete(sid).await.map_err(store_error)?,
+            None => None,
+        };
+        let mut end_session = None;
+        if let Some(record) = &ended {
+            tracing::info!(sub = %record.sub, "OpenID Connect logout");
+            match self.client.provider().await {
+                Ok(provider) => {
+                    // Revoking the refresh token ends the grant (RFC 7009 §2.1); the
+                    // access token is revoked itself only when there is none (a
+                    // self-contained JWT access token cannot be revoked anyway).
+                    let (token, hint) = match &record.refresh_token {
+                        Some(rt) => (rt.as_str(), "refresh_token"),
+                        None => (record.access_token.as_str(), "access_token"),
+                    };
+                    if let Err(e) = self.client.revoke(&provider, token, hint).await {
+                        tracing::warn!(error = %e, hint, "token revocation failed");
+                    }
+                    if self.end_session {
+                        end_session = provider.end_session_endpoint.as_ref().map(|e| {
+                            let mut q = form_urlencoded::Serializer::new(String::new());
+                            if let Some(id) = &record.id_token {
+                                q.append_pair("id_token_hint", id);
+                            }
+                            q.append_pair("post_logout_redirect_uri", &self.post_logout_redirect)
+                                .append_pair("client_id", &self.client.settings().client_id);
+                            let base = e.to_string();
+                            let sep = if base.contains('?') { '&' } else { '?' };
+                            format!("{base}{sep}{}", q.finish())
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "tokens not revoked: provider unavailable"),
+            }
+        }
+        let mut res = match end_session {
+            Some(url) => redirect(&url)?,
+            None => {
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                no_store(&mut r);
+                r
+            }
+        };
+        res.headers_mut()
+            .append(header::SET_COOKIE, self.cookie.clear());
+        Ok(res)
+    }
+
+    async fn me(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let unauthorized = || GatewayError::new(ErrorCode::Unauthorized, "no session");
+        let sid = self
+            .cookie_value(req, &self.cookie)
+            .ok_or_else(unauthorized)?;
+        let user = self
+            .session(sid)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(unauthorized)?;
+        let r = &user.record;
+        let body = serde_json::json!({
+            "sub": r.sub,
+            "name": r.name,
+            "email": r.email,
+            "picture": r.picture,
+        });
+        let mut res = Response::new(Body::full(Bytes::from(body.to_string())));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        no_store(&mut res);
+        Ok(res)
+    }
+}
+
+/// Compiles an `oidc` authenticator; `None` (with errors) when it is unusable.
+pub(crate) fn compile(
+    c: &OidcConfig,
+    at: Location,
+    field: &str,
+    source: &Path,
+    store: &Arc<dyn Store>,
+    errors: &mut Errors<'_>,
+) -> Option<Arc<OidcService>> {
+    let before = errors.count();
+    let f = |name: &str| format!("{field}.oidc.{name}");
+    if c.client_id.is_empty() {
+        errors.push(at, f("client_id"), "must not be empty");
+    }
+    // Fail closed: an empty secret never authenticates to the provider.
+    if c.client_secret.is_empty() {
+        errors.push(at, f("client_secret"), "must not be empty");
+    }
+    if !c.scopes.split_ascii_whitespace().any(|s| s == "openid") {
+        errors.push(at, f("scopes"), "must contain `openid`");
+    }
+    for k in c.authorize_params.keys() {
+        if RESERVED_PARAMS.contains(&k.as_str()) {
+            errors.push(
+                at,
+                f(&format!("authorize_params.{k}")),
+                "is set by the gateway itself",
+            );
+        }
+    }
+    let own = match Origin::parse(&c.public_url.value) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            errors.push(c.public_url.referenced, f("public_url"), e);
+            None
+        }
+    };
+    let mut allowed = Vec::new();
+    for (i, entry) in c.allowed_origins.iter().enumerate() {
+        for o in entry.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            if o == "*" {
+                errors.push(
+                    at,
+                    f(&format!("allowed_origins[{i}]")),
+                    "`*` would let any site receive the login; list the origins",
+                );
+                continue;
+            }
+            match Origin::parse(o) {
+                Ok(o) => allowed.push(o),
+                Err(e) => errors.push(at, f(&format!("allowed_origins[{i}]")), e),
+            }
+        }
+    }
+    let paths = OidcPaths {
+        login: c.paths.login.to_string(),
+        callback: c.paths.callback.to_string(),
+        logout: c.paths.logout.to_string(),
+        me: c.paths.me.iter().map(|p| p.to_string()).collect(),
+    };
+    let mut all: Vec<&str> = vec![&paths.login, &paths.callback, &paths.logout];
+    all.extend(paths.me.iter().map(String::as_str));
+    for (i, p) in all.iter().enumerate() {
+        if !p.starts_with('/') {
+            errors.push(at, f("paths"), format!("{p:?} must start with /"));
+        }
+        if all[..i].contains(p) {
+            errors.push(at, f("paths"), format!("{p:?} is used twice"));
+        }
+    }
+    let s = &c.session;
+    let same_site = match s.cookie_same_site {
+        CfgSameSite::Lax => SameSite::Lax,
+        CfgSameSite::Strict => SameSite::Strict,
+        CfgSameSite::None => SameSite::None,
+    };
+    let domain = Some(s.cookie_domain.as_str()).filter(|d| !d.is_empty());
+    let cookie = CookieSpec::new(&s.cookie_name, "/", s.cookie_secure.0, same_site, domain)
+        .map_err(|e| errors.push(at, f("session.cookie_name"), e))
+        .ok();
+    // Lax: the callback is a top-level navigation from the provider's site.
+    let binding = CookieSpec::new(
+        &format!("{}_login", s.cookie_name.as_str()),
+        "/",
+        s.cookie_secure.0,
+        SameSite::Lax,
+        domain,
+    )
+    .map_err(|e| errors.push(at, f("session.cookie_name"), e))
+    .ok();
+    let previous: Vec<&str> = s.previous_keys.iter().map(|k| k.expose()).collect();
+    let sealer = if s.encryption_key.is_empty() {
+        errors.push(
+            at,
+            f("session.encryption_key"),
+            "required: base64 of 32 random bytes (e.g. `openssl rand -base64 32`)",
+        );
+        None
+    } else {
+        Sealer::from_base64(s.encryption_key.expose(), &previous)
+            .map_err(|e| errors.push(at, f("session.encryption_key"), e.to_string()))
+            .ok()
+    };
+    if s.idle_ttl.get().is_zero() || s.max_lifetime.get().is_zero() {
+        errors.push(
+            at,
+            f("session"),
+            "idle_ttl and max_lifetime must be above 0",
+        );
+    }
+    let header = |v: &str, name: &str, errors: &mut Errors<'_>| {
+        if v.is_empty() {
+            None
+        } else {
+            header_name(v, at, f(&format!("identity_headers.{name}")), errors)
+        }
+    };
+    let headers = IdentityHeaders {
+        sub: header(&c.identity_headers.sub, "sub", errors),
+        email: header(&c.identity_headers.email, "email", errors),
+        name: header(&c.identity_headers.name, "name", errors),
+    };
+    if c.forward_access_token.0 {
+        errors.push(
+            at,
+            f("forward_access_token"),
+            "forwarding the session's access token is not available in this build yet",
+        );
+    }
+    if !c.bearer_audience.is_empty() {
+        errors.push(
+            at,
+            f("bearer_audience"),
+            "bearer access tokens on oidc routes are not available in this build yet",
+        );
+    }
+    let (Some(own), Some(cookie), Some(binding), Some(sealer)) = (own, cookie, binding, sealer)
+    else {
+        return None;
+    };
+    if errors.count() > before {
+        return None;
+    }
+    let settings = OidcSettings {
+        issuer: c.issuer.value.to_string(),
+        client_id: c.client_id.to_string(),
+        client_secret: c.client_secret.expose().to_owned(),
+        client_auth: match c.client_auth {
+            OidcClientAuth::ClientSecretBasic => ClientAuth::Basic,
+            OidcClientAuth::ClientSecretPost => ClientAuth::Post,
+        },
+        redirect_uri: format!("{}{}", own.url(), paths.callback),
+        scopes: c.scopes.to_string(),
+        authorize_params: c
+            .authorize_params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        max_age: c.id_token_max_age.get(),
+        leeway: c.leeway.get(),
+        timeout: c.timeout.get(),
+        ca_file: c
+            .ca_file
+            .as_ref()
+            .map(|p| PathBuf::from(relative_to(source, p))),
+    };
+    let client = match OidcClient::new(settings) {
+        Ok(client) => client,
+        Err(e) => {
+            errors.push(c.issuer.referenced, f("issuer"), e);
+            return None;
+        }
+    };
+    let post_logout_redirect = c
+        .post_logout_redirect
+        .as_ref()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| format!("{}/", own.url()));
+    Some(Arc::new(OidcService {
+        client,
+        sessions: Sessions::new(store.clone(), sealer, s.idle_ttl.get()),
+        cookie,
+        binding,
+        origins: ReturnOrigins::new(own, allowed),
+        paths,
+        state_ttl: c.state_ttl.get(),
+        max_lifetime: s.max_lifetime.get(),
+        end_session: c.end_session.0,
+        post_logout_redirect,
+        headers,
+    }))
+}
+
+/// The methods each generated endpoint answers.
+pub fn methods(endpoint: Endpoint) -> Vec<Method> {
+    match endpoint {
+        Endpoint::Login | Endpoint::Callback | Endpoint::Me => vec![Method::GET, Method::HEAD],
+        Endpoint::Logout => vec![Method::POST],
+    }
+}
