@@ -16,8 +16,12 @@ pub enum ErrorCode {
     InvalidConfig,
     Unauthorized,
     ExpiredToken,
+    /// A browser session ended (refresh refused or impossible).
+    SessionExpired,
     Forbidden,
     CsrfRejected,
+    /// A session-authenticated WebSocket from an origin that is not allowed.
+    OriginRejected,
     InsufficientScope,
     UpstreamForbidden,
     NotFound,
@@ -38,14 +42,16 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
         ErrorCode::Unauthorized,
         ErrorCode::ExpiredToken,
+        ErrorCode::SessionExpired,
         ErrorCode::Forbidden,
         ErrorCode::CsrfRejected,
+        ErrorCode::OriginRejected,
         ErrorCode::InsufficientScope,
         ErrorCode::UpstreamForbidden,
         ErrorCode::NotFound,
@@ -71,9 +77,11 @@ impl ErrorCode {
             ErrorCode::InvalidConfig => "INVALID_CONFIG",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::ExpiredToken => "EXPIRED_TOKEN",
+            ErrorCode::SessionExpired => "SESSION_EXPIRED",
             ErrorCode::InsufficientScope => "INSUFFICIENT_SCOPE",
             ErrorCode::Forbidden => "FORBIDDEN",
             ErrorCode::CsrfRejected => "CSRF_REJECTED",
+            ErrorCode::OriginRejected => "ORIGIN_REJECTED",
             ErrorCode::UpstreamForbidden => "UPSTREAM_FORBIDDEN",
             ErrorCode::LoopDetected => "LOOP_DETECTED",
             ErrorCode::NotFound => "NOT_FOUND",
@@ -97,9 +105,12 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidPath | ErrorCode::InvalidConfig => {
                 StatusCode::BAD_REQUEST
             }
-            ErrorCode::Unauthorized | ErrorCode::ExpiredToken => StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized | ErrorCode::ExpiredToken | ErrorCode::SessionExpired => {
+                StatusCode::UNAUTHORIZED
+            }
             ErrorCode::Forbidden
             | ErrorCode::CsrfRejected
+            | ErrorCode::OriginRejected
             | ErrorCode::InsufficientScope
             | ErrorCode::UpstreamForbidden => StatusCode::FORBIDDEN,
             ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,

@@ -152,6 +152,32 @@ impl Sessions {
             .and_then(|stored| self.open(&key, &stored)))
     }
 
+    fn lock_key(sid: &str) -> String {
+        format!("session:lock:{}", ids::hashed(sid))
+    }
+
+    /// Takes the session's refresh lock for `ttl` (one refresh at a time, across
+    /// instances); true if this caller holds it now.
+    pub async fn try_lock(
+        &self,
+        sid: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, SessionError> {
+        Ok(self
+            .store
+            .set_nx(&Self::lock_key(sid), token.as_bytes(), Some(ttl))
+            .await?)
+    }
+
+    /// Releases the refresh lock if this caller still holds it.
+    pub async fn unlock(&self, sid: &str, token: &str) -> Result<(), SessionError> {
+        self.store
+            .compare_and_delete(&Self::lock_key(sid), token.as_bytes())
+            .await?;
+        Ok(())
+    }
+
     /// Keeps a login's state for `ttl` under `state`.
     pub async fn put_state(
         &self,
@@ -277,6 +303,20 @@ mod tests {
         assert!(!s.replace(&sid, &loaded.stored, &r).await.unwrap());
         assert!(!s.touch(&sid, &r).await.unwrap());
         assert!(matches!(s.create(&r).await, Err(SessionError::Ended)));
+    }
+
+    #[tokio::test]
+    async fn the_refresh_lock_has_one_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(embedded(&dir), K1);
+        let sid = ids::session_id().unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(s.try_lock(&sid, "a", ttl).await.unwrap());
+        assert!(!s.try_lock(&sid, "b", ttl).await.unwrap());
+        s.unlock(&sid, "b").await.unwrap(); // not the holder: nothing happens
+        assert!(!s.try_lock(&sid, "c", ttl).await.unwrap());
+        s.unlock(&sid, "a").await.unwrap();
+        assert!(s.try_lock(&sid, "c", ttl).await.unwrap());
     }
 
     #[tokio::test]

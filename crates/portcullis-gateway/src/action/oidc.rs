@@ -47,6 +47,8 @@ pub struct OidcService {
     pub paths: OidcPaths,
     state_ttl: Duration,
     max_lifetime: Duration,
+    refresh_skew: Duration,
+    forward_access_token: bool,
     end_session: bool,
     post_logout_redirect: String,
     /// Upstream identity headers: sub, email, name.
@@ -113,10 +115,30 @@ impl OidcAction {
     }
 }
 
-/// A session a cookie named, as the authenticator sees it.
-pub struct SessionUser {
-    pub record: SessionRecord,
+/// What a session cookie leads to.
+pub enum SessionLookup {
+    /// A live session (its access token refreshed when it was due).
+    Live(Box<SessionRecord>),
+    /// No such session (unknown, logged out, unreadable).
+    Missing,
+    /// The session ended now: its provider refused a refresh, or its access token
+    /// expired with nothing to refresh it.
+    Ended,
 }
+
+/// A session could not be checked: its store or its provider is unavailable.
+#[derive(Debug)]
+pub struct LookupUnavailable;
+
+impl From<SessionError> for LookupUnavailable {
+    fn from(e: SessionError) -> Self {
+        tracing::warn!(error = %e, "session store unavailable");
+        LookupUnavailable
+    }
+}
+
+/// How often a request waiting for another's refresh looks at the store.
+const REFRESH_POLL: Duration = Duration::from_millis(100);
 
 fn bad_request(message: &str) -> GatewayError {
     GatewayError::new(ErrorCode::BadRequest, message)
@@ -168,17 +190,179 @@ impl OidcService {
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    /// The live session of a cookie value; `Ok(None)` for an unknown, ended or
-    /// unreadable one.
-    pub async fn session(&self, sid: &str) -> Result<Option<SessionUser>, SessionError> {
+    /// The application's own origin or one of the allowed ones.
+    pub fn allows_origin(&self, o: &Origin) -> bool {
+        self.origins.allows(o)
+    }
+
+    /// Whether the session's access token should be upstream with each request.
+    pub fn forwards_access_token(&self) -> bool {
+        self.forward_access_token
+    }
+
+    /// The `Set-Cookie` that removes the session cookie.
+    pub fn clear_cookie(&self) -> HeaderValue {
+        self.cookie.clear()
+    }
+
+    /// 401 `SESSION_EXPIRED`, and the cookie goes.
+    pub fn session_expired(&self) -> GatewayError {
+        GatewayError::new(
+            ErrorCode::SessionExpired,
+            "the session has ended; log in again",
+        )
+        .with_header(header::SET_COOKIE, self.cookie.clear())
+    }
+
+    fn refresh_due(&self, r: &SessionRecord, now: u64) -> bool {
+        r.access_expires_at
+            .is_some_and(|t| t <= now + self.refresh_skew.as_secs())
+    }
+
+    fn access_valid(r: &SessionRecord, now: u64) -> bool {
+        r.access_expires_at.is_none_or(|t| t > now)
+    }
+
+    /// The session a cookie value names. Its access token is refreshed when it
+    /// expires within `refresh_skew` — once per session however many requests
+    /// arrive together, on this instance or another: one takes the store's lock and
+    /// refreshes, the others use the current token while it is valid or wait for
+    /// the new one.
+    pub async fn session(&self, sid: &str) -> Result<SessionLookup, LookupUnavailable> {
         let Some(loaded) = self.sessions.load(sid).await? else {
-            return Ok(None);
+            return Ok(SessionLookup::Missing);
         };
-        // Rolling idle time: each use extends it (bounded by the absolute end).
-        self.sessions.touch(sid, &loaded.record).await?;
-        Ok(Some(SessionUser {
-            record: loaded.record,
-        }))
+        let now = now_secs();
+        let lookup = if self.refresh_due(&loaded.record, now) {
+            self.refresh(sid, loaded.record).await?
+        } else {
+            SessionLookup::Live(Box::new(loaded.record))
+        };
+        if let SessionLookup::Live(r) = &lookup {
+            // Rolling idle time: each use extends it (bounded by the absolute end).
+            self.sessions.touch(sid, r).await?;
+        }
+        Ok(lookup)
+    }
+
+    async fn refresh(
+        &self,
+        sid: &str,
+        current: SessionRecord,
+    ) -> Result<SessionLookup, LookupUnavailable> {
+        let token = ids::state().map_err(|_| LookupUnavailable)?;
+        let hold = self.client.settings().timeout + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + hold;
+        let mut record = current;
+        loop {
+            if self.sessions.try_lock(sid, &token, hold).await? {
+                let result = self.refresh_locked(sid).await;
+                if let Err(e) = self.sessions.unlock(sid, &token).await {
+                    tracing::warn!(error = %e, "session refresh lock not released");
+                }
+                return result;
+            }
+            // Someone else is refreshing: the current token serves while it is valid.
+            if Self::access_valid(&record, now_secs()) {
+                return Ok(SessionLookup::Live(Box::new(record)));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LookupUnavailable);
+            }
+            tokio::time::sleep(REFRESH_POLL).await;
+            match self.sessions.load(sid).await? {
+                None => return Ok(SessionLookup::Ended),
+                Some(l) if !self.refresh_due(&l.record, now_secs()) => {
+                    return Ok(SessionLookup::Live(Box::new(l.record)))
+                }
+                Some(l) => record = l.record,
+            }
+        }
+    }
+
+    /// The refresh itself, under the lock.
+    async fn refresh_locked(&self, sid: &str) -> Result<SessionLookup, LookupUnavailable> {
+        // Read again: a refresh may have finished just before the lock was taken.
+        let Some(loaded) = self.sessions.load(sid).await? else {
+            return Ok(SessionLookup::Ended);
+        };
+        let now = now_secs();
+        if !self.refresh_due(&loaded.record, now) {
+            return Ok(SessionLookup::Live(Box::new(loaded.record)));
+        }
+        let old = loaded.record;
+        let Some(refresh_token) = old.refresh_token.clone() else {
+            if Self::access_valid(&old, now) {
+                return Ok(SessionLookup::Live(Box::new(old)));
+            }
+            self.sessions.delete(sid).await?;
+            tracing::info!(sub = %old.sub, "session ended: access token expired, no refresh token");
+            return Ok(SessionLookup::Ended);
+        };
+        let refreshed = match self.client.provider().await {
+            Ok(p) => match self.client.refresh(&p, &refresh_token).await {
+                Ok(tokens) => self.renewed(&p, &old, tokens, now).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match refreshed {
+            Ok(record) => {
+                if self.sessions.replace(sid, &loaded.stored, &record).await? {
+                    return Ok(SessionLookup::Live(Box::new(record)));
+                }
+                // Changed meanwhile (a logout): what is stored now decides.
+                Ok(match self.sessions.load(sid).await? {
+                    Some(l) => SessionLookup::Live(Box::new(l.record)),
+                    None => SessionLookup::Ended,
+                })
+            }
+            Err(OidcError::Refused(why)) => {
+                self.sessions.delete(sid).await?;
+                tracing::info!(sub = %old.sub, reason = %why, "session ended: refresh refused");
+                Ok(SessionLookup::Ended)
+            }
+            Err(e) => {
+                // The provider is down: the session stays; its current token serves
+                // while it is valid.
+                tracing::warn!(error = %e, "access token refresh failed");
+                if Self::access_valid(&old, now) {
+                    Ok(SessionLookup::Live(Box::new(old)))
+                } else {
+                    Err(LookupUnavailable)
+                }
+            }
+        }
+    }
+
+    /// The session after a refresh: new access token and expiry, a rotated refresh
+    /// token, and a new ID token when the provider sent one (verified, same user).
+    async fn renewed(
+        &self,
+        provider: &portcullis_session::oidc::Provider,
+        old: &SessionRecord,
+        tokens: portcullis_session::oidc::Tokens,
+        now: u64,
+    ) -> Result<SessionRecord, OidcError> {
+        let mut r = old.clone();
+        if let Some(id) = &tokens.id_token {
+            let claims = self.client.verify_id_token(provider, id, None).await?;
+            if claims.sub != old.sub {
+                return Err(OidcError::Invalid(
+                    "a refreshed ID token names another user".into(),
+                ));
+            }
+            r.id_token = Some(id.clone());
+        }
+        r.access_token = tokens.access_token;
+        r.access_expires_at = tokens.expires_in.map(|s| now + s);
+        if let Some(rt) = tokens.refresh_token {
+            r.refresh_token = Some(rt);
+        }
+        if tokens.scope.is_some() {
+            r.scope = tokens.scope;
+        }
+        Ok(r)
     }
 
     async fn login(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
@@ -363,12 +547,14 @@ impl OidcService {
         let sid = self
             .cookie_value(req, &self.cookie)
             .ok_or_else(unauthorized)?;
-        let user = self
-            .session(sid)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(unauthorized)?;
-        let r = &user.record;
+        let r = match self.session(sid).await {
+            Ok(SessionLookup::Live(r)) => r,
+            Ok(SessionLookup::Missing) => return Err(unauthorized()),
+            Ok(SessionLookup::Ended) => return Err(self.session_expired()),
+            Err(LookupUnavailable) => {
+                return Err(GatewayError::server(ErrorCode::ServiceUnavailable))
+            }
+        };
         let body = serde_json::json!({
             "sub": r.sub,
             "name": r.name,
@@ -507,13 +693,6 @@ pub(crate) fn compile(
         email: header(&c.identity_headers.email, "email", errors),
         name: header(&c.identity_headers.name, "name", errors),
     };
-    if c.forward_access_token.0 {
-        errors.push(
-            at,
-            f("forward_access_token"),
-            "forwarding the session's access token is not available in this build yet",
-        );
-    }
     if !c.bearer_audience.is_empty() {
         errors.push(
             at,
@@ -572,6 +751,8 @@ pub(crate) fn compile(
         paths,
         state_ttl: c.state_ttl.get(),
         max_lifetime: s.max_lifetime.get(),
+        refresh_skew: c.refresh_skew.get(),
+        forward_access_token: c.forward_access_token.0,
         end_session: c.end_session.0,
         post_logout_redirect,
         headers,

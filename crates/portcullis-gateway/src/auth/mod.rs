@@ -208,14 +208,15 @@ impl Authenticator {
                 Err(JwtError::KeysUnavailable) => Err(Failure::KeysUnavailable),
                 Err(_) => Err(Failure::Invalid),
             },
-            Authenticator::Oidc { service, .. } => match service.session(credential).await {
-                Ok(Some(user)) => Ok(session_identity(service, user.record)),
-                Ok(None) => Err(Failure::Invalid),
-                Err(e) => {
-                    tracing::warn!(error = %e, "session lookup failed");
-                    Err(Failure::StoreUnavailable)
+            Authenticator::Oidc { service, .. } => {
+                use crate::action::oidc::SessionLookup;
+                match service.session(credential).await {
+                    Ok(SessionLookup::Live(record)) => Ok(session_identity(service, *record)),
+                    Ok(SessionLookup::Missing) => Err(Failure::Invalid),
+                    Ok(SessionLookup::Ended) => Err(Failure::SessionEnded(service.clear_cookie())),
+                    Err(_) => Err(Failure::StoreUnavailable),
                 }
-            },
+            }
         }
     }
 }
@@ -227,7 +228,8 @@ fn session_identity(
     record: portcullis_session::record::SessionRecord,
 ) -> Identity {
     let h = &service.headers;
-    let mut headers = Vec::new();
+    let mut headers: Vec<(HeaderName, HeaderValue)> =
+        forwarded_token(service, &record).into_iter().collect();
     for (name, value) in [
         (&h.sub, Some(&record.sub)),
         (&h.email, record.email.as_ref()),
@@ -253,6 +255,20 @@ fn session_identity(
         api_key: None,
         token: None,
     }
+}
+
+/// `Authorization: Bearer <access token>` for the upstream, when the session's
+/// authenticator forwards it.
+fn forwarded_token(
+    service: &crate::action::oidc::OidcService,
+    record: &portcullis_session::record::SessionRecord,
+) -> Option<(HeaderName, HeaderValue)> {
+    if !service.forwards_access_token() {
+        return None;
+    }
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", record.access_token)).ok()?;
+    v.set_sensitive(true);
+    Some((header::AUTHORIZATION, v))
 }
 
 fn jwt_identity(
@@ -288,6 +304,9 @@ pub(crate) enum Failure {
     Expired,
     KeysUnavailable,
     StoreUnavailable,
+    /// A browser session just ended (refresh refused, token expired): 401
+    /// `SESSION_EXPIRED` with this `Set-Cookie`, which removes the cookie.
+    SessionEnded(HeaderValue),
 }
 
 /// The API key a request authenticated with, for quota accounting.

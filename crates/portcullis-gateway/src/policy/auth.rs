@@ -94,6 +94,7 @@ impl AuthPolicy {
         let mut expired = false;
         let mut unavailable = false;
         let mut store_down = false;
+        let mut session_ended = None;
         for authenticator in authenticators.iter() {
             let Some((credential, source)) =
                 find_credential(&authenticator.sources(), headers, query)
@@ -112,6 +113,7 @@ impl AuthPolicy {
                 Err(Failure::Expired) => expired = true,
                 Err(Failure::KeysUnavailable) => unavailable = true,
                 Err(Failure::StoreUnavailable) => store_down = true,
+                Err(Failure::SessionEnded(clear)) => session_ended = Some(clear),
                 Err(Failure::Invalid) => {}
             }
         }
@@ -124,6 +126,13 @@ impl AuthPolicy {
                 "missing credential",
                 "Bearer",
             ));
+        }
+        if let Some(clear) = session_ended {
+            return Err(GatewayError::new(
+                ErrorCode::SessionExpired,
+                "the session has ended; log in again",
+            )
+            .with_header(header::SET_COOKIE, clear));
         }
         if expired {
             return Err(unauthorized(

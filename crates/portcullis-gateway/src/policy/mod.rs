@@ -8,7 +8,8 @@
 //!
 //! Each policy is one file holding its config compile, its phases and its unit
 //! tests. Canonical order ([`Policy::rank`], `docs/policies.md` says why):
-//! security headers → IP rules → CORS → rate limits by client → auth → CSRF →
+//! security headers → IP rules → CORS → rate limits by client → auth → session
+//! origin checks → CSRF →
 //! rate limits by principal / quota → header transforms → compression → cache.
 
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod ip;
 mod key;
 pub mod ratelimit;
 pub mod security;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -47,6 +49,8 @@ pub enum Policy {
     /// Limits keyed by what is known before auth (client IP, headers, cookies, params).
     RateLimitClient(ratelimit::RateLimits),
     Auth(auth::AuthPolicy),
+    /// Origin checks of requests a browser session authenticated.
+    Session(session::SessionGuard),
     Csrf(csrf::Csrf),
     /// Limits keyed by the principal or API key (after auth).
     RateLimitPrincipal(ratelimit::RateLimits),
@@ -65,6 +69,7 @@ impl Policy {
             Policy::Cors(_) => 20,
             Policy::RateLimitClient(_) => 30,
             Policy::Auth(_) => 40,
+            Policy::Session(_) => 45,
             Policy::Csrf(_) => 50,
             Policy::RateLimitPrincipal(_) => 55,
             Policy::Quota(_) => 60,
@@ -87,6 +92,7 @@ impl Policy {
                 p.on_request(ctx, req).await
             }
             Policy::Auth(p) => p.on_request(ctx, req).await,
+            Policy::Session(p) => p.on_request(ctx, req),
             Policy::Csrf(p) => p.on_request(ctx, req),
             Policy::Quota(p) => p.on_request(ctx).await,
             Policy::Headers(_) => Ok(Flow::Continue),
@@ -105,7 +111,7 @@ impl Policy {
     pub fn on_response(&self, ctx: &mut RequestCtx<'_>, res: &mut Response<Body>) {
         match self {
             Policy::Security(p) => p.on_response(ctx, res),
-            Policy::Ip(_) | Policy::Auth(_) | Policy::Csrf(_) => {}
+            Policy::Ip(_) | Policy::Auth(_) | Policy::Session(_) | Policy::Csrf(_) => {}
             Policy::Cors(p) => p.on_response(ctx, res),
             Policy::RateLimitClient(p) | Policy::RateLimitPrincipal(p) => p.on_response(ctx, res),
             Policy::Quota(p) => p.on_response(ctx, res),

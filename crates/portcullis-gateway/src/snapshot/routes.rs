@@ -125,7 +125,17 @@ pub(super) fn compile(
         let unauthenticated = match auth {
             AuthPolicy::Open => "open",
             AuthPolicy::Public => "public",
-            AuthPolicy::Required { .. } => {
+            AuthPolicy::Required {
+                ref authenticators, ..
+            } => {
+                // Routes a browser session may authenticate get its origin checks.
+                for a in authenticators.iter() {
+                    if let Authenticator::Oidc { service, .. } = a.as_ref() {
+                        chain.push(Policy::Session(crate::policy::session::SessionGuard::new(
+                            service.clone(),
+                        )));
+                    }
+                }
                 chain.push(Policy::Auth(auth));
                 ""
             }

@@ -56,7 +56,7 @@ impl Idp {
             .env("ROTATE", if opts.rotate_refresh { "1" } else { "0" })
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         if let Some(t) = opts.access_ttl {
             cmd.env("AT_TTL", t.to_string());
         }
@@ -67,6 +67,15 @@ impl Idp {
             .spawn()
             .expect("node is not installed: run scripts/test.sh");
         let stdout = child.stdout.take().expect("idp stdout");
+        let stderr = child.stderr.take().expect("idp stderr");
+        // Kept for failure messages (node prints its own warnings there).
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let err_sink = errors.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                err_sink.lock().expect("stderr").push(line);
+            }
+        });
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = events.clone();
         std::thread::spawn(move || {
@@ -85,7 +94,8 @@ impl Idp {
         while idp.count("listening", None) == 0 {
             assert!(
                 Instant::now() < deadline,
-                "the test IdP did not start on port {port}"
+                "the test IdP did not start on port {port}: {}",
+                errors.lock().expect("stderr").join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
         }

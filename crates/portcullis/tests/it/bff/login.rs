@@ -18,51 +18,80 @@ pub struct Setup {
     pub idp: Idp,
     pub gw: Gateway,
     pub _upstream: Upstream,
+    pub _ws: Upstream,
     pub base: String,
 }
 
 pub async fn setup(extra_oidc: &str) -> Setup {
+    setup_with(IdpOptions::default(), extra_oidc, "portcullis").await
+}
+
+/// A provider started with `opts` (its redirect URIs are set here) and a gateway
+/// logging in as client `client_id`.
+pub async fn setup_with(mut opts: IdpOptions, extra_oidc: &str, client_id: &str) -> Setup {
     let (gw_port, idp_port) = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{gw_port}");
-    let idp = Idp::start(
-        idp_port,
-        &IdpOptions {
-            redirect_uris: vec![format!("{base}/auth/callback")],
-            post_logout_uris: vec![format!("{base}/")],
-            ..Default::default()
-        },
-    );
+    opts.redirect_uris = vec![format!("{base}/auth/callback")];
+    opts.post_logout_uris = vec![format!("{base}/")];
+    let idp = Idp::start(idp_port, &opts);
     let upstream = Upstream::echo().await;
-    let yaml = format!(
+    let ws = Upstream::ws_echo().await;
+    let routes = format!(
+        "  - path: /ws\n    auth: {{authenticators: [web]}}\n    proxy: {{upstream: \"{}\"}}\n  - path: /deadws\n    auth: {{authenticators: [web]}}\n    proxy: {{upstream: \"http://{}\"}}\n",
+        ws.url(),
+        crate::harness::dead_upstream()
+    );
+    let gw = Gateway::start(&format!(
+        "{}{routes}",
+        gateway_yaml(
+            gw_port,
+            &idp.issuer(),
+            &upstream.url(),
+            client_id,
+            "{{dir}}/data",
+            extra_oidc,
+        )
+    ));
+    Setup {
+        idp,
+        gw,
+        _upstream: upstream,
+        _ws: ws,
+        base,
+    }
+}
+
+/// A gateway on `port` with the `web` oidc authenticator and `/api` proxied to
+/// `upstream` behind it.
+pub fn gateway_yaml(
+    port: u16,
+    issuer: &str,
+    upstream: &str,
+    client_id: &str,
+    data_dir: &str,
+    extra_oidc: &str,
+) -> String {
+    format!(
         r#"
 listeners:
-  - address: 127.0.0.1:{gw_port}
-store: {{data_dir: "{{{{dir}}}}/data"}}
+  - address: 127.0.0.1:{port}
+store: {{data_dir: "{data_dir}"}}
 authenticators:
   web:
     oidc:
       issuer: "{issuer}"
-      client_id: portcullis
+      client_id: {client_id}
       client_secret: test-secret-test-secret-test-secret
-      public_url: "{base}"
+      public_url: "http://127.0.0.1:{port}"
       allowed_origins: ["{APP}"]
       session: {{encryption_key: "{KEY}", cookie_secure: false}}
 {extra_oidc}
 routes:
   - path_prefix: /api
     auth: {{authenticators: [web]}}
-    proxy: {{upstream: "{up}"}}
-"#,
-        issuer = idp.issuer(),
-        up = upstream.url(),
-    );
-    let gw = Gateway::start(&yaml);
-    Setup {
-        idp,
-        gw,
-        _upstream: upstream,
-        base,
-    }
+    proxy: {{upstream: "{upstream}"}}
+"#
+    )
 }
 
 /// A browser without JavaScript: one cookie jar (cookies ignore ports, as in

@@ -2,5 +2,7 @@
 
 pub mod idp;
 
-mod login;
+pub mod login;
+mod proxying;
+mod refresh;
 mod smoke;
