@@ -126,6 +126,25 @@ pub struct OidcConfig {
     /// API clients; empty = bearer tokens are not accepted.
     #[serde(default)]
     pub bearer_audience: Vec<Text>,
+    /// Limits on the login, callback and logout endpoints (default 60 a minute per
+    /// client IP); `[]` turns them off.
+    #[serde(default = "default_login_limits")]
+    pub rate_limits: Vec<crate::RateLimitConfig>,
+}
+
+fn default_login_limits() -> Vec<crate::RateLimitConfig> {
+    vec![crate::RateLimitConfig {
+        name: Some(Text::from("oidc-login")),
+        requests: 60,
+        per: Duration::secs(60),
+        by: Text::from("ip"),
+        algorithm: Default::default(),
+        burst: None,
+        scope: Default::default(),
+        on_store_error: Default::default(),
+        ipv6_prefix: 64,
+        headers: Default::default(),
+    }]
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

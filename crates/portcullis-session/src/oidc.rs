@@ -94,6 +94,8 @@ pub struct Provider {
     pub revocation_endpoint: Option<Uri>,
     pub end_session_endpoint: Option<Uri>,
     id_tokens: JwtVerifier,
+    jwks_uri: String,
+    algorithms: Vec<Algorithm>,
 }
 
 #[derive(Deserialize)]
@@ -233,23 +235,9 @@ impl OidcClient {
             algorithms.push(Algorithm::RS256);
         }
         endpoint("jwks_uri", &doc.jwks_uri)?;
-        let mut config = JwtConfig::new(
-            algorithms,
-            KeySource::Jwks {
-                url: doc.jwks_uri.clone(),
-                refresh_interval: Duration::from_secs(300),
-                min_refetch_interval: Duration::from_secs(10),
-                timeout: s.timeout,
-                ca_file: s.ca_file.clone(),
-            },
-        );
-        config.issuer = Some(vec![s.issuer.clone()]);
-        config.audience = Some(vec![s.client_id.clone()]);
-        config.leeway = s.leeway;
-        config.cache_max_entries = 0;
-        let id_tokens = JwtVerifier::new(config)
-            .await
-            .map_err(|e| OidcError::Invalid(e.to_string()))?;
+        let id_tokens = self
+            .verifier(&doc.jwks_uri, &algorithms, vec![s.client_id.clone()], 0)
+            .await?;
         Ok(Provider {
             authorization_endpoint: endpoint(
                 "authorization_endpoint",
@@ -259,7 +247,49 @@ impl OidcClient {
             revocation_endpoint: optional("revocation_endpoint", &doc.revocation_endpoint)?,
             end_session_endpoint: optional("end_session_endpoint", &doc.end_session_endpoint)?,
             id_tokens,
+            jwks_uri: doc.jwks_uri,
+            algorithms,
         })
+    }
+
+    /// A JWT verifier on the provider's key set: its issuer, `audience`, the
+    /// provider's asymmetric algorithms.
+    async fn verifier(
+        &self,
+        jwks_uri: &str,
+        algorithms: &[Algorithm],
+        audience: Vec<String>,
+        cache: u64,
+    ) -> Result<JwtVerifier, OidcError> {
+        let s = &self.settings;
+        let mut config = JwtConfig::new(
+            algorithms.to_vec(),
+            KeySource::Jwks {
+                url: jwks_uri.to_owned(),
+                refresh_interval: Duration::from_secs(300),
+                min_refetch_interval: Duration::from_secs(10),
+                timeout: s.timeout,
+                ca_file: s.ca_file.clone(),
+            },
+        );
+        config.issuer = Some(vec![s.issuer.clone()]);
+        config.audience = Some(audience);
+        config.leeway = s.leeway;
+        config.cache_max_entries = cache;
+        JwtVerifier::new(config)
+            .await
+            .map_err(|e| OidcError::Invalid(e.to_string()))
+    }
+
+    /// A verifier of the provider's JWT access tokens for `audience` (API clients
+    /// sending `Authorization: Bearer`), with a verified-token cache.
+    pub async fn access_token_verifier(
+        &self,
+        p: &Provider,
+        audience: Vec<String>,
+    ) -> Result<JwtVerifier, OidcError> {
+        self.verifier(&p.jwks_uri, &p.algorithms, audience, 10_000)
+            .await
     }
 
     /// The authorization request's URL.

@@ -53,6 +53,19 @@ pub struct OidcService {
     post_logout_redirect: String,
     /// Upstream identity headers: sub, email, name.
     pub headers: IdentityHeaders,
+    /// Audiences of the provider's access tokens accepted as bearer credentials;
+    /// empty: none are.
+    bearer_audience: Vec<String>,
+    /// Built on first use, from the discovered key set.
+    bearer: tokio::sync::OnceCell<portcullis_auth::jwt::JwtVerifier>,
+}
+
+/// Why a bearer access token was not accepted.
+pub enum BearerRefusal {
+    Invalid,
+    Expired,
+    /// The provider's keys could not be had: neither accepted nor called invalid.
+    Unavailable,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +201,41 @@ impl OidcService {
     fn cookie_value<'r>(&self, req: &'r Request<Incoming>, spec: &CookieSpec) -> Option<&'r str> {
         crate::sanitize::cookie(req.headers(), spec.name())
             .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Whether API clients may send the provider's access tokens as bearer tokens.
+    pub fn accepts_bearer(&self) -> bool {
+        !self.bearer_audience.is_empty()
+    }
+
+    /// Verifies an access token of the provider (a JWT for one of
+    /// `bearer_audience`) against its key set — never by calling the provider per
+    /// request. ID tokens (they carry a `nonce`) are refused.
+    pub async fn bearer(
+        &self,
+        token: &str,
+    ) -> Result<Arc<portcullis_auth::jwt::VerifiedToken>, BearerRefusal> {
+        use portcullis_auth::jwt::JwtError;
+        let verifier = self
+            .bearer
+            .get_or_try_init(|| async {
+                let p = self.client.provider().await?;
+                self.client
+                    .access_token_verifier(&p, self.bearer_audience.clone())
+                    .await
+            })
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "bearer tokens cannot be verified yet");
+                BearerRefusal::Unavailable
+            })?;
+        match verifier.verify(token).await {
+            Ok(t) if t.claims.contains_key("nonce") => Err(BearerRefusal::Invalid),
+            Ok(t) => Ok(t),
+            Err(JwtError::Expired) => Err(BearerRefusal::Expired),
+            Err(JwtError::KeysUnavailable) => Err(BearerRefusal::Unavailable),
+            Err(_) => Err(BearerRefusal::Invalid),
+        }
     }
 
     /// The application's own origin or one of the allowed ones.
@@ -693,11 +741,16 @@ pub(crate) fn compile(
         email: header(&c.identity_headers.email, "email", errors),
         name: header(&c.identity_headers.name, "name", errors),
     };
-    if !c.bearer_audience.is_empty() {
+    // An ID token's audience is the client: accepting it as a bearer would let
+    // anyone holding an ID token (it travels in logout URLs) call the API.
+    if c.bearer_audience
+        .iter()
+        .any(|a| a.as_str() == c.client_id.as_str())
+    {
         errors.push(
             at,
             f("bearer_audience"),
-            "bearer access tokens on oidc routes are not available in this build yet",
+            "must be the API's audience, not client_id (that is the ID tokens' audience)",
         );
     }
     let (Some(own), Some(cookie), Some(binding), Some(sealer)) = (own, cookie, binding, sealer)
@@ -756,6 +809,8 @@ pub(crate) fn compile(
         end_session: c.end_session.0,
         post_logout_redirect,
         headers,
+        bearer_audience: c.bearer_audience.iter().map(|a| a.to_string()).collect(),
+        bearer: tokio::sync::OnceCell::new(),
     }))
 }
 

@@ -96,7 +96,7 @@ impl Authenticator {
                 sources.clone()
             }
             Authenticator::Oidc { service, .. } => TokenSources {
-                header: false,
+                header: service.accepts_bearer(),
                 cookie: Some(service.cookie_name().to_owned()),
                 query: None,
             },
@@ -125,7 +125,12 @@ impl Authenticator {
         }
     }
 
-    pub(crate) async fn verify(&self, credential: &str) -> Result<Identity, Failure> {
+    /// Checks `credential`, found at `source`.
+    pub(crate) async fn verify(
+        &self,
+        credential: &str,
+        source: &CredentialSource,
+    ) -> Result<Identity, Failure> {
         match self {
             Authenticator::StaticToken {
                 tokens,
@@ -208,6 +213,15 @@ impl Authenticator {
                 Err(JwtError::KeysUnavailable) => Err(Failure::KeysUnavailable),
                 Err(_) => Err(Failure::Invalid),
             },
+            Authenticator::Oidc { service, .. } if *source == CredentialSource::Header => {
+                use crate::action::oidc::BearerRefusal;
+                match service.bearer(credential).await {
+                    Ok(token) => Ok(bearer_identity(service, token)),
+                    Err(BearerRefusal::Invalid) => Err(Failure::Invalid),
+                    Err(BearerRefusal::Expired) => Err(Failure::Expired),
+                    Err(BearerRefusal::Unavailable) => Err(Failure::KeysUnavailable),
+                }
+            }
             Authenticator::Oidc { service, .. } => {
                 use crate::action::oidc::SessionLookup;
                 match service.session(credential).await {
@@ -254,6 +268,32 @@ fn session_identity(
         source: CredentialSource::Cookie(service.cookie_name().to_owned()),
         api_key: None,
         token: None,
+    }
+}
+
+/// The identity of an API client's access token: its `sub`, scopes and claims, and
+/// the same identity headers a session gets (from the token's claims).
+fn bearer_identity(
+    service: &crate::action::oidc::OidcService,
+    token: Arc<VerifiedToken>,
+) -> Identity {
+    let h = &service.headers;
+    let mut headers = Vec::new();
+    for (name, claim) in [(&h.sub, "sub"), (&h.email, "email"), (&h.name, "name")] {
+        let value = token.claims.get(claim).and_then(serde_json::Value::as_str);
+        if let (Some(name), Some(Ok(v))) =
+            (name, value.map(|v| HeaderValue::from_bytes(v.as_bytes())))
+        {
+            headers.push((name.clone(), v));
+        }
+    }
+    Identity {
+        principal: token.subject.clone().unwrap_or_default(),
+        scopes: token.scopes.clone(),
+        headers,
+        source: CredentialSource::Header,
+        api_key: None,
+        token: Some(token),
     }
 }
 

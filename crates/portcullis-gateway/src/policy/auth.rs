@@ -102,7 +102,7 @@ impl AuthPolicy {
                 continue;
             };
             presented = true;
-            match authenticator.verify(&credential).await {
+            match authenticator.verify(&credential, &source).await {
                 Ok(mut identity) => {
                     identity.source = source;
                     if let Some(missing) = scopes.iter().find(|s| !identity.scopes.contains(s)) {

@@ -182,7 +182,7 @@ pub(super) fn compile(
     }
 
     login_routes(config, &policies.store, &mut table, errors);
-    oidc_routes(config, authenticators, &mut table, errors);
+    oidc_routes(config, authenticators, policies, &mut table, errors);
     CompiledRoutes {
         table: table.build(),
         used_clients: action_clients.used,
@@ -262,6 +262,7 @@ fn login_routes(
 fn oidc_routes(
     config: &Config,
     authenticators: &HashMap<String, Arc<Authenticator>>,
+    policies: &crate::policy::Registries,
     table: &mut RouteTableBuilder<Arc<Route>>,
     errors: &mut Errors<'_>,
 ) {
@@ -270,10 +271,31 @@ fn oidc_routes(
         let Authenticator::Oidc { service, .. } = a.as_ref() else {
             continue;
         };
-        let at = config
-            .authenticators
-            .get(name)
-            .map_or(Location::UNKNOWN, |s| s.referenced);
+        let Some(spec) = config.authenticators.get(name) else {
+            continue;
+        };
+        let at = spec.referenced;
+        let portcullis_config::AuthenticatorConfig::Oidc(oidc) = &spec.value else {
+            continue;
+        };
+        // The login, callback and logout routes share one set of limits (a client's
+        // budget covers the whole flow); the session-user route has none.
+        let route_field = format!("authenticators.{name}.oidc");
+        let own = portcullis_config::PolicyKeys {
+            rate_limits: Some(portcullis_config::Toggle::On(oidc.rate_limits.clone())),
+            ..Default::default()
+        };
+        let site = crate::policy::PolicySite {
+            at,
+            route_field: &route_field,
+            route: Arc::from("(oidc)"),
+            own: &own,
+            params: &[],
+            is_prefix: false,
+            authenticated: false,
+        };
+        let (limits, _) =
+            crate::policy::ratelimit::compile(&oidc.rate_limits, &site, policies, errors);
         let p = &service.paths;
         let endpoints = [
             (p.login.clone(), Endpoint::Login),
@@ -297,10 +319,16 @@ fn oidc_routes(
                 }
             }
             let label: Arc<str> = Arc::from("(oidc)");
+            let chain = match (&limits, endpoint) {
+                (Some(l), Endpoint::Login | Endpoint::Callback | Endpoint::Logout) => {
+                    Chain::new(vec![Policy::RateLimitClient(l.clone())])
+                }
+                _ => Chain::default(),
+            };
             let route = Arc::new(Route {
                 metrics: crate::telemetry::RouteMetrics::new(label.clone()),
                 name: label,
-                chain: Chain::default(),
+                chain,
                 unauthenticated: "public",
                 max_body: 0,
                 action: Action::Oidc(OidcAction {

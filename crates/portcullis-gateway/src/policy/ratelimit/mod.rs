@@ -67,7 +67,9 @@ impl Part {
     }
 }
 
-/// One compiled limit.
+/// One compiled limit. Clones share their state (it lives in the registries, keyed
+/// by `prefix`).
+#[derive(Clone)]
 struct Limit {
     name: Arc<str>,
     parts: Box<[Part]>,
@@ -98,6 +100,7 @@ impl Limit {
 }
 
 /// A route's rate limits of one phase (before or after auth).
+#[derive(Clone)]
 pub struct RateLimits {
     limits: Box<[Limit]>,
     /// `RateLimit-Policy` listing every limit of the route with IETF headers (both

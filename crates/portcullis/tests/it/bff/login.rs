@@ -617,6 +617,8 @@ fn config_mistakes_fail_closed_with_their_fields() {
         (format!("      client_secret: s\n      scopes: profile\n      session: {{encryption_key: \"{KEY}\"}}\n"), "oidc.scopes"),
         (format!("      client_secret: s\n      authorize_params: {{redirect_uri: http://evil.test}}\n      session: {{encryption_key: \"{KEY}\"}}\n"), "oidc.authorize_params.redirect_uri"),
         (format!("      client_secret: s\n      session: {{encryption_key: \"{KEY}\", cookie_same_site: none, cookie_secure: false}}\n"), "oidc.session.cookie_name"),
+        // an ID token's audience (the client) is not an API audience
+        (format!("      client_secret: s\n      bearer_audience: [c]\n      session: {{encryption_key: \"{KEY}\"}}\n"), "oidc.bearer_audience"),
     ] {
         let path = write_config(dir.path(), &base(&oidc));
         let (code, out, err) = run_cli(&["check", "-c", &path.display().to_string()], &[]);
@@ -624,4 +626,29 @@ fn config_mistakes_fail_closed_with_their_fields() {
         assert!(err.contains(field), "{field} not named for {oidc}:\n{err}");
         assert!(!err.contains(KEY), "the key was printed");
     }
+}
+
+#[tokio::test]
+async fn login_endpoints_are_rate_limited_per_client() {
+    let s = setup("      rate_limits: [{requests: 3, per: 1m}]\n").await;
+    let login_url = format!("{}/auth/login", s.base);
+    for _ in 0..3 {
+        assert_eq!(client().get(&login_url).send().await.unwrap().status(), 302);
+    }
+    let res = client().get(&login_url).send().await.unwrap();
+    assert!(res.headers().contains_key("retry-after"));
+    assert_error(res, 429, "RATE_LIMITED").await;
+    // The callback and logout share the budget; the session user does not.
+    let res = client()
+        .get(format!("{}/auth/callback?state=x&code=y", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 429, "RATE_LIMITED").await;
+    let me = client()
+        .get(format!("{}/auth/me", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_error(me, 401, "UNAUTHORIZED").await;
 }

@@ -1,5 +1,6 @@
 //! Browser sessions (issue 9): a real OpenID Connect provider on loopback.
 
+mod bearer;
 pub mod idp;
 
 pub mod login;
