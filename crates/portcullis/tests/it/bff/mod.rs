@@ -7,3 +7,4 @@ pub mod login;
 mod proxying;
 mod refresh;
 mod smoke;
+mod stores;
