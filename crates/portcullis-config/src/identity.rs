@@ -108,6 +108,23 @@ pub struct OidcConfig {
     /// PEM roots trusted for the provider (default: the web PKI).
     #[serde(default)]
     pub ca_file: Option<Text>,
+    /// Endpoints that win over discovery's (empty = discovered). With
+    /// `authorization_endpoint`, `token_endpoint` and `jwks_uri` all set, no
+    /// discovery document is read.
+    #[serde(default)]
+    pub authorization_endpoint: Text,
+    #[serde(default)]
+    pub token_endpoint: Text,
+    #[serde(default)]
+    pub jwks_uri: Text,
+    #[serde(default)]
+    pub revocation_endpoint: Text,
+    #[serde(default)]
+    pub end_session_endpoint: Text,
+    /// Accepted for seed 002's `OIDC_USERINFO_ENDPOINT`; never called (the user
+    /// comes from the ID token).
+    #[serde(default)]
+    pub userinfo_endpoint: Text,
     /// Logout redirects to the provider's `end_session_endpoint` (RP-initiated logout).
     #[serde(default)]
     pub end_session: Flag,
@@ -224,13 +241,28 @@ impl Default for SessionConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SameSite {
     #[default]
     Lax,
     Strict,
     None,
+}
+
+/// Interpolated like any text (`${SESSION_COOKIE_SAMESITE:-Lax}`), any case.
+impl<'de> Deserialize<'de> for SameSite {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let t = Text::deserialize(d)?;
+        match t.to_ascii_lowercase().as_str() {
+            "lax" => Ok(SameSite::Lax),
+            "strict" => Ok(SameSite::Strict),
+            "none" => Ok(SameSite::None),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a SameSite value: lax, strict or none"
+            ))),
+        }
+    }
 }
 
 /// Header names of the session user's identity; an empty name sends nothing.

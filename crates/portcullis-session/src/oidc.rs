@@ -74,6 +74,19 @@ pub struct OidcSettings {
     pub leeway: Duration,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Endpoints set explicitly; they win over discovery's. With the authorization
+    /// and token endpoints and the JWKS URI all set, discovery is not used.
+    pub endpoints: Endpoints,
+}
+
+/// Explicit endpoint URLs (seed 002's `OIDC_*_ENDPOINT`, `OIDC_JWKS_URI`).
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    pub authorization: Option<String>,
+    pub token: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub revocation: Option<String>,
+    pub end_session: Option<String>,
 }
 
 impl std::fmt::Debug for OidcSettings {
@@ -199,22 +212,33 @@ impl OidcClient {
 
     async fn discover(&self) -> Result<Provider, OidcError> {
         let s = &self.settings;
-        let url = format!(
-            "{}/.well-known/openid-configuration",
-            s.issuer.trim_end_matches('/')
-        );
-        let uri = parse_http_uri(&url).map_err(OidcError::Invalid)?;
-        let res = self
-            .http
-            .get(&uri, "application/json")
-            .await
-            .map_err(OidcError::Unavailable)?;
-        let doc: Discovery = json_ok(res)?;
-        if doc.issuer != s.issuer {
-            return Err(OidcError::Invalid(format!(
-                "discovery names issuer {:?}, not the configured {:?}",
-                doc.issuer, s.issuer
-            )));
+        let e = &s.endpoints;
+        let mut doc = match (&e.authorization, &e.token, &e.jwks_uri) {
+            // Everything needed is configured: no discovery document is read.
+            (Some(a), Some(t), Some(j)) => Discovery {
+                issuer: s.issuer.clone(),
+                authorization_endpoint: a.clone(),
+                token_endpoint: t.clone(),
+                jwks_uri: j.clone(),
+                revocation_endpoint: None,
+                end_session_endpoint: None,
+                id_token_signing_alg_values_supported: Vec::new(),
+            },
+            _ => self.fetch_discovery().await?,
+        };
+        let set = |target: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                v.clone_into(target);
+            }
+        };
+        set(&mut doc.authorization_endpoint, &e.authorization);
+        set(&mut doc.token_endpoint, &e.token);
+        set(&mut doc.jwks_uri, &e.jwks_uri);
+        if e.revocation.is_some() {
+            doc.revocation_endpoint.clone_from(&e.revocation);
+        }
+        if e.end_session.is_some() {
+            doc.end_session_endpoint.clone_from(&e.end_session);
         }
         let endpoint = |name: &str, v: &str| {
             parse_http_uri(v).map_err(|e| OidcError::Invalid(format!("{name}: {e}")))
@@ -224,7 +248,8 @@ impl OidcClient {
             None => Ok(None),
         };
         // Asymmetric algorithms only: an ID token signed with the client secret
-        // (HS256) could be minted by anyone who holds it.
+        // (HS256) could be minted by anyone who holds it. Without a discovery
+        // document the usual ones are allowed (the key set decides).
         let mut algorithms: Vec<Algorithm> = doc
             .id_token_signing_alg_values_supported
             .iter()
@@ -232,7 +257,12 @@ impl OidcClient {
             .filter(|a| !a.is_hmac())
             .collect();
         if algorithms.is_empty() {
-            algorithms.push(Algorithm::RS256);
+            algorithms = [
+                "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+            ]
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
         }
         endpoint("jwks_uri", &doc.jwks_uri)?;
         let id_tokens = self
@@ -250,6 +280,28 @@ impl OidcClient {
             jwks_uri: doc.jwks_uri,
             algorithms,
         })
+    }
+
+    async fn fetch_discovery(&self) -> Result<Discovery, OidcError> {
+        let s = &self.settings;
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            s.issuer.trim_end_matches('/')
+        );
+        let uri = parse_http_uri(&url).map_err(OidcError::Invalid)?;
+        let res = self
+            .http
+            .get(&uri, "application/json")
+            .await
+            .map_err(OidcError::Unavailable)?;
+        let doc: Discovery = json_ok(res)?;
+        if doc.issuer != s.issuer {
+            return Err(OidcError::Invalid(format!(
+                "discovery names issuer {:?}, not the configured {:?}",
+                doc.issuer, s.issuer
+            )));
+        }
+        Ok(doc)
     }
 
     /// A JWT verifier on the provider's key set: its issuer, `audience`, the
@@ -515,6 +567,7 @@ mod tests {
             leeway: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
             ca_file: None,
+            endpoints: Endpoints::default(),
         };
         assert!(!format!("{s:?}").contains("hunter2"));
     }

@@ -649,6 +649,19 @@ pub(crate) fn compile(
             );
         }
     }
+    for (name, v) in [
+        ("authorization_endpoint", &c.authorization_endpoint),
+        ("token_endpoint", &c.token_endpoint),
+        ("jwks_uri", &c.jwks_uri),
+        ("revocation_endpoint", &c.revocation_endpoint),
+        ("end_session_endpoint", &c.end_session_endpoint),
+    ] {
+        if !v.is_empty() {
+            if let Err(e) = portcullis_auth::http_client::parse_http_uri(v) {
+                errors.push(at, f(name), e);
+            }
+        }
+    }
     let own = match Origin::parse(&c.public_url.value) {
         Ok(o) => Some(o),
         Err(e) => {
@@ -782,6 +795,16 @@ pub(crate) fn compile(
             .ca_file
             .as_ref()
             .map(|p| PathBuf::from(relative_to(source, p))),
+        endpoints: {
+            let opt = |t: &portcullis_config::Text| Some(t.to_string()).filter(|v| !v.is_empty());
+            portcullis_session::oidc::Endpoints {
+                authorization: opt(&c.authorization_endpoint),
+                token: opt(&c.token_endpoint),
+                jwks_uri: opt(&c.jwks_uri),
+                revocation: opt(&c.revocation_endpoint),
+                end_session: opt(&c.end_session_endpoint),
+            }
+        },
     };
     let client = match OidcClient::new(settings) {
         Ok(client) => client,

@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The client secret registered in `idp.mjs`.
+pub const CLIENT_SECRET: &str = "test-secret-test-secret-test-secret";
+
 /// Options of one provider process (`idp.mjs`'s environment).
 #[derive(Default, Clone)]
 pub struct IdpOptions {
