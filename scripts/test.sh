@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit and integration tests.
 # Installs what it needs when missing: rustfmt and clippy (a Rust toolchain is assumed),
-# redis-server, node and npm (with apt-get, through sudo unless root) and the test
-# IdP's npm packages (npm ci).
+# redis-server, node and npm, chromium (with apt-get, through sudo unless root) and
+# the test IdP's and browser driver's npm packages (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,13 @@ node_major=$(node -p 'process.versions.node.split(".")[0]')
 if [ "$node_major" -lt 20 ]; then
     echo "[test] node >= 20 is needed for the test IdP (found $(node --version))" >&2
     exit 1
+fi
+# The end-to-end session test drives Debian's Chromium headless (playwright-core).
+if [ ! -x /usr/lib/chromium/chromium ] && [ ! -x /usr/bin/chromium ]; then
+    echo "[test] installing chromium"
+    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
 node_dir=crates/portcullis/tests/node
 if [ ! -d "$node_dir/node_modules" ] || [ "$node_dir/package-lock.json" -nt "$node_dir/node_modules" ]; then

@@ -1,6 +1,7 @@
 //! Browser sessions (issue 9): a real OpenID Connect provider on loopback.
 
 mod bearer;
+mod browser;
 mod example;
 pub mod idp;
 
