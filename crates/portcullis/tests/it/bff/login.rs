@@ -28,7 +28,17 @@ pub async fn setup(extra_oidc: &str) -> Setup {
 
 /// A provider started with `opts` (its redirect URIs are set here) and a gateway
 /// logging in as client `client_id`.
-pub async fn setup_with(mut opts: IdpOptions, extra_oidc: &str, client_id: &str) -> Setup {
+pub async fn setup_with(opts: IdpOptions, extra_oidc: &str, client_id: &str) -> Setup {
+    setup_tuned(opts, extra_oidc, client_id, |y| y).await
+}
+
+/// As [`setup_with`], with the gateway's YAML passed through `tune` first.
+pub async fn setup_tuned(
+    mut opts: IdpOptions,
+    extra_oidc: &str,
+    client_id: &str,
+    tune: impl Fn(String) -> String,
+) -> Setup {
     let (gw_port, idp_port) = (free_port(), free_port());
     let base = format!("http://127.0.0.1:{gw_port}");
     opts.redirect_uris = vec![format!("{base}/auth/callback")];
@@ -41,7 +51,7 @@ pub async fn setup_with(mut opts: IdpOptions, extra_oidc: &str, client_id: &str)
         ws.url(),
         crate::harness::dead_upstream()
     );
-    let gw = Gateway::start(&format!(
+    let gw = Gateway::start(&tune(format!(
         "{}{routes}",
         gateway_yaml(
             gw_port,
@@ -51,7 +61,7 @@ pub async fn setup_with(mut opts: IdpOptions, extra_oidc: &str, client_id: &str)
             "{{dir}}/data",
             extra_oidc,
         )
-    ));
+    )));
     Setup {
         idp,
         gw,
@@ -651,4 +661,82 @@ async fn login_endpoints_are_rate_limited_per_client() {
         .await
         .unwrap();
     assert_error(me, 401, "UNAUTHORIZED").await;
+}
+
+#[tokio::test]
+async fn client_secret_post_and_a_refused_code() {
+    let s = setup_with(
+        IdpOptions {
+            client_secret_post: true,
+            ..Default::default()
+        },
+        "      client_auth: client_secret_post\n",
+        "portcullis",
+    )
+    .await;
+    let b = Browser::default();
+    assert_eq!(
+        login(&s, &b, "hank", "").await.status(),
+        302,
+        "{}",
+        s.gw.logs()
+    );
+    // A code the provider never issued (or one already used): the exchange fails.
+    let b2 = Browser::default();
+    let res = b2.get(&format!("{}/auth/login", s.base), &[]).await;
+    let authorize = res.headers()["location"].to_str().unwrap().to_owned();
+    let callback = to_callback(&b2, &authorize, &format!("{}/auth/callback", s.base), "ivy").await;
+    let code = callback
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("code="))
+        .unwrap()
+        .to_owned();
+    let forged = callback.replace(&format!("code={code}"), "code=forged-code");
+    assert_error(b2.get(&forged, &[]).await, 502, "IDP_ERROR").await;
+    assert!(b2.cookie("sid").is_none());
+}
+
+#[tokio::test]
+async fn sessions_roll_while_used_and_end_at_their_limits() {
+    let s = setup_tuned(IdpOptions::default(), "", "portcullis", |y| {
+        y.replace(
+            "cookie_secure: false}",
+            "cookie_secure: false, idle_ttl: 2s, max_lifetime: 5s}",
+        )
+    })
+    .await;
+    let me = |sid: String| {
+        client()
+            .get(format!("{}/auth/me", s.base))
+            .header("cookie", format!("sid={sid}"))
+            .send()
+    };
+    // Used every 500 ms for 3 s: alive past its 2 s idle time.
+    let b = Browser::default();
+    assert_eq!(login(&s, &b, "jane", "").await.status(), 302);
+    let start = Instant::now();
+    let sid = b.cookie("sid").unwrap();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(me(sid.clone()).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Left alone for longer than idle_ttl: gone.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_error(me(sid).await.unwrap(), 401, "UNAUTHORIZED").await;
+
+    // Used all the time, it still ends at max_lifetime.
+    let b = Browser::default();
+    assert_eq!(login(&s, &b, "kate", "").await.status(), 302);
+    let start = Instant::now();
+    let sid = b.cookie("sid").unwrap();
+    let mut ended = false;
+    while start.elapsed() < Duration::from_secs(9) {
+        if me(sid.clone()).await.unwrap().status() == 401 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(ended, "the session outlived max_lifetime");
+    assert!(start.elapsed() >= Duration::from_secs(3), "ended too early");
 }

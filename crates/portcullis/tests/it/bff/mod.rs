@@ -2,6 +2,7 @@
 
 mod bearer;
 mod browser;
+mod evil_idp;
 mod example;
 pub mod idp;
 
