@@ -40,6 +40,14 @@ fn every_example_passes_check() {
                     ("TARGET_A_URL", "http://127.0.0.1:1"),
                     ("TARGET_B_URL", "http://127.0.0.1:2"),
                     ("TARGET_C_URL", "http://127.0.0.1:3"),
+                    ("APP_BASE_URL", "https://app.example.com"),
+                    ("OIDC_ISSUER", "https://idp.example.com"),
+                    ("OIDC_CLIENT_ID", "bff"),
+                    ("OIDC_CLIENT_SECRET", "s3cret"),
+                    (
+                        "SESSION_ENCRYPTION_KEY",
+                        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+                    ),
                 ],
             );
             assert_eq!(code, 0, "{}: {out}{err}", path.display());
