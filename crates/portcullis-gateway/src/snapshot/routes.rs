@@ -278,11 +278,21 @@ fn oidc_routes(
         let portcullis_config::AuthenticatorConfig::Oidc(oidc) = &spec.value else {
             continue;
         };
-        // The login, callback and logout routes share one set of limits (a client's
-        // budget covers the whole flow); the session-user route has none.
+        // The defaults' security headers, IP rules and CORS apply (a front end on an
+        // allowed origin reads /auth/me cross-origin); the login, callback and logout
+        // routes share one set of limits (a client's budget covers the whole flow),
+        // the session-user route has none.
         let route_field = format!("authenticators.{name}.oidc");
+        let limited = portcullis_config::Toggle::On(oidc.rate_limits.clone());
         let own = portcullis_config::PolicyKeys {
-            rate_limits: Some(portcullis_config::Toggle::On(oidc.rate_limits.clone())),
+            rate_limits: Some(limited.clone()),
+            ..Default::default()
+        };
+        let keys = |with_limits: bool| portcullis_config::PolicyKeys {
+            security_headers: config.defaults.security_headers.clone(),
+            ip: config.defaults.ip.clone(),
+            cors: config.defaults.cors.clone(),
+            rate_limits: with_limits.then(|| limited.clone()),
             ..Default::default()
         };
         let site = crate::policy::PolicySite {
@@ -294,8 +304,13 @@ fn oidc_routes(
             is_prefix: false,
             authenticated: false,
         };
-        let (limits, _) =
-            crate::policy::ratelimit::compile(&oidc.rate_limits, &site, policies, errors);
+        // Errors are reported once; each route gets its own compiled chain.
+        let before = errors.count();
+        drop(crate::policy::compile(&keys(true), &site, policies, errors));
+        if errors.count() > before {
+            continue;
+        }
+        let mut quiet = Errors::new(errors.file);
         let p = &service.paths;
         let endpoints = [
             (p.login.clone(), Endpoint::Login),
@@ -319,12 +334,12 @@ fn oidc_routes(
                 }
             }
             let label: Arc<str> = Arc::from("(oidc)");
-            let chain = match (&limits, endpoint) {
-                (Some(l), Endpoint::Login | Endpoint::Callback | Endpoint::Logout) => {
-                    Chain::new(vec![Policy::RateLimitClient(l.clone())])
-                }
-                _ => Chain::default(),
-            };
+            let chain = Chain::new(crate::policy::compile(
+                &keys(endpoint != Endpoint::Me),
+                &site,
+                policies,
+                &mut quiet,
+            ));
             let route = Arc::new(Route {
                 metrics: crate::telemetry::RouteMetrics::new(label.clone()),
                 name: label,

@@ -152,6 +152,22 @@ async fn bff_example_with_the_seeds_variables() {
         .await
         .unwrap();
     assert_eq!(me["sub"], "alice");
+    // The generated endpoints carry the defaults' security headers and CORS: a front
+    // end on an allowed origin reads /auth/me with its cookie.
+    let res = client()
+        .get(format!("{base}/auth/me"))
+        .header("cookie", &session)
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(res.headers()["access-control-allow-credentials"], "true");
     let res = client()
         .post(format!("{base}/auth/logout"))
         .header("cookie", &session)
