@@ -46,7 +46,11 @@ pub enum OidcError {
     /// The provider could not be reached or answered 5xx: try again later.
     #[error("identity provider unavailable: {0}")]
     Unavailable(String),
-    /// The provider refused (invalid_grant, invalid_client…): the grant is dead.
+    /// The grant itself is dead (`invalid_grant`): expired, revoked or reused.
+    #[error("identity provider refused the grant")]
+    InvalidGrant,
+    /// The provider refused for another reason (`invalid_client`, a 403 from a
+    /// proxy…): the grant may still be good.
     #[error("identity provider refused: {0}")]
     Refused(String),
     /// The provider answered something a conforming provider does not.
@@ -106,6 +110,9 @@ pub struct Provider {
     pub token_endpoint: Uri,
     pub revocation_endpoint: Option<Uri>,
     pub end_session_endpoint: Option<Uri>,
+    /// The provider names itself in authorization responses (RFC 9207): the
+    /// callback's `iss` is then required.
+    pub iss_in_response: bool,
     id_tokens: JwtVerifier,
     jwks_uri: String,
     algorithms: Vec<Algorithm>,
@@ -123,6 +130,8 @@ struct Discovery {
     end_session_endpoint: Option<String>,
     #[serde(default)]
     id_token_signing_alg_values_supported: Vec<String>,
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
 }
 
 /// A token endpoint's answer.
@@ -223,6 +232,7 @@ impl OidcClient {
                 revocation_endpoint: None,
                 end_session_endpoint: None,
                 id_token_signing_alg_values_supported: Vec::new(),
+                authorization_response_iss_parameter_supported: false,
             },
             _ => self.fetch_discovery().await?,
         };
@@ -276,6 +286,7 @@ impl OidcClient {
             token_endpoint: endpoint("token_endpoint", &doc.token_endpoint)?,
             revocation_endpoint: optional("revocation_endpoint", &doc.revocation_endpoint)?,
             end_session_endpoint: optional("end_session_endpoint", &doc.end_session_endpoint)?,
+            iss_in_response: doc.authorization_response_iss_parameter_supported,
             id_tokens,
             jwks_uri: doc.jwks_uri,
             algorithms,
@@ -449,12 +460,14 @@ impl OidcClient {
     }
 
     /// Verifies an ID token: signature and standard claims, then `nonce` (when one
-    /// was sent), `azp` and `auth_time`.
+    /// was sent), `azp` and — at login (`fresh`) — `auth_time` against `max_age`
+    /// (a refreshed ID token keeps the original `auth_time`).
     pub async fn verify_id_token(
         &self,
         p: &Provider,
         token: &str,
         nonce: Option<&str>,
+        fresh: bool,
     ) -> Result<IdClaims, OidcError> {
         let verified = p
             .id_tokens
@@ -489,7 +502,7 @@ impl OidcClient {
             }
             _ => {}
         }
-        if !s.max_age.is_zero() {
+        if fresh && !s.max_age.is_zero() {
             let auth_time = claims
                 .get("auth_time")
                 .and_then(Value::as_u64)
@@ -523,6 +536,8 @@ fn classify(status: StatusCode, body: &[u8]) -> OidcError {
     let what = format!("status {status} {code}").trim_end().to_owned();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         OidcError::Unavailable(what)
+    } else if code == "invalid_grant" {
+        OidcError::InvalidGrant
     } else {
         OidcError::Refused(what)
     }
@@ -536,8 +551,10 @@ mod tests {
     fn provider_errors_are_classified_without_their_descriptions() {
         let body = br#"{"error":"invalid_grant","error_description":"secret detail"}"#;
         let e = classify(StatusCode::BAD_REQUEST, body);
-        assert!(matches!(&e, OidcError::Refused(m) if m.contains("invalid_grant")));
+        assert!(matches!(&e, OidcError::InvalidGrant));
         assert!(!e.to_string().contains("secret detail"));
+        let client = classify(StatusCode::UNAUTHORIZED, br#"{"error":"invalid_client"}"#);
+        assert!(matches!(&client, OidcError::Refused(m) if m.contains("invalid_client")));
         assert!(matches!(
             classify(StatusCode::BAD_GATEWAY, b"<html>"),
             OidcError::Unavailable(_)

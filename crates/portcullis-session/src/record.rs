@@ -12,6 +12,9 @@ pub struct SessionRecord {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// The provider says it verified `email` (only then is it an identity header).
+    #[serde(default)]
+    pub email_verified: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub picture: Option<String>,
     /// Scopes the provider granted (space-separated).
@@ -24,6 +27,9 @@ pub struct SessionRecord {
     /// Unix seconds; `None` when the provider did not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_expires_at: Option<u64>,
+    /// Unix seconds: when the current access token was issued.
+    #[serde(default)]
+    pub access_issued_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_token: Option<String>,
     /// For RP-initiated logout (`id_token_hint`).

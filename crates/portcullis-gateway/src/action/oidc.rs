@@ -194,6 +194,14 @@ fn redirect(location: &str) -> Result<Response<Body>, GatewayError> {
 }
 
 impl OidcService {
+    /// The session cookie and the login-binding cookie.
+    pub fn cookie_names(&self) -> [String; 2] {
+        [
+            self.cookie.name().to_owned(),
+            self.binding.name().to_owned(),
+        ]
+    }
+
     pub fn cookie_name(&self) -> &str {
         self.cookie.name()
     }
@@ -229,8 +237,18 @@ impl OidcService {
                 tracing::warn!(error = %e, "bearer tokens cannot be verified yet");
                 BearerRefusal::Unavailable
             })?;
+        // ID tokens are not access tokens: they carry a nonce (at login) or the
+        // client as their audience.
+        let client_id = self.client.settings().client_id.as_str();
+        let for_client = |t: &portcullis_auth::jwt::VerifiedToken| match t.claims.get("aud") {
+            Some(serde_json::Value::String(a)) => a == client_id,
+            Some(serde_json::Value::Array(a)) => a.iter().any(|x| x == client_id),
+            _ => false,
+        };
         match verifier.verify(token).await {
-            Ok(t) if t.claims.contains_key("nonce") => Err(BearerRefusal::Invalid),
+            Ok(t) if t.claims.contains_key("nonce") || for_client(&t) => {
+                Err(BearerRefusal::Invalid)
+            }
             Ok(t) => Ok(t),
             Err(JwtError::Expired) => Err(BearerRefusal::Expired),
             Err(JwtError::KeysUnavailable) => Err(BearerRefusal::Unavailable),
@@ -262,9 +280,14 @@ impl OidcService {
         .with_header(header::SET_COOKIE, self.cookie.clear())
     }
 
+    /// Due within `refresh_skew` of expiry — or within half the token's lifetime
+    /// when that is shorter (a 30 s token with a 60 s skew would otherwise be
+    /// refreshed on every request).
     fn refresh_due(&self, r: &SessionRecord, now: u64) -> bool {
-        r.access_expires_at
-            .is_some_and(|t| t <= now + self.refresh_skew.as_secs())
+        r.access_expires_at.is_some_and(|t| {
+            let half_life = t.saturating_sub(r.access_issued_at) / 2;
+            t <= now + self.refresh_skew.as_secs().min(half_life)
+        })
     }
 
     fn access_valid(r: &SessionRecord, now: u64) -> bool {
@@ -276,7 +299,7 @@ impl OidcService {
     /// arrive together, on this instance or another: one takes the store's lock and
     /// refreshes, the others use the current token while it is valid or wait for
     /// the new one.
-    pub async fn session(&self, sid: &str) -> Result<SessionLookup, LookupUnavailable> {
+    pub async fn session(self: &Arc<Self>, sid: &str) -> Result<SessionLookup, LookupUnavailable> {
         let Some(loaded) = self.sessions.load(sid).await? else {
             return Ok(SessionLookup::Missing);
         };
@@ -294,21 +317,32 @@ impl OidcService {
     }
 
     async fn refresh(
-        &self,
+        self: &Arc<Self>,
         sid: &str,
         current: SessionRecord,
     ) -> Result<SessionLookup, LookupUnavailable> {
         let token = ids::state().map_err(|_| LookupUnavailable)?;
-        let hold = self.client.settings().timeout + Duration::from_secs(5);
+        // Longer than everything a refresh may call: discovery, the key set and the
+        // token endpoint, each bounded by `timeout`.
+        let hold = self.client.settings().timeout * 3 + Duration::from_secs(5);
         let deadline = std::time::Instant::now() + hold;
         let mut record = current;
         loop {
             if self.sessions.try_lock(sid, &token, hold).await? {
-                let result = self.refresh_locked(sid).await;
-                if let Err(e) = self.sessions.unlock(sid, &token).await {
-                    tracing::warn!(error = %e, "session refresh lock not released");
-                }
-                return result;
+                // In a task of its own: a client that goes away must not cancel a
+                // refresh between the provider's answer (a rotated refresh token)
+                // and the store write — the old token would be dead and the new one
+                // lost.
+                let this = self.clone();
+                let (sid, token) = (sid.to_owned(), token.clone());
+                let task = tokio::spawn(async move {
+                    let result = this.refresh_locked(&sid).await;
+                    if let Err(e) = this.sessions.unlock(&sid, &token).await {
+                        tracing::warn!(error = %e, "session refresh lock not released");
+                    }
+                    result
+                });
+                return task.await.unwrap_or(Err(LookupUnavailable));
             }
             // Someone else is refreshing: the current token serves while it is valid.
             if Self::access_valid(&record, now_secs()) {
@@ -365,9 +399,11 @@ impl OidcService {
                     None => SessionLookup::Ended,
                 })
             }
-            Err(OidcError::Refused(why)) => {
+            Err(OidcError::InvalidGrant) => {
+                // Only a dead grant ends the session: `invalid_client` after a
+                // secret rotation or a proxy's 403 must not log every user out.
                 self.sessions.delete(sid).await?;
-                tracing::info!(sub = %old.sub, reason = %why, "session ended: refresh refused");
+                tracing::info!(sub = %old.sub, "session ended: the provider refused the refresh");
                 Ok(SessionLookup::Ended)
             }
             Err(e) => {
@@ -394,15 +430,19 @@ impl OidcService {
     ) -> Result<SessionRecord, OidcError> {
         let mut r = old.clone();
         if let Some(id) = &tokens.id_token {
-            let claims = self.client.verify_id_token(provider, id, None).await?;
+            let claims = self
+                .client
+                .verify_id_token(provider, id, None, false)
+                .await?;
             if claims.sub != old.sub {
-                return Err(OidcError::Invalid(
-                    "a refreshed ID token names another user".into(),
-                ));
+                // Another user behind this session's grant: the session ends.
+                tracing::warn!(sub = %old.sub, "a refreshed ID token names another user");
+                return Err(OidcError::InvalidGrant);
             }
             r.id_token = Some(id.clone());
         }
         r.access_token = tokens.access_token;
+        r.access_issued_at = now;
         r.access_expires_at = tokens.expires_in.map(|s| now + s);
         if let Some(rt) = tokens.refresh_token {
             r.refresh_token = Some(rt);
@@ -473,14 +513,19 @@ impl OidcService {
                 "the identity provider did not complete the login",
             ));
         }
-        // RFC 9207: a provider that names itself must be the one we asked.
-        if let Some(iss) = query_param(query, "iss") {
-            if iss != self.client.settings().issuer {
-                return Err(bad_request("the response comes from another issuer"));
-            }
-        }
         let code = query_param(query, "code").ok_or_else(|| bad_request("code is missing"))?;
         let provider = self.client.provider().await.map_err(idp_error)?;
+        // RFC 9207: a provider that names itself must be the one we asked, and one
+        // that says it always does must have.
+        match query_param(query, "iss") {
+            Some(iss) if iss != self.client.settings().issuer => {
+                return Err(bad_request("the response comes from another issuer"));
+            }
+            None if provider.iss_in_response => {
+                return Err(bad_request("the response does not name its issuer"));
+            }
+            _ => {}
+        }
         let tokens = self
             .client
             .exchange(&provider, &code, &login.verifier)
@@ -492,7 +537,7 @@ impl OidcService {
             .ok_or_else(|| idp_error(OidcError::Invalid("no ID token".into())))?;
         let claims = self
             .client
-            .verify_id_token(&provider, id_token, Some(&login.nonce))
+            .verify_id_token(&provider, id_token, Some(&login.nonce), true)
             .await
             .map_err(idp_error)?;
         let now = now_secs();
@@ -500,12 +545,15 @@ impl OidcService {
             sub: claims.sub.clone(),
             name: claims.string("name"),
             email: claims.string("email"),
+            email_verified: claims.claims.get("email_verified")
+                == Some(&serde_json::Value::Bool(true)),
             picture: claims.string("picture"),
             scope: tokens.scope.clone(),
             created_at: now,
             expires_at: now + self.max_lifetime.as_secs(),
             access_token: tokens.access_token.clone(),
             access_expires_at: tokens.expires_in.map(|s| now + s),
+            access_issued_at: now,
             refresh_token: tokens.refresh_token.clone(),
             id_token: Some(id_token.to_owned()),
         };
@@ -530,10 +578,12 @@ impl OidcService {
     async fn logout(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         // A cross-site page must not log the user out: the request's origin is
         // checked like CSRF's (browsers send Origin with every POST).
-        let origin = header_str(req, header::ORIGIN)
-            .filter(|o| *o != "null")
-            .and_then(|o| Origin::parse(o).ok())
-            .or_else(|| header_str(req, header::REFERER).and_then(Origin::of_url));
+        // `Origin: null` (a sandboxed frame, a cross-origin redirect) is refused,
+        // not replaced by the Referer.
+        let origin = match header_str(req, header::ORIGIN) {
+            Some(o) => Origin::parse(o).ok(),
+            None => header_str(req, header::REFERER).and_then(Origin::of_url),
+        };
         if !origin.is_some_and(|o| self.origins.allows(&o)) {
             return Err(GatewayError::new(
                 ErrorCode::CsrfRejected,
@@ -549,15 +599,21 @@ impl OidcService {
             tracing::info!(sub = %record.sub, "OpenID Connect logout");
             match self.client.provider().await {
                 Ok(provider) => {
-                    // Revoking the refresh token ends the grant (RFC 7009 §2.1); the
-                    // access token is revoked itself only when there is none (a
-                    // self-contained JWT access token cannot be revoked anyway).
-                    let (token, hint) = match &record.refresh_token {
-                        Some(rt) => (rt.as_str(), "refresh_token"),
-                        None => (record.access_token.as_str(), "access_token"),
-                    };
-                    if let Err(e) = self.client.revoke(&provider, token, hint).await {
-                        tracing::warn!(error = %e, hint, "token revocation failed");
+                    // The refresh token first: revoking it ends the grant (RFC 7009
+                    // §2.1). The access token too: an opaque one dies with it, a
+                    // self-contained JWT cannot be revoked (the provider says so,
+                    // which is only worth a debug line).
+                    if let Some(rt) = &record.refresh_token {
+                        if let Err(e) = self.client.revoke(&provider, rt, "refresh_token").await {
+                            tracing::warn!(error = %e, "refresh token revocation failed");
+                        }
+                    }
+                    if let Err(e) = self
+                        .client
+                        .revoke(&provider, &record.access_token, "access_token")
+                        .await
+                    {
+                        tracing::debug!(error = %e, "access token not revoked");
                     }
                     if self.end_session {
                         end_session = provider.end_session_endpoint.as_ref().map(|e| {
@@ -590,7 +646,7 @@ impl OidcService {
         Ok(res)
     }
 
-    async fn me(&self, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    async fn me(self: &Arc<Self>, req: &Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         let unauthorized = || GatewayError::new(ErrorCode::Unauthorized, "no session");
         let sid = self
             .cookie_value(req, &self.cookie)
@@ -607,6 +663,7 @@ impl OidcService {
             "sub": r.sub,
             "name": r.name,
             "email": r.email,
+            "email_verified": r.email_verified,
             "picture": r.picture,
         });
         let mut res = Response::new(Body::full(Bytes::from(body.to_string())));

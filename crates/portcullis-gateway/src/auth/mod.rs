@@ -244,9 +244,12 @@ fn session_identity(
     let h = &service.headers;
     let mut headers: Vec<(HeaderName, HeaderValue)> =
         forwarded_token(service, &record).into_iter().collect();
+    // An email the provider did not verify is not an identity (self-registration
+    // would let anyone claim anyone's address).
+    let email = record.email.as_ref().filter(|_| record.email_verified);
     for (name, value) in [
         (&h.sub, Some(&record.sub)),
-        (&h.email, record.email.as_ref()),
+        (&h.email, email),
         (&h.name, record.name.as_ref()),
     ] {
         if let (Some(name), Some(Ok(v))) =
@@ -279,7 +282,11 @@ fn bearer_identity(
 ) -> Identity {
     let h = &service.headers;
     let mut headers = Vec::new();
+    let verified = token.claims.get("email_verified") == Some(&serde_json::Value::Bool(true));
     for (name, claim) in [(&h.sub, "sub"), (&h.email, "email"), (&h.name, "name")] {
+        if claim == "email" && !verified {
+            continue;
+        }
         let value = token.claims.get(claim).and_then(serde_json::Value::as_str);
         if let (Some(name), Some(Ok(v))) =
             (name, value.map(|v| HeaderValue::from_bytes(v.as_bytes())))

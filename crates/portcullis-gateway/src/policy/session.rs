@@ -2,8 +2,8 @@
 //! route that accepts its cookie, right after auth:
 //!
 //! - a WebSocket upgrade authenticated by the session cookie needs an `Origin`
-//!   that is the application's (its `public_url`, an allowed origin, or the
-//!   request's own): browsers apply no CORS to WebSockets, so this is the only
+//!   that is the application's (its `public_url` or an allowed origin): browsers
+//!   apply no CORS to WebSockets, so this is the only
 //!   guard against cross-site WebSocket hijacking → else 403 `ORIGIN_REJECTED`;
 //! - an unsafe request (not GET/HEAD/OPTIONS/TRACE) authenticated by the cookie
 //!   needs such an `Origin` (or `Referer`) too → else 403 `CSRF_REJECTED`. This is
@@ -52,16 +52,13 @@ impl SessionGuard {
             return Ok(Flow::Continue);
         }
         // A WebSocket handshake is judged by its Origin alone (browsers always send
-        // it); a plain request may fall back to its Referer.
+        // it); a plain request may fall back to its Referer. Only `public_url` and
+        // the allowed origins count: the request's own Host is the client's to
+        // choose (any name routed to the gateway would pass).
         let origin = request_origin(req.headers(), !websocket);
-        let own = ctx
-            .authority
-            .as_ref()
-            .and_then(|a| a.to_str().ok())
-            .and_then(|a| Origin::with_scheme(scheme(ctx.conn.scheme), a));
         let allowed = origin
             .as_ref()
-            .is_some_and(|o| self.service.allows_origin(o) || own.as_ref() == Some(o));
+            .is_some_and(|o| self.service.allows_origin(o));
         if allowed {
             return Ok(Flow::Continue);
         }
@@ -76,14 +73,6 @@ impl SessionGuard {
                 "cross-site request refused: Origin is missing or not allowed",
             ))
         }
-    }
-}
-
-fn scheme(s: &str) -> &'static str {
-    if s == "https" {
-        "https"
-    } else {
-        "http"
     }
 }
 

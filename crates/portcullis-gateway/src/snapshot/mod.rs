@@ -29,6 +29,9 @@ pub use routes::describe_routes;
 pub struct Snapshot {
     /// The config it was compiled from (served redacted by `/admin/config`).
     pub config: Config,
+    /// Browser-session cookies (the `oidc` authenticator's session and login
+    /// cookies): removed from every proxied request, whatever the route.
+    pub session_cookies: crate::auth::CredentialSources,
     pub source: PathBuf,
     pub routes: RouteTable<Arc<Route>>,
     pub route_count: usize,
@@ -238,6 +241,18 @@ pub async fn compile(
     // Routes.
     let (authenticators, api_keys) =
         crate::auth::compile::compile_authenticators(&config, source, store, &mut errors).await;
+    let session_cookies = crate::auth::CredentialSources {
+        authorization: false,
+        cookies: authenticators
+            .values()
+            .filter_map(|a| match a.as_ref() {
+                crate::auth::Authenticator::Oidc { service, .. } => Some(service.cookie_names()),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        query: Vec::new(),
+    };
     let mut identity_headers: HashSet<HeaderName> = authenticators
         .values()
         .flat_map(|a| a.identity_headers())
@@ -374,6 +389,7 @@ pub async fn compile(
         .0
         .then(|| config.metrics.path.to_string());
     Ok(Snapshot {
+        session_cookies,
         route_count: config.routes.len(),
         routes: compiled.table,
         certs,

@@ -52,7 +52,8 @@ const provider = new Provider(ISSUER, {
       sub: id,
       name: `User ${id}`,
       email: `${id}@example.test`,
-      email_verified: true,
+      // Users whose name starts with "unverified" have an address nobody checked.
+      email_verified: !id.startsWith('unverified'),
       picture: `https://img.example.test/${id}.png`,
     }),
   }),

@@ -59,6 +59,11 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     let original_uri = std::mem::take(&mut parts.uri);
     let headers = &mut parts.headers;
+    // No upstream ever sees a browser session's cookies, on any route (a public
+    // route, another authenticator's, `forward_credential`): it could replay them.
+    if !ctx.snapshot.session_cookies.cookies.is_empty() {
+        crate::auth::remove_credentials(headers, &ctx.snapshot.session_cookies);
+    }
     // Hop-by-hop headers were removed when the request arrived (crate::sanitize),
     // before the gateway added its own.
     if let Some(protocol) = &upgrade {

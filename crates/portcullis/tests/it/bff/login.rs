@@ -100,6 +100,9 @@ routes:
   - path_prefix: /api
     auth: {{authenticators: [web]}}
     proxy: {{upstream: "{upstream}"}}
+  - path_prefix: /pub
+    public: true
+    proxy: {{upstream: "{upstream}"}}
 "#
     )
 }
@@ -381,6 +384,43 @@ async fn login_gives_a_session_that_proxied_routes_see() {
         "the session id reached the upstream: {cookie}"
     );
 
+    // A public route never receives the session either (nor the login cookie).
+    b.set_cookie("sid_login", "planted");
+    let echo: serde_json::Value = b
+        .get(&format!("{}/pub/x", s.base), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cookie = echo["headers"]["cookie"].to_string();
+    assert!(cookie.contains("pref=1"), "{cookie}");
+    assert!(
+        !cookie.contains(&sid) && !cookie.contains("planted"),
+        "{cookie}"
+    );
+
+    // An address the provider did not verify is not sent as identity.
+    let b2 = Browser::default();
+    assert_eq!(login(&s, &b2, "unverified-zed", "").await.status(), 302);
+    let echo: serde_json::Value = b2
+        .get(&format!("{}/api/x", s.base), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        echo["headers"]["x-user-sub"],
+        serde_json::json!(["unverified-zed"])
+    );
+    assert!(echo["headers"]["x-user-email"].is_null(), "{echo}");
+    let me: serde_json::Value = b2
+        .get(&format!("{}/auth/me", s.base), &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["email_verified"], false);
+
     // Without a session, or with a forged one: 401.
     let anon = client()
         .get(format!("{}/api/x", s.base))
@@ -517,6 +557,14 @@ async fn a_new_login_replaces_the_session_and_logout_ends_it() {
     // Logout from another site is refused; from the app it ends the session.
     let logout = format!("{}/auth/logout", s.base);
     let res = b.post(&logout, &[("origin", "https://evil.test")]).await;
+    assert_error(res, 403, "CSRF_REJECTED").await;
+    // `Origin: null` (a sandboxed frame) is refused even with an allowed Referer.
+    let res = b
+        .post(
+            &logout,
+            &[("origin", "null"), ("referer", &format!("{}/app", s.base))],
+        )
+        .await;
     assert_error(res, 403, "CSRF_REJECTED").await;
     assert_eq!(
         b.get(&format!("{}/auth/me", s.base), &[]).await.status(),

@@ -130,6 +130,11 @@ async fn unsafe_session_requests_need_the_applications_origin() {
         vec![("origin", "https://evil.test".to_owned())],
         vec![("origin", "null".to_owned())],
         vec![("referer", "https://evil.test/page".to_owned())],
+        // "Same origin" by a Host the client chose is not the application's origin.
+        vec![
+            ("origin", "http://evil.test".to_owned()),
+            ("host", "evil.test".to_owned()),
+        ],
     ] {
         let res = post(h.clone()).await.unwrap();
         assert_error(res, 403, "CSRF_REJECTED").await;

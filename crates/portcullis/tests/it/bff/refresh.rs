@@ -49,7 +49,10 @@ async fn many_requests_on_two_instances_refresh_once() {
     let upstream = Upstream::echo().await;
     let shared = tempfile::tempdir().unwrap();
     let data = shared.path().display().to_string();
-    let extra = "      refresh_skew: 2s\n      forward_access_token: true\n";
+    // max_age is checked at login only: a refreshed ID token keeps the login's
+    // auth_time, older than 2 s by the time of the refresh.
+    let extra =
+        "      refresh_skew: 2s\n      forward_access_token: true\n      id_token_max_age: 2s\n";
     let a = Gateway::start(&gateway_yaml(
         pa,
         &idp.issuer(),
