@@ -164,12 +164,26 @@ fn default_login_limits() -> Vec<crate::RateLimitConfig> {
     }]
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OidcClientAuth {
     #[default]
     ClientSecretBasic,
     ClientSecretPost,
+}
+
+/// Interpolated like any text (`${OIDC_CLIENT_AUTH:-client_secret_basic}`).
+impl<'de> Deserialize<'de> for OidcClientAuth {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let t = Text::deserialize(d)?;
+        match t.as_str() {
+            "client_secret_basic" => Ok(OidcClientAuth::ClientSecretBasic),
+            "client_secret_post" => Ok(OidcClientAuth::ClientSecretPost),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a client authentication: client_secret_basic or client_secret_post"
+            ))),
+        }
+    }
 }
 
 /// Paths of the generated login endpoints.

@@ -242,6 +242,24 @@ mod tests {
     }
 
     #[test]
+    fn oidc_enums_are_interpolated() {
+        let c = parse_str(
+            "authenticators:\n  web:\n    oidc:\n      issuer: https://i.test\n      client_id: a\n      client_secret: s\n      public_url: https://a.test\n      client_auth: \"${PORTCULLIS_TEST_UNSET_CA:-client_secret_post}\"\n      session: {encryption_key: k, cookie_same_site: \"${PORTCULLIS_TEST_UNSET_SS:-None}\"}\n",
+        )
+        .unwrap();
+        let AuthenticatorConfig::Oidc(o) = &c.authenticators["web"].value else {
+            panic!("not oidc");
+        };
+        assert_eq!(o.client_auth, OidcClientAuth::ClientSecretPost);
+        assert_eq!(o.session.cookie_same_site, SameSite::None);
+        let err = parse_str(
+            "authenticators:\n  web:\n    oidc:\n      issuer: https://i.test\n      client_id: a\n      client_secret: s\n      public_url: https://a.test\n      client_auth: basic\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].line, 8, "{err}");
+    }
+
+    #[test]
     fn oidc_unknown_field_is_located() {
         let err = parse_str(
             "authenticators:\n  web:\n    oidc:\n      issuer: https://idp.example.test\n      client_id: app\n      client_secret: s\n      public_url: https://app.example.test\n      sesion: {}\n",
