@@ -15,8 +15,29 @@ use crate::error::{ErrorCode, GatewayError};
 pub struct RequestAuthority {
     /// As the client wrote it (for `preserve_host`, `X-Forwarded-Host`, `Forwarded`).
     pub value: HeaderValue,
-    /// Lowercase host without port or trailing dot (for routing).
-    pub host: String,
+    /// Where, in `value`, the lower-case host without port, brackets or trailing
+    /// dot is (for routing) — `value` is canonical, so it is a slice of it.
+    host: std::ops::Range<usize>,
+}
+
+impl RequestAuthority {
+    /// Lower-case host without port or trailing dot.
+    pub fn host(&self) -> &str {
+        self.value
+            .to_str()
+            .ok()
+            .and_then(|v| v.get(self.host.clone()))
+            .unwrap_or_default()
+    }
+}
+
+/// The host's place in a canonical authority: `host`, `host:port`, `[v6]`,
+/// `[v6]:port`.
+fn host_range(value: &[u8]) -> std::ops::Range<usize> {
+    match value.first() {
+        Some(b'[') => 1..value.iter().position(|c| *c == b']').unwrap_or(value.len()),
+        _ => 0..value.iter().position(|c| *c == b':').unwrap_or(value.len()),
+    }
 }
 
 fn bad(message: &'static str) -> GatewayError {
@@ -72,20 +93,22 @@ pub fn request_authority<B>(req: &Request<B>) -> Result<Option<RequestAuthority>
     if host.is_empty() || host.starts_with('.') {
         return Err(bad("malformed Host"));
     }
-    let value = canonical(value, &host, port);
+    let rewritten = canonical(&value, &host, port);
+    let value = rewritten.unwrap_or(value);
+    let host = host_range(value.as_bytes());
     Ok(Some(RequestAuthority { value, host }))
 }
 
 /// The authority as forwarded: lower-case host without a trailing dot, the port as
 /// given — the same host routing used. Already-canonical values are reused as is.
-fn canonical(value: HeaderValue, host: &str, port: Option<u16>) -> HeaderValue {
+fn canonical(value: &HeaderValue, host: &str, port: Option<u16>) -> Option<HeaderValue> {
     let b = value.as_bytes();
     let host_part = match b.first() {
         Some(b'[') => b.split(|c| *c == b']').next().unwrap_or(b),
         _ => b.split(|c| *c == b':').next().unwrap_or(b),
     };
     if !host_part.ends_with(b".") && !host_part.iter().any(u8::is_ascii_uppercase) {
-        return value;
+        return None;
     }
     let host = if host.contains(':') {
         format!("[{host}]")
@@ -96,7 +119,7 @@ fn canonical(value: HeaderValue, host: &str, port: Option<u16>) -> HeaderValue {
         Some(p) => format!("{host}:{p}"),
         None => host,
     };
-    HeaderValue::from_str(&text).unwrap_or(value)
+    HeaderValue::from_str(&text).ok()
 }
 
 /// Bytes of a reg-name host: letters, digits, `-._~`.
@@ -223,7 +246,7 @@ mod tests {
                 "{host}"
             );
         }
-        assert_eq!(a.host, "a.test");
+        assert_eq!(a.host(), "a.test");
         let r = req("http://a.test/x", &["b.test"], Version::HTTP_11);
         assert!(request_authority(&r).is_err());
         let r = req("/x", &["a.test", "b.test"], Version::HTTP_11);
@@ -233,6 +256,9 @@ mod tests {
         let r = req("/x", &[], Version::HTTP_10);
         assert!(request_authority(&r).unwrap().is_none());
         let r = req("/x", &["Example.COM."], Version::HTTP_11);
-        assert_eq!(request_authority(&r).unwrap().unwrap().host, "example.com");
+        assert_eq!(
+            request_authority(&r).unwrap().unwrap().host(),
+            "example.com"
+        );
     }
 }

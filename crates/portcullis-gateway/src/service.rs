@@ -193,7 +193,10 @@ fn request_id(req: &Request<Incoming>, name: &HeaderName) -> HeaderValue {
     }
     let id = uuid::Uuid::new_v4();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+    id.hyphenated().encode_lower(&mut buf);
+    // One allocation holding the bytes; the clones for the upstream request and
+    // the response share it (a copied value would allocate again when cloned).
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
         .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
@@ -261,7 +264,7 @@ async fn dispatch(
     }
 
     // `port:` on a route is the listener's port, never what a client writes in Host.
-    let host = authority.as_ref().map(|a| a.host.as_str());
+    let host = authority.as_ref().map(|a| a.host());
     let port = Some(at.conn.local.port());
     let found = match snapshot.routes.lookup(host, port, req.method(), &path) {
         Lookup::Found(m) => m,

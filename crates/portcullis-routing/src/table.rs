@@ -734,7 +734,9 @@ fn check_path(p: &str, catch_all_ok: bool) -> Result<(), &'static str> {
 /// Splits a `Host` header or URI authority into a lowercase host without
 /// trailing dot and a port: `Example.COM.:8080` → (`example.com`, 8080),
 /// `[::1]:8080` → (`::1`, 8080).
-pub fn split_host_port(authority: &str) -> (String, Option<u16>) {
+/// The host is borrowed when it is already lower-case without a trailing dot (the
+/// usual case: no allocation per request).
+pub fn split_host_port(authority: &str) -> (std::borrow::Cow<'_, str>, Option<u16>) {
     // Userinfo never selects a route.
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let (host, port) = match authority.strip_prefix('[') {
@@ -748,7 +750,12 @@ pub fn split_host_port(authority: &str) -> (String, Option<u16>) {
             _ => (authority, None),
         },
     };
-    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    };
     let port = port
         .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|p| p.parse().ok());
