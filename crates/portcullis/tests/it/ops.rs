@@ -345,17 +345,25 @@ async fn workers_flag_env_and_config() {
         let v: serde_json::Value = serde_json::from_str(&starting).unwrap();
         assert_eq!(v["workers"], expected, "{args:?} {env:?}: {starting}");
         assert_eq!(v["runtime"], runtime, "{starting}");
-        let worker_threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|name| name.starts_with("portcullis-work"))
-            .count();
+        let worker_threads = || {
+            std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with("portcullis-work"))
+                .count()
+        };
         let want = if runtime == "thread_per_core" {
             expected - 1
         } else {
             0
         };
-        assert_eq!(worker_threads, want, "{runtime}");
+        // The worker threads may still be starting when the listeners log: wait for
+        // the count (on a loaded machine), then check it is exactly right.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while worker_threads() < want && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(worker_threads(), want, "{runtime}");
         // Concurrent requests, proxied and answered by the gateway itself.
         let c = client();
         let mut tasks = Vec::new();
