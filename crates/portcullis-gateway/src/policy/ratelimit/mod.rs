@@ -67,9 +67,7 @@ impl Part {
     }
 }
 
-/// One compiled limit. Clones share their state (it lives in the registries, keyed
-/// by `prefix`).
-#[derive(Clone)]
+/// One compiled limit.
 struct Limit {
     name: Arc<str>,
     parts: Box<[Part]>,
@@ -100,7 +98,6 @@ impl Limit {
 }
 
 /// A route's rate limits of one phase (before or after auth).
-#[derive(Clone)]
 pub struct RateLimits {
     limits: Box<[Limit]>,
     /// `RateLimit-Policy` listing every limit of the route with IETF headers (both
