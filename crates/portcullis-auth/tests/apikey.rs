@@ -130,6 +130,9 @@ impl Store for CountingStore {
         self.check()?;
         self.inner.ping().await
     }
+    fn unprefixed(&self) -> std::sync::Arc<dyn Store> {
+        self.inner.unprefixed()
+    }
     fn backend_name(&self) -> &'static str {
         self.inner.backend_name()
     }

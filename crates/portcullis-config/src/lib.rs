@@ -5,6 +5,7 @@
 //! the runtime (route conflicts, certificates) happen when the gateway compiles the
 //! config, and report positions through [`ConfigError::at`].
 
+mod compose;
 mod identity;
 mod interp;
 mod policies;
@@ -14,6 +15,7 @@ mod upstreams;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use compose::*;
 pub use identity::*;
 pub use interp::{
     interpolate, parse_size, ByteSize, Duration, EnvSource, Flag, ProcessEnv, Scalar, Secret, Text,

@@ -42,6 +42,9 @@ pub struct Config {
     /// Named upstreams that routes may reference by name instead of a URL.
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<UpstreamConfig>>,
+    /// Pipelines declared here (routes run them with `pipeline: {name: …}`).
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, Spanned<crate::PipelineDefConfig>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteConfig>>,
     /// Policies every route inherits unless it sets the key itself.
@@ -452,6 +455,9 @@ pub struct RouteConfig {
     pub respond: Option<RespondConfig>,
     #[serde(default)]
     pub redirect: Option<RedirectConfig>,
+    /// Run a pipeline (sequential or parallel steps) and answer with its result.
+    #[serde(default)]
+    pub pipeline: Option<crate::PipelineConfig>,
     // Policies (see `PolicyKeys`): each replaces the `defaults:` key of its name.
     #[serde(default)]
     pub ip: Option<Toggle<crate::IpRulesConfig>>,

@@ -165,6 +165,11 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::DELETE, "/admin/cache") => purge_cache(shared, req.uri().query()).await,
+        (&Method::GET, "/admin/pipelines") => list_pipelines(shared).await,
+        (_, p) if p.starts_with("/admin/pipelines/") => {
+            let name = p["/admin/pipelines/".len()..].to_owned();
+            pipeline(shared, req, &name).await
+        }
         (&Method::GET, "/admin/upstreams") => json(
             StatusCode::OK,
             &crate::health::admin_view(&shared.snapshot.load().groups),
@@ -176,10 +181,81 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (
             _,
             "/admin/config" | "/admin/routes" | "/admin/reload" | "/admin/apikeys" | "/admin/cache"
-            | "/admin/upstreams" | "/admin/health",
+            | "/admin/upstreams" | "/admin/health" | "/admin/pipelines",
         ) => GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response(""),
         _ => GatewayError::new(ErrorCode::NotFound, "no such admin endpoint").into_response(""),
     }
+}
+
+async fn list_pipelines(shared: &Shared) -> Response<Body> {
+    let store = crate::pipelines::PipelineStore::new(shared.store());
+    match store.list(10_000).await {
+        Ok(list) => {
+            let mut out = serde_json::Map::new();
+            for (name, def) in list {
+                let v = match def {
+                    Ok(d) => serde_json::json!(d),
+                    Err(e) => serde_json::json!({"unreadable": e}),
+                };
+                out.insert(name, v);
+            }
+            json(StatusCode::OK, &serde_json::json!({ "pipelines": out }))
+        }
+        Err(e) => pipeline_store_error(&e),
+    }
+}
+
+/// `GET`, `PUT` (body: `{"mode", "steps"}`) and `DELETE /admin/pipelines/<name>`.
+async fn pipeline(shared: &Shared, req: Request<Incoming>, name: &str) -> Response<Body> {
+    let store = crate::pipelines::PipelineStore::new(shared.store());
+    if !crate::pipelines::name_ok(name) {
+        return GatewayError::new(ErrorCode::NotFound, "no such pipeline").into_response("");
+    }
+    match req.method().clone() {
+        Method::GET => match store.get(name).await {
+            Ok(Some(def)) => json(StatusCode::OK, &serde_json::json!(def)),
+            Ok(None) => {
+                GatewayError::new(ErrorCode::NotFound, "no such pipeline").into_response("")
+            }
+            Err(e) => pipeline_store_error(&e),
+        },
+        Method::PUT => {
+            let body = match crate::body::read_small(req.into_body(), 64 * 1024).await {
+                Ok(b) => b,
+                Err(e) => return e.into_response(""),
+            };
+            let def = match crate::pipelines::Definition::parse(&body) {
+                Ok(d) => d,
+                Err(e) => return GatewayError::new(ErrorCode::BadRequest, e).into_response(""),
+            };
+            match store.put(name, &def).await {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "stored", "name": name, "pipeline": def}),
+                ),
+                Err(crate::pipelines::PutError::Invalid(e)) => {
+                    GatewayError::new(ErrorCode::BadRequest, e).into_response("")
+                }
+                Err(crate::pipelines::PutError::Store(e)) => pipeline_store_error(&e),
+            }
+        }
+        Method::DELETE => match store.delete(name).await {
+            Ok(true) => json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "removed", "name": name}),
+            ),
+            Ok(false) => {
+                GatewayError::new(ErrorCode::NotFound, "no such pipeline").into_response("")
+            }
+            Err(e) => pipeline_store_error(&e),
+        },
+        _ => GatewayError::new(ErrorCode::MethodNotAllowed, "method not allowed").into_response(""),
+    }
+}
+
+fn pipeline_store_error(e: &portcullis_store::StoreError) -> Response<Body> {
+    tracing::warn!(error = %e, "pipeline store operation failed");
+    GatewayError::server(ErrorCode::ServiceUnavailable).into_response("")
 }
 
 /// `DELETE /admin/cache[?route=NAME[&path=/p?q]]`: everything, a route's entries, or

@@ -37,12 +37,16 @@ pub enum ErrorCode {
     /// The OpenID Connect provider failed a login (exchange, ID token, discovery).
     IdpError,
     LoopDetected,
+    /// A pipeline step failed (its own status, or 502/504 when it did not answer).
+    StepFailed,
+    /// A parallel pipeline had a failing step.
+    PipelineFailed,
     ServiceUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -66,6 +70,8 @@ impl ErrorCode {
         ErrorCode::UpstreamOverloaded,
         ErrorCode::LoopDetected,
         ErrorCode::IdpError,
+        ErrorCode::StepFailed,
+        ErrorCode::PipelineFailed,
         ErrorCode::ServiceUnavailable,
         ErrorCode::InternalError,
     ];
@@ -95,6 +101,8 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "UPSTREAM_TIMEOUT",
             ErrorCode::UpstreamOverloaded => "UPSTREAM_OVERLOADED",
             ErrorCode::IdpError => "IDP_ERROR",
+            ErrorCode::StepFailed => "STEP_FAILED",
+            ErrorCode::PipelineFailed => "PIPELINE_FAILED",
             ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
@@ -120,7 +128,10 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::QuotaExceeded | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::UpstreamUnavailable | ErrorCode::IdpError => StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamUnavailable
+            | ErrorCode::IdpError
+            | ErrorCode::StepFailed
+            | ErrorCode::PipelineFailed => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::ServiceUnavailable | ErrorCode::UpstreamOverloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -166,6 +177,8 @@ pub struct GatewayError {
     headers: Vec<(header::HeaderName, HeaderValue)>,
     /// Itemised problems (`INVALID_CONFIG`: one line per config error).
     details: Vec<String>,
+    /// A body in another program's shape (FnKit's pipeline errors) and its status.
+    compat: Option<Box<(StatusCode, serde_json::Map<String, serde_json::Value>)>>,
 }
 
 impl GatewayError {
@@ -175,7 +188,21 @@ impl GatewayError {
             message: message.into(),
             headers: Vec::new(),
             details: Vec::new(),
+            compat: None,
         }
+    }
+
+    /// An error whose body keeps another program's shape, so its clients keep
+    /// working (FnKit: `{"error": "Step failed", "step", "status", "body"}`); the
+    /// envelope's `code` and `request_id` are added to it.
+    pub fn compat(
+        code: ErrorCode,
+        status: StatusCode,
+        body: serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        let mut e = Self::new(code, code.server_message());
+        e.compat = Some(Box::new((status, body)));
+        e
     }
 
     /// A 5xx with its fixed public message.
@@ -198,6 +225,14 @@ impl GatewayError {
     }
 
     pub fn into_response(self, request_id: &str) -> Response<Body> {
+        if let Some(compat) = self.compat {
+            let (status, mut body) = *compat;
+            body.insert("code".into(), self.code.as_str().into());
+            body.insert("request_id".into(), request_id.into());
+            let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+            bytes.push(b'\n');
+            return finish(status, bytes, self.headers);
+        }
         let mut body = serde_json::json!({
             "error": {
                 "code": self.code.as_str(),
@@ -211,19 +246,27 @@ impl GatewayError {
         }
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
-        let mut res = Response::new(Body::full(Bytes::from(bytes)));
-        *res.status_mut() = self.code.status();
-        let h = res.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        for (name, value) in self.headers {
-            h.append(name, value);
-        }
-        res
+        finish(self.code.status(), bytes, self.headers)
     }
+}
+
+fn finish(
+    status: StatusCode,
+    bytes: Vec<u8>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+) -> Response<Body> {
+    let mut res = Response::new(Body::full(Bytes::from(bytes)));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for (name, value) in headers {
+        h.append(name, value);
+    }
+    res
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod health;
 pub mod memory;
 pub mod policy;
 
+pub mod pipelines;
 pub mod reload;
 pub mod sanitize;
 pub mod server;
@@ -71,6 +72,8 @@ pub struct Shared {
     store: Arc<dyn portcullis_store::Store>,
     /// Policy state that outlives snapshots (rate-limit counters, cached responses).
     pub policies: policy::Registries,
+    /// Stored pipelines' definitions, cached until a change is announced.
+    pub pipelines: pipelines::PipelineCache,
 }
 
 /// Why the gateway could not load.
@@ -185,6 +188,7 @@ impl Shared {
             generation: Generation::new(),
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(file_hash(path)),
+            pipelines: pipelines::PipelineCache::new(&store),
             store,
             policies,
         };

@@ -57,6 +57,9 @@ impl Store for Unopened {
     async fn ping(&self) -> Result<()> {
         unopened()
     }
+    fn unprefixed(&self) -> std::sync::Arc<dyn Store> {
+        std::sync::Arc::new(Unopened)
+    }
     fn backend_name(&self) -> &'static str {
         "unopened"
     }

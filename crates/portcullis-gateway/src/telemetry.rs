@@ -50,6 +50,12 @@ pub struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineStepLabels {
+    pub pipeline: Arc<str>,
+    pub step: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: Arc<str>,
 }
@@ -193,6 +199,9 @@ pub struct Metrics {
     pub target_healthy: Family<TargetLabels, Gauge>,
     pub target_breaker_open: Family<TargetLabels, Gauge>,
     pub target_in_flight: Family<TargetLabels, Gauge>,
+    /// Pipeline steps: from sending the request to the end of the response read
+    /// (to its head for a sequential pipeline's last step), whatever the outcome.
+    pub pipeline_step_duration: Family<PipelineStepLabels, Histogram>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -233,6 +242,14 @@ impl Metrics {
         let target_healthy = Family::<TargetLabels, Gauge>::default();
         let target_breaker_open = Family::<TargetLabels, Gauge>::default();
         let target_in_flight = Family::<TargetLabels, Gauge>::default();
+        let pipeline_step_duration = Family::<PipelineStepLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "pipeline_step_duration_seconds",
+            "Pipeline steps by pipeline and step: request sent to response read",
+            pipeline_step_duration.clone(),
+        );
         registry.register(
             "upstream_retries",
             "Upstream attempts retried, by route and reason (connect, reset, timeout, status)",
@@ -343,6 +360,7 @@ impl Metrics {
             target_healthy,
             target_breaker_open,
             target_in_flight,
+            pipeline_step_duration,
         }
     }
 

@@ -1,10 +1,13 @@
 //! Embedded backend: SQLite in WAL mode, one file per data directory, shared safely by
 //! several processes (busy timeout + WAL + immediate write transactions).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
@@ -19,6 +22,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const PURGE_INTERVAL_MS: u64 = 30_000;
 /// At most this many expired rows are deleted per purge (bounded work).
 const PURGE_BATCH: i64 = 500;
+/// How often a watched topic's change marker is read (changes made by other
+/// processes sharing the file: the CLI, another gateway).
+const WATCH_POLL: Duration = Duration::from_millis(200);
+/// Key of a topic's change marker: a value that changes at every notice.
+fn change_marker(topic: &str) -> String {
+    format!("__changes:{topic}")
+}
+
 /// Idle read connections kept per store.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -44,6 +55,8 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     last_purge_ms: AtomicU64,
+    /// Watched topics: this process's generation counters ([`Store::watch`]).
+    topics: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -83,6 +96,7 @@ impl EmbeddedStore {
                 writer: Mutex::new(writer),
                 readers: Mutex::new(Vec::new()),
                 last_purge_ms: AtomicU64::new(now_ms()),
+                topics: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -201,6 +215,13 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
 
@@ -547,6 +568,62 @@ impl Store for EmbeddedStore {
             Ok(())
         })
         .await
+    }
+
+    async fn notify(&self, topic: &str) -> Result<()> {
+        // A value no other notice writes: this process's id and a fresh timestamp.
+        let marker = format!("{}-{}", std::process::id(), now_nanos());
+        self.set(&change_marker(topic), marker.as_bytes(), None)
+            .await?;
+        if let Some(tx) = lock(&self.inner.topics).get(topic) {
+            tx.send_modify(|g| *g += 1);
+        }
+        Ok(())
+    }
+
+    async fn watch(&self, topic: &str, _keys: Option<&str>) -> Result<watch::Receiver<u64>> {
+        let (tx, rx) = {
+            let mut topics = lock(&self.inner.topics);
+            if let Some(tx) = topics.get(topic) {
+                return Ok(tx.subscribe());
+            }
+            let (tx, rx) = watch::channel(0);
+            topics.insert(topic.to_owned(), tx.clone());
+            (tx, rx)
+        };
+        // Other processes' notices: poll the marker until nobody watches. Its value
+        // now is the baseline (a notice right after this call must count).
+        let key = change_marker(topic);
+        let mut last = self.get(&key).await.ok().flatten();
+        let store = self.clone();
+        let topic = topic.to_owned();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if tx.receiver_count() == 0 {
+                    let mut topics = lock(&store.inner.topics);
+                    if tx.receiver_count() == 0 {
+                        topics.remove(&topic);
+                        return;
+                    }
+                }
+                match store.get(&key).await {
+                    Ok(now) if now != last => {
+                        last = now;
+                        tx.send_modify(|g| *g += 1);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "reading a change marker failed"),
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn unprefixed(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
     }
 
     fn backend_name(&self) -> &'static str {

@@ -142,6 +142,46 @@ pub trait Store: Send + Sync + 'static {
             self.backend_name()
         )))
     }
+    /// Tells every instance and process watching `topic` (see [`Store::watch`]) that
+    /// what it caches for that topic changed. Redis: `PUBLISH` on the store prefix's
+    /// `changes:<topic>` channel; embedded: this process's watchers at once, other
+    /// processes sharing the file within their poll interval.
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`], as for
+    /// [`Store::compare_and_set`].
+    async fn notify(&self, topic: &str) -> Result<()> {
+        let _ = topic;
+        Err(StoreError::Backend(format!(
+            "notify is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
+    /// A generation counter for `topic`: it advances at every [`Store::notify`] of the
+    /// topic from any instance or process, and whenever notices may have been missed
+    /// (a lost Redis connection), so a cache entry read at generation `g` is stale once
+    /// the counter has moved on. With `keys`, a change of any key starting with that
+    /// (store-relative) prefix advances it too, where the backend reports key changes
+    /// (Redis keyspace notifications, when the server has them enabled): writes by
+    /// programs that do not notify are seen at once.
+    ///
+    /// The default implementation refuses with [`StoreError::Backend`], as for
+    /// [`Store::compare_and_set`].
+    async fn watch(
+        &self,
+        topic: &str,
+        keys: Option<&str>,
+    ) -> Result<tokio::sync::watch::Receiver<u64>> {
+        let _ = (topic, keys);
+        Err(StoreError::Backend(format!(
+            "watch is not supported by the {} store",
+            self.backend_name()
+        )))
+    }
+    /// The same backend and connections with no key prefix, for keys another program
+    /// owns under its own names (FnKit's `fnkit:pipeline:<name>`). Notices
+    /// ([`Store::notify`], [`Store::watch`]) keep the configured prefix's channel.
+    /// The embedded store has no prefix: it returns itself.
+    fn unprefixed(&self) -> Arc<dyn Store>;
     /// Readiness: Ok if the backend answers.
     async fn ping(&self) -> Result<()>;
     /// `"embedded"` or `"redis"`.

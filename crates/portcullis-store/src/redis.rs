@@ -220,9 +220,15 @@ const SCHEMES: [&str; 6] = [
 ];
 
 /// Redis/Valkey-backed [`Store`].
+#[derive(Clone)]
 pub struct RedisStore {
     client: fred::clients::Client,
+    _connection: std::sync::Arc<QuitOnDrop>,
+    /// What `config` connects to, for subscriber connections ([`Store::watch`]).
+    config: Config,
     prefix: String,
+    /// The configured prefix, kept by [`Store::unprefixed`] views for notice channels.
+    channel_prefix: String,
     options: Options,
     command_timeout: Duration,
     window_script: Script,
@@ -265,6 +271,7 @@ impl RedisStore {
             ))
         })?;
         let clustered = config.server.is_clustered();
+        let subscriber_config = config.clone();
         // Keep retrying in the background if Redis is down at start.
         config.fail_fast = false;
         // fred builds its TLS config from rustls' process default; make sure there is
@@ -312,7 +319,10 @@ impl RedisStore {
             ..Options::default()
         };
         Ok(Self {
+            _connection: std::sync::Arc::new(QuitOnDrop(client.clone())),
             client,
+            config: subscriber_config,
+            channel_prefix: opts.key_prefix.clone(),
             prefix: opts.key_prefix,
             options,
             command_timeout,
@@ -322,6 +332,11 @@ impl RedisStore {
             cad_script: Script::from_lua(CAD_LUA),
             clustered,
         })
+    }
+
+    /// The notice channel of `topic`.
+    fn channel(&self, topic: &str) -> String {
+        format!("{}changes:{topic}", self.channel_prefix)
     }
 
     /// Whether the client currently has a live connection.
@@ -510,11 +525,15 @@ impl RedisStore {
     }
 }
 
-impl Drop for RedisStore {
+/// Closes the connection when the last handle on it ([`RedisStore`] and its
+/// [`Store::unprefixed`] views) is dropped.
+struct QuitOnDrop(fred::clients::Client);
+
+impl Drop for QuitOnDrop {
     fn drop(&mut self) {
         // Stop the background connection/reconnection task.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let client = self.client.clone();
+            let client = self.0.clone();
             handle.spawn(async move {
                 let _ = client.quit().await;
             });
@@ -784,6 +803,85 @@ impl Store for RedisStore {
             }
         }
         Ok(())
+    }
+
+    async fn notify(&self, topic: &str) -> Result<()> {
+        let channel = Value::from(self.channel(topic));
+        self.run(
+            "PUBLISH",
+            ClusterHash::Random,
+            None,
+            vec![channel, Value::from("1")],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        topic: &str,
+        keys: Option<&str>,
+    ) -> Result<tokio::sync::watch::Receiver<u64>> {
+        use fred::prelude::{EventInterface, PubsubInterface};
+        let subscriber = fred::types::Builder::from_config(self.config.clone())
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2))
+            .build_subscriber_client()
+            .map_err(|e| StoreError::Backend(format!("redis subscriber: {}", e.details())))?;
+        let _task = subscriber
+            .init()
+            .await
+            .map_err(|e| map_fred("SUBSCRIBE", &e))?;
+        // Re-subscribes after every reconnect.
+        let _manager = subscriber.manage_subscriptions();
+        let mut messages = subscriber.message_rx();
+        // fred hands `__keyspace@…` messages to their own channel.
+        let mut key_events = subscriber.keyspace_event_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        subscriber
+            .subscribe(self.channel(topic))
+            .await
+            .map_err(|e| map_fred("SUBSCRIBE", &e))?;
+        if let Some(keys) = keys {
+            // Keyspace notifications (`notify-keyspace-events` with `K` and the
+            // command classes), when the server has them on; harmless otherwise.
+            let pattern = format!(
+                "__keyspace@*__:{}*",
+                glob_escape(&format!("{}{keys}", self.prefix))
+            );
+            subscriber
+                .psubscribe(pattern)
+                .await
+                .map_err(|e| map_fred("PSUBSCRIBE", &e))?;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(0_u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = messages.recv() => match m {
+                        // A lagged receiver missed notices: stale either way.
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    e = key_events.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = e {
+                        break;
+                    },
+                    // Notices sent while disconnected are lost: count a change.
+                    r = reconnects.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        break;
+                    },
+                    () = tx.closed() => break,
+                }
+                tx.send_modify(|g| *g += 1);
+            }
+            let _ = subscriber.quit().await;
+        });
+        Ok(rx)
+    }
+
+    fn unprefixed(&self) -> std::sync::Arc<dyn Store> {
+        let mut view = self.clone();
+        view.prefix = String::new();
+        std::sync::Arc::new(view)
     }
 
     fn backend_name(&self) -> &'static str {

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Subcommand;
 use portcullis_auth::apikey::{ApiKeys, NewKey, Quota};
 use portcullis_auth::users::{LegacyRecord, UserError, Users};
+use portcullis_gateway::pipelines::{Definition, Mode, PipelineStore};
 use portcullis_store::Store;
 
 #[derive(Subcommand)]
@@ -37,6 +38,28 @@ pub enum ApiKeyCommand {
     List,
     /// Revoke a key by its id or the raw key.
     Revoke { key_or_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum PipelineCommand {
+    /// Store a pipeline (replacing one of the same name); gateways see it at once.
+    Add {
+        name: String,
+        /// Comma-separated function names, in order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        steps: Vec<String>,
+        /// `sequential` (each answer feeds the next step) or `parallel`.
+        #[arg(long, default_value = "sequential")]
+        mode: String,
+    },
+    /// List stored pipelines: name, mode, steps.
+    #[command(alias = "ls")]
+    List,
+    /// Print one pipeline's stored JSON.
+    Show { name: String },
+    /// Remove a pipeline.
+    #[command(alias = "rm")]
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -259,6 +282,52 @@ pub async fn user(store: Arc<dyn Store>, cmd: UserCommand) -> Result<(), String>
                 .await
                 .map_err(user_error)?;
             println!("imported {n} users");
+        }
+    }
+    Ok(())
+}
+
+pub async fn pipeline(store: Arc<dyn Store>, cmd: PipelineCommand) -> Result<(), String> {
+    let pipelines = PipelineStore::new(&store);
+    match cmd {
+        PipelineCommand::Add { name, steps, mode } => {
+            let mode = Mode::parse(&mode)
+                .ok_or_else(|| format!("--mode {mode:?}: sequential or parallel"))?;
+            let def = Definition { mode, steps };
+            pipelines
+                .put(&name, &def)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "stored pipeline {name}: {} ({:?})",
+                def.steps.join(" -> "),
+                def.mode
+            );
+        }
+        PipelineCommand::List => {
+            for (name, def) in pipelines.list(10_000).await.map_err(|e| e.to_string())? {
+                match def {
+                    Ok(d) => println!("{name}\t{:?}\t{}", d.mode, d.steps.join(",")),
+                    Err(e) => println!("{name}\tunreadable\t{e}"),
+                }
+            }
+        }
+        PipelineCommand::Show { name } => {
+            let def = pipelines
+                .get(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no pipeline {name:?}"))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&def).map_err(|e| e.to_string())?
+            );
+        }
+        PipelineCommand::Remove { name } => {
+            if !pipelines.delete(&name).await.map_err(|e| e.to_string())? {
+                return Err(format!("no pipeline {name:?}"));
+            }
+            println!("removed pipeline {name}");
         }
     }
     Ok(())

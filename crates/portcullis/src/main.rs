@@ -46,6 +46,9 @@ enum Command {
     /// Manage login users in the store FILE configures.
     #[command(subcommand)]
     User(cli::UserCommand),
+    /// Manage stored pipelines (FnKit's keys `fnkit:pipeline:<name>`) in the store FILE configures.
+    #[command(subcommand)]
+    Pipeline(cli::PipelineCommand),
 }
 
 #[cfg(feature = "alloc-count")]
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Command::Routes => routes(&config),
         Command::Apikey(cmd) => cli::run_blocking(&config, |store| cli::apikey(store, cmd)),
         Command::User(cmd) => cli::run_blocking(&config, |store| cli::user(store, cmd)),
+        Command::Pipeline(cmd) => cli::run_blocking(&config, |store| cli::pipeline(store, cmd)),
         Command::Run {
             workers,
             runtime,

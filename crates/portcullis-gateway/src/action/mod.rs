@@ -4,6 +4,7 @@
 pub mod group;
 pub mod login;
 pub mod oidc;
+pub mod pipeline;
 pub mod proxy;
 pub mod redirect;
 pub mod respond;
@@ -38,6 +39,8 @@ pub enum Action {
     Login(login::LoginAction),
     /// An `oidc` authenticator's login, callback, logout and user endpoints.
     Oidc(oidc::OidcAction),
+    /// Steps in sequence or in parallel (FnKit's `/orchestrate/<name>`).
+    Pipeline(Box<pipeline::PipelineAction>),
 }
 
 impl Action {
@@ -57,6 +60,7 @@ impl Action {
             }
             Action::Login(action) => action.run(req, ctx.client_ip).await,
             Action::Oidc(action) => action.run(req).await,
+            Action::Pipeline(action) => action.run(ctx, req).await,
         }
     }
 
@@ -73,6 +77,7 @@ impl Action {
             Action::Redirect(r) => format!("redirect {}", r.status.as_u16()),
             Action::Login(l) => l.describe().to_owned(),
             Action::Oidc(o) => o.describe().to_owned(),
+            Action::Pipeline(p) => p.describe(),
         }
     }
 }
@@ -119,6 +124,8 @@ pub(crate) struct Clients<'a> {
     /// Target states outlive snapshots; groups compiled so far (one per name).
     pub upstreams: &'a crate::health::Upstreams,
     pub groups: Vec<crate::health::GroupInfo>,
+    /// Pipelines declared under `pipelines:`.
+    pub pipelines: &'a BTreeMap<String, Spanned<portcullis_config::PipelineDefConfig>>,
 }
 
 /// Compiles the one action a route has.
@@ -133,6 +140,7 @@ pub(crate) fn compile(
         route.static_files.is_some(),
         route.respond.is_some(),
         route.redirect.is_some(),
+        route.pipeline.is_some(),
     ]
     .iter()
     .filter(|x| **x)
@@ -141,7 +149,7 @@ pub(crate) fn compile(
         errors.push(
             site.at,
             site.field,
-            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`",
+            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`, `pipeline`",
         );
         return None;
     }
@@ -156,6 +164,9 @@ pub(crate) fn compile(
     }
     if let Some(r) = &route.redirect {
         return redirect::compile(r, site, errors).map(Action::Redirect);
+    }
+    if let Some(p) = &route.pipeline {
+        return pipeline::compile(p, site, clients, errors).map(|a| Action::Pipeline(Box::new(a)));
     }
     None
 }

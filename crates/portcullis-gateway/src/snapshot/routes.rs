@@ -51,6 +51,7 @@ pub(super) fn compile(
         used: Vec::new(),
         upstreams,
         groups: Vec::new(),
+        pipelines: &config.pipelines,
     };
     let mut route_names = HashSet::new();
     for (i, r) in config.routes.iter().enumerate() {

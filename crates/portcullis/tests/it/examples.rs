@@ -105,6 +105,8 @@ async fn fnkit_example_token_mode() {
     env.push(("FN_PORT", &port));
     env.push(("FNKIT_AUTH_TOKEN", "fn-secret"));
     env.push(("FNKIT_HOSTS_FILE", &hosts));
+    let data = dir.path().join("data").display().to_string();
+    env.push(("PORTCULLIS_DATA_DIR", &data));
     let gw = Gateway::start_file(&example("fnkit.yaml"), &env);
     let c = client();
 
@@ -193,6 +195,32 @@ async fn fnkit_example_token_mode() {
     // `/hello.txt` is not a function name: 404, not a 500.
     let res = c
         .get(gw.url("/hello.txt"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 404, "NOT_FOUND").await;
+
+    // The orchestrator: a pipeline stored through the admin API runs its functions.
+    let res = c
+        .put(gw.admin_url("/admin/pipelines/twice"))
+        .bearer_auth("adm")
+        .body(r#"{"mode":"parallel","steps":["hello"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = c
+        .get(gw.url("/orchestrate/twice/api/x?y=1"))
+        .bearer_auth("fn-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["hello"]["uri"], "/api/x?y=1");
+    let res = c
+        .get(gw.url("/orchestrate/missing"))
         .bearer_auth("fn-secret")
         .send()
         .await

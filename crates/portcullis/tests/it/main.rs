@@ -16,6 +16,7 @@ mod config;
 mod examples;
 mod hardening;
 mod ops;
+mod pipelines;
 mod policies;
 mod proxy;
 mod reload;

@@ -53,48 +53,19 @@ pub async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     // The first target is picked on the client's own headers (hash keys such as
     // `header:host`), before the gateway adds or removes any.
-    let mut next = upstream_uri(action, ctx, req.uri(), Some(req.headers()), &[])?;
+    let mut next = upstream_uri(action, ctx, req.uri(), Some(req.headers()), &[], None)?;
 
-    let original_host = ctx.authority.clone();
     let (mut parts, body) = req.into_parts();
     let original_uri = std::mem::take(&mut parts.uri);
-    let headers = &mut parts.headers;
-    // No upstream ever sees a browser session's cookies, on any route (a public
-    // route, another authenticator's, `forward_credential`): it could replay them.
-    if !ctx.snapshot.session_cookies.cookies.is_empty() {
-        crate::auth::remove_credentials(headers, &ctx.snapshot.session_cookies);
-    }
     // Hop-by-hop headers were removed when the request arrived (crate::sanitize),
     // before the gateway added its own.
     if let Some(protocol) = &upgrade {
-        headers.insert(header::UPGRADE, protocol.clone());
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    headers.append(
-        header::VIA,
-        ctx.snapshot.via.for_version(parts.version).clone(),
-    );
-    forwarded::set_forwarding_headers(
-        headers,
-        ctx.conn.peer,
-        ctx.client_ip,
-        ctx.conn.scheme,
-        original_host.as_ref(),
-        &ctx.snapshot.trusted_proxies,
-        ctx.conn.peer_headers.as_ref(),
-    );
-    headers.insert(
-        ctx.snapshot.request_id_header.clone(),
-        ctx.request_id.clone(),
-    );
-    if action.preserve_host {
-        if let Some(h) = original_host {
-            headers.insert(header::HOST, h);
-        }
-    } else {
-        // hyper sets Host (or :authority) from the upstream URI.
-        headers.remove(header::HOST);
-    }
+    set_upstream_headers(ctx, &mut parts.headers, parts.version, action.preserve_host);
     parts.version = Version::HTTP_11;
     let deadline = action
         .total_timeout
@@ -284,6 +255,7 @@ pub async fn forward(
             &original_uri,
             headers,
             &tried[..attempt as usize],
+            None,
         ) {
             Ok(n) => n,
             Err(_) => return give_up(outcome, client_upgrade, tunnel),
@@ -303,6 +275,46 @@ pub async fn forward(
         tracing::debug!(route = %route, upstream = %label, reason, attempt, "retrying upstream request");
         tokio::time::sleep(wait).await;
         attempt += 1;
+    }
+}
+
+/// What every request the gateway sends upstream carries (proxy attempts and
+/// pipeline steps): no session cookies, `Via`, the forwarding headers, the request
+/// id, and `Host` only when the route preserves it.
+pub(crate) fn set_upstream_headers(
+    ctx: &RequestCtx<'_>,
+    headers: &mut HeaderMap,
+    version: Version,
+    preserve_host: bool,
+) {
+    // No upstream ever sees a browser session's cookies, on any route (a public
+    // route, another authenticator's, `forward_credential`): it could replay them.
+    if !ctx.snapshot.session_cookies.cookies.is_empty() {
+        crate::auth::remove_credentials(headers, &ctx.snapshot.session_cookies);
+    }
+    headers.append(header::VIA, ctx.snapshot.via.for_version(version).clone());
+    forwarded::set_forwarding_headers(
+        headers,
+        ctx.conn.peer,
+        ctx.client_ip,
+        ctx.conn.scheme,
+        ctx.authority.as_ref(),
+        &ctx.snapshot.trusted_proxies,
+        ctx.conn.peer_headers.as_ref(),
+    );
+    headers.insert(
+        ctx.snapshot.request_id_header.clone(),
+        ctx.request_id.clone(),
+    );
+    match (preserve_host, &ctx.authority) {
+        (true, Some(h)) => {
+            headers.insert(header::HOST, h.clone());
+        }
+        (true, None) => {}
+        // hyper sets Host (or :authority) from the upstream URI.
+        (false, _) => {
+            headers.remove(header::HOST);
+        }
     }
 }
 
@@ -345,7 +357,7 @@ fn respond(
 }
 
 /// A copy of the request head for one attempt (extensions are not carried).
-fn clone_head(p: &http::request::Parts) -> http::request::Parts {
+pub(crate) fn clone_head(p: &http::request::Parts) -> http::request::Parts {
     let (mut head, ()) = Request::new(()).into_parts();
     head.method = p.method.clone();
     head.uri = p.uri.clone();
@@ -368,7 +380,7 @@ async fn read_replay(body: Body) -> Result<Bytes, GatewayError> {
 
 /// The answer when the client's body (its size, its silence) or the route's total
 /// deadline ended the exchange; `None` when the error is the upstream's.
-fn body_error(err: &(dyn std::error::Error + 'static)) -> Option<GatewayError> {
+pub(crate) fn body_error(err: &(dyn std::error::Error + 'static)) -> Option<GatewayError> {
     if find_cause::<BodyTooLarge>(err).is_some() {
         return Some(GatewayError::new(
             ErrorCode::PayloadTooLarge,
@@ -443,7 +455,7 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -504,14 +516,20 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     }
 }
 
-fn upstream_uri<'a>(
+/// The URI of one attempt: a group's pick, a fixed target, or a rendered template.
+/// `step` is the `{step}` param of a pipeline's function upstream.
+pub(crate) fn upstream_uri<'a>(
     action: &'a ProxyAction,
     f: &RequestCtx<'_>,
     original: &Uri,
     headers: Option<&HeaderMap>,
     tried: &[usize],
+    step: Option<&str>,
 ) -> Result<(Uri, Arc<str>, Option<super::group::Picked<'a>>), GatewayError> {
-    let lookup = |name: &str| crate::template::param_value(f.params, f.rest, name);
+    let lookup = |name: &str| match step {
+        Some(s) if name == "step" => Some(s),
+        _ => crate::template::param_value(f.params, f.rest, name),
+    };
     // The path the upstream sees, before any base path.
     let request_path: Cow<'_, str> = if let Some(rewrite) = &action.rewrite {
         Cow::Owned(rewrite.render(lookup))
