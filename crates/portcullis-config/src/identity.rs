@@ -58,6 +58,81 @@ pub enum AuthenticatorConfig {
     StaticToken(StaticTokenConfig),
     /// Browser login with an OpenID Connect provider and server-side sessions.
     Oidc(Box<OidcConfig>),
+    /// Another service decides (nginx `auth_request`, Traefik ForwardAuth, Envoy
+    /// `ext_authz`): an HTTP subrequest or a gRPC `Authorization/Check`.
+    External(Box<ExternalAuthConfig>),
+}
+
+/// `external:` — ask an authorization service whether a request may pass.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAuthConfig {
+    /// HTTP mode: the URL asked (2xx allows, 401/403 deny, anything else fails).
+    #[serde(default)]
+    pub url: Option<Spanned<Text>>,
+    /// gRPC mode: the base URL of an Envoy `envoy.service.auth.v3.Authorization`
+    /// server (`http://authz:9191`, HTTP/2).
+    #[serde(default)]
+    pub grpc: Option<Spanned<Text>>,
+    /// HTTP mode: the method of the subrequest.
+    #[serde(default = "default_external_method")]
+    pub method: Text,
+    /// Whole call, connect included.
+    #[serde(default = "default_external_timeout")]
+    pub timeout: Duration,
+    /// When the service cannot answer (timeout, refused, 5xx, anything but
+    /// 2xx/401/403): `fail_closed` (503) or `fail_open` (the request passes).
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// Where the credential is read (the cache key; a request without one is
+    /// not sent to the service).
+    #[serde(default)]
+    pub token_sources: TokenSources,
+    /// Request headers sent to the service besides the credential's own.
+    #[serde(default)]
+    pub forward_headers: Vec<Text>,
+    /// Response header (gRPC: header the service adds) holding the principal.
+    #[serde(default = "default_external_principal_from")]
+    pub principal_from: Text,
+    /// Response header holding the scopes (space- or comma-separated).
+    #[serde(default)]
+    pub scopes_from: Option<Text>,
+    /// Response headers copied upstream as identity (stripped from clients).
+    #[serde(default)]
+    pub copy_headers: Vec<Text>,
+    /// Upstream header carrying the principal.
+    #[serde(default)]
+    pub principal_header: Option<Text>,
+    /// Decisions (allow and deny) are reused this long per credential: the bound
+    /// on revocation. `0s` asks every time.
+    #[serde(default = "default_external_cache_ttl")]
+    pub cache_ttl: Duration,
+    #[serde(default = "default_key_cache_size")]
+    pub cache_size: Scalar<u64>,
+    /// PEM roots for an `https` service.
+    #[serde(default)]
+    pub ca_file: Option<Text>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    #[default]
+    FailClosed,
+    FailOpen,
+}
+
+fn default_external_method() -> Text {
+    Text::from("GET")
+}
+fn default_external_timeout() -> Duration {
+    Duration::secs(2)
+}
+fn default_external_principal_from() -> Text {
+    Text::from("x-auth-principal")
+}
+fn default_external_cache_ttl() -> Duration {
+    Duration::secs(30)
 }
 
 /// Browser login with an OpenID Connect provider (authorization code with PKCE

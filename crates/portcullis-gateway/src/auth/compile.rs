@@ -44,6 +44,7 @@ pub(crate) async fn compile_authenticators(
     config: &Config,
     source: &Path,
     store: &Arc<dyn portcullis_store::Store>,
+    clients: &crate::upstream::ClientRegistry,
     errors: &mut Errors<'_>,
 ) -> (
     HashMap<String, Arc<Authenticator>>,
@@ -125,6 +126,15 @@ pub(crate) async fn compile_authenticators(
                     Some(service) => Authenticator::Oidc {
                         name: Arc::from(name.as_str()),
                         service,
+                    },
+                    None => continue,
+                }
+            }
+            AuthenticatorConfig::External(x) => {
+                match super::external::compile(x, at, &field, source, clients, errors) {
+                    Some(auth) => Authenticator::External {
+                        name: Arc::from(name.as_str()),
+                        auth: Arc::new(auth),
                     },
                     None => continue,
                 }

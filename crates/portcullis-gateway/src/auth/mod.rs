@@ -7,6 +7,9 @@
 use std::sync::Arc;
 
 pub(crate) mod compile;
+pub mod external;
+
+pub use external::RequestView;
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
@@ -77,6 +80,11 @@ pub enum Authenticator {
         name: Arc<str>,
         service: Arc<crate::action::oidc::OidcService>,
     },
+    /// Another service decides (HTTP subrequest or Envoy ext_authz over gRPC).
+    External {
+        name: Arc<str>,
+        auth: Arc<external::ExternalAuth>,
+    },
 }
 
 impl Authenticator {
@@ -85,7 +93,8 @@ impl Authenticator {
             Authenticator::StaticToken { name, .. }
             | Authenticator::Jwt { name, .. }
             | Authenticator::ApiKey { name, .. }
-            | Authenticator::Oidc { name, .. } => name,
+            | Authenticator::Oidc { name, .. }
+            | Authenticator::External { name, .. } => name,
         }
     }
 
@@ -100,6 +109,7 @@ impl Authenticator {
                 cookie: Some(service.cookie_name().to_owned()),
                 query: None,
             },
+            Authenticator::External { auth, .. } => auth.sources.clone(),
         }
     }
 
@@ -122,16 +132,25 @@ impl Authenticator {
                 .chain(principal_header.iter().cloned())
                 .collect(),
             Authenticator::Oidc { service, .. } => service.headers.all(),
+            Authenticator::External { auth, .. } => auth.identity_headers(),
         }
     }
 
-    /// Checks `credential`, found at `source`.
+    /// Checks `credential`, found at `source` in the request `req`.
     pub(crate) async fn verify(
         &self,
         credential: &str,
         source: &CredentialSource,
+        req: &RequestView<'_>,
     ) -> Result<Identity, Failure> {
         match self {
+            Authenticator::External { auth, .. } => {
+                match auth.verify(credential, source, req).await {
+                    external::Outcome::Allowed(identity) => Ok(identity),
+                    external::Outcome::Denied(d) => Err(Failure::Denied(d)),
+                    external::Outcome::Unavailable => Err(Failure::ServiceUnavailable),
+                }
+            }
             Authenticator::StaticToken {
                 tokens,
                 principal,
@@ -354,6 +373,10 @@ pub(crate) enum Failure {
     /// A browser session just ended (refresh refused, token expired): 401
     /// `SESSION_EXPIRED` with this `Set-Cookie`, which removes the cookie.
     SessionEnded(HeaderValue),
+    /// An authorization service refused (its status and body go to the client).
+    Denied(Arc<external::Decision>),
+    /// An authorization service gave no decision (fail-closed).
+    ServiceUnavailable,
 }
 
 /// The API key a request authenticated with, for quota accounting.

@@ -6,13 +6,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request};
+use http::Request;
 use hyper::body::Incoming;
 
 use super::Flow;
 use crate::auth::{
     find_credential, query_without_any, remove_credentials, Authenticator, CredentialSources,
-    Failure, Identity,
+    Failure, Identity, RequestView,
 };
 use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
@@ -76,11 +76,8 @@ impl AuthPolicy {
 
     /// The identity the request's credential proves (`None`: no auth, or optional
     /// and absent), or the error to answer with.
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<Option<Identity>, GatewayError> {
+    pub async fn check(&self, req: &RequestView<'_>) -> Result<Option<Identity>, GatewayError> {
+        let (headers, query) = (req.headers, req.query);
         let AuthPolicy::Required {
             authenticators,
             optional,
@@ -95,6 +92,7 @@ impl AuthPolicy {
         let mut unavailable = false;
         let mut store_down = false;
         let mut session_ended = None;
+        let mut denied = None;
         for authenticator in authenticators.iter() {
             let Some((credential, source)) =
                 find_credential(&authenticator.sources(), headers, query)
@@ -102,7 +100,7 @@ impl AuthPolicy {
                 continue;
             };
             presented = true;
-            match authenticator.verify(&credential, &source).await {
+            match authenticator.verify(&credential, &source, req).await {
                 Ok(mut identity) => {
                     identity.source = source;
                     if let Some(missing) = scopes.iter().find(|s| !identity.scopes.contains(s)) {
@@ -114,6 +112,8 @@ impl AuthPolicy {
                 Err(Failure::KeysUnavailable) => unavailable = true,
                 Err(Failure::StoreUnavailable) => store_down = true,
                 Err(Failure::SessionEnded(clear)) => session_ended = Some(clear),
+                Err(Failure::Denied(d)) => denied = Some(d),
+                Err(Failure::ServiceUnavailable) => unavailable = true,
                 Err(Failure::Invalid) => {}
             }
         }
@@ -134,6 +134,11 @@ impl AuthPolicy {
             )
             .with_header(header::SET_COOKIE, clear));
         }
+        if let Some(d) = denied {
+            if let crate::auth::external::Decision::Deny(denial) = &*d {
+                return Err(denial.to_error());
+            }
+        }
         if expired {
             return Err(unauthorized(
                 ErrorCode::ExpiredToken,
@@ -143,7 +148,9 @@ impl AuthPolicy {
         }
         if unavailable || store_down {
             // A credential we could not check is neither accepted nor called invalid.
-            tracing::warn!("credential could not be verified (JWKS or store unavailable)");
+            tracing::warn!(
+                "credential could not be verified (JWKS, store or authorization service unavailable)"
+            );
             return Err(GatewayError::server(ErrorCode::ServiceUnavailable));
         }
         Err(unauthorized(
@@ -182,7 +189,17 @@ impl AuthPolicy {
         ctx: &mut RequestCtx<'_>,
         req: &mut Request<Incoming>,
     ) -> Result<Flow, GatewayError> {
-        let identity = self.check(req.headers(), ctx.query.as_deref()).await?;
+        let view = RequestView {
+            method: &ctx.method,
+            path: ctx.path,
+            query: ctx.query.as_deref(),
+            headers: req.headers(),
+            host: ctx.authority.as_ref(),
+            scheme: ctx.conn.scheme,
+            client_ip: ctx.client_ip,
+            request_id: (&ctx.snapshot.request_id_header, ctx.request_id),
+        };
+        let identity = self.check(&view).await?;
         // Every credential source the route knows goes, not just the one that matched.
         if let Some(sources) = self.credential_sources() {
             let params = remove_credentials(req.headers_mut(), sources);

@@ -240,7 +240,8 @@ pub async fn compile(
 
     // Routes.
     let (authenticators, api_keys) =
-        crate::auth::compile::compile_authenticators(&config, source, store, &mut errors).await;
+        crate::auth::compile::compile_authenticators(&config, source, store, clients, &mut errors)
+            .await;
     let session_cookies = crate::auth::CredentialSources {
         authorization: false,
         cookies: authenticators

@@ -14,6 +14,7 @@ mod basics;
 mod bff;
 mod config;
 mod examples;
+mod external_auth;
 mod hardening;
 mod ops;
 mod pipelines;
