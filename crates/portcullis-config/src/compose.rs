@@ -88,3 +88,67 @@ pub struct StepConfig {
     #[serde(default)]
     pub timeout: Option<Duration>,
 }
+
+/// `aggregate:` on a route: call several upstreams (in parallel, or after the parts
+/// they depend on) and merge their JSON answers into one object.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    pub parts: Vec<Spanned<PartConfig>>,
+    /// `nested`: each part's answer under its name; `flat`: the parts' top-level
+    /// fields merged into one object (later parts win).
+    #[serde(default)]
+    pub merge: MergeMode,
+    /// The whole request (504 beyond, or `null` for optional parts still running).
+    #[serde(default = "default_aggregate_timeout")]
+    pub timeout: Duration,
+    /// Largest answer read from one part.
+    #[serde(default = "default_max_handoff")]
+    pub max_part_body: ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMode {
+    #[default]
+    Nested,
+    Flat,
+}
+
+fn default_aggregate_timeout() -> Duration {
+    Duration::secs(10)
+}
+
+/// One part of an aggregation.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartConfig {
+    /// The key of its answer (`[A-Za-z0-9_.-]`).
+    pub name: Spanned<Text>,
+    /// A URL or the name of an entry in `upstreams`.
+    pub upstream: Spanned<Text>,
+    /// Path (and query) template: route params, `{rest}`, and `{part.field}` for a
+    /// top-level field of a part listed in `after`.
+    #[serde(default)]
+    pub path: Option<Spanned<Text>>,
+    #[serde(default)]
+    pub method: Option<Spanned<Text>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Text>,
+    /// This part's limit (default: the aggregation's `timeout`).
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// A failed required part fails the request; a failed optional one is `null`.
+    #[serde(default = "yes")]
+    pub required: Flag,
+    /// Top-level fields kept from this part's answer (empty: all).
+    #[serde(default)]
+    pub fields: Vec<Text>,
+    /// Parts that must answer first (declared earlier).
+    #[serde(default)]
+    pub after: Vec<Text>,
+}
+
+fn yes() -> Flag {
+    Flag(true)
+}

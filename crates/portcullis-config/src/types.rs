@@ -458,6 +458,9 @@ pub struct RouteConfig {
     /// Run a pipeline (sequential or parallel steps) and answer with its result.
     #[serde(default)]
     pub pipeline: Option<crate::PipelineConfig>,
+    /// Call several upstreams and merge their JSON answers.
+    #[serde(default)]
+    pub aggregate: Option<crate::AggregateConfig>,
     // Policies (see `PolicyKeys`): each replaces the `defaults:` key of its name.
     #[serde(default)]
     pub ip: Option<Toggle<crate::IpRulesConfig>>,

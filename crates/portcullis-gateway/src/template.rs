@@ -27,7 +27,9 @@ impl Template {
                 .find('}')
                 .ok_or_else(|| format!("unclosed `{{` in template {s:?}"))?;
             let name = after[..close].trim_start_matches('*');
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            // `.` names a field of an earlier aggregation part (`{user.team_id}`).
+            let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+            if name.is_empty() || !name.chars().all(ok_char) {
                 return Err(format!("invalid parameter name {name:?} in template {s:?}"));
             }
             pieces.push(Piece::Param(name.to_owned()));

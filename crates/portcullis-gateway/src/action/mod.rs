@@ -1,6 +1,7 @@
 //! The terminal action of a route. Each file holds its config compile and its
 //! runtime: `proxy`, `static_files`, `respond`, `redirect`, `login`.
 
+pub mod aggregate;
 pub mod group;
 pub mod login;
 pub mod oidc;
@@ -41,6 +42,8 @@ pub enum Action {
     Oidc(oidc::OidcAction),
     /// Steps in sequence or in parallel (FnKit's `/orchestrate/<name>`).
     Pipeline(Box<pipeline::PipelineAction>),
+    /// Several upstreams' JSON answers merged into one.
+    Aggregate(Box<aggregate::AggregateAction>),
 }
 
 impl Action {
@@ -61,6 +64,7 @@ impl Action {
             Action::Login(action) => action.run(req, ctx.client_ip).await,
             Action::Oidc(action) => action.run(req).await,
             Action::Pipeline(action) => action.run(ctx, req).await,
+            Action::Aggregate(action) => action.run(ctx, req).await,
         }
     }
 
@@ -78,6 +82,7 @@ impl Action {
             Action::Login(l) => l.describe().to_owned(),
             Action::Oidc(o) => o.describe().to_owned(),
             Action::Pipeline(p) => p.describe(),
+            Action::Aggregate(a) => a.describe(),
         }
     }
 }
@@ -141,6 +146,7 @@ pub(crate) fn compile(
         route.respond.is_some(),
         route.redirect.is_some(),
         route.pipeline.is_some(),
+        route.aggregate.is_some(),
     ]
     .iter()
     .filter(|x| **x)
@@ -149,7 +155,7 @@ pub(crate) fn compile(
         errors.push(
             site.at,
             site.field,
-            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`, `pipeline`",
+            "a route needs exactly one of `proxy`, `static`, `respond`, `redirect`, `pipeline`, `aggregate`",
         );
         return None;
     }
@@ -167,6 +173,10 @@ pub(crate) fn compile(
     }
     if let Some(p) = &route.pipeline {
         return pipeline::compile(p, site, clients, errors).map(|a| Action::Pipeline(Box::new(a)));
+    }
+    if let Some(a) = &route.aggregate {
+        return aggregate::compile(a, site, clients, errors)
+            .map(|a| Action::Aggregate(Box::new(a)));
     }
     None
 }

@@ -210,7 +210,7 @@ fn declared(
 
 /// A step as a proxy: its path replaces the request's, else the route's remainder
 /// (prefix routes) or the request path is sent.
-fn step_proxy(
+pub(crate) fn step_proxy(
     upstream: Spanned<Text>,
     path: Option<Spanned<Text>>,
     site: &RouteSite<'_>,

@@ -26,7 +26,7 @@ use crate::pipelines::{name_ok, Mode, MAX_STEPS};
 use crate::telemetry::PipelineStepLabels;
 
 mod compile;
-pub(crate) use compile::compile;
+pub(crate) use compile::{compile, step_proxy};
 
 pub struct PipelineAction {
     pub(crate) source: Source,
@@ -74,7 +74,7 @@ struct StepRef<'a> {
 }
 
 /// Why a step produced no usable answer.
-enum StepError {
+pub(crate) enum StepError {
     /// The client's side failed (its body too large or too slow): answered as is.
     Client(GatewayError),
     /// No connection or no valid exchange; the phrase is safe to show.
@@ -377,70 +377,23 @@ impl Run<'_> {
         &self,
         ctx: &RequestCtx<'_>,
         step: &StepRef<'_>,
-        mut head: http::request::Parts,
+        head: http::request::Parts,
         body: Body,
         until: Instant,
     ) -> Result<Response<crate::upstream::PooledBody>, StepError> {
-        let picked = proxy::upstream_uri(
-            step.proxy,
-            ctx,
-            &head.uri,
-            Some(&head.headers),
-            &[],
-            step.function,
-        );
-        let (uri, label, picked) = match picked {
-            Ok(p) => p,
-            Err(e) if e.code == ErrorCode::NotFound => {
-                return Err(StepError::Unreachable("function not found or not allowed"))
-            }
-            Err(_) => return Err(StepError::Unreachable("no target available")),
+        let params = step.function.map(|f| [("step", f)]);
+        let extra = proxy::Extra {
+            params: params.as_ref().map_or(&[], |p| &p[..]),
+            no_query: false,
         };
-        head.uri = uri;
-        for (k, v) in step.headers {
-            head.headers.insert(k.clone(), v.clone());
-        }
-        ctx.route.chain.on_upstream_request(ctx, &mut head);
-        let started = std::time::Instant::now();
-        let sent = step.proxy.client.request(Request::from_parts(head, body));
-        match tokio::time::timeout_at(until, sent).await {
-            Ok(Ok(res)) => {
-                if let Some(p) = picked {
-                    p.done(
-                        super::retry::target_outcome(res.status()),
-                        started.elapsed(),
-                    );
-                }
-                Ok(res)
-            }
-            Ok(Err(err)) => {
-                if let Some(e) = proxy::body_error(&err) {
-                    if e.code != ErrorCode::UpstreamTimeout {
-                        return Err(StepError::Client(e));
-                    }
-                    return Err(StepError::TimedOut);
-                }
-                if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
-                    tracing::warn!(pipeline = %self.pipeline, step = step.name, upstream = %label, "step resolves only to forbidden addresses");
-                    return Err(StepError::Unreachable("not an allowed target"));
-                }
-                tracing::warn!(pipeline = %self.pipeline, step = step.name, upstream = %label, error = %proxy::error_chain(&err), "pipeline step failed");
-                if let Some(p) = picked {
-                    if err.is_connect() {
-                        p.done(Outcome::Failure, started.elapsed());
-                    }
-                }
-                Err(StepError::Unreachable(if err.is_connect() {
-                    "function not found or not running"
-                } else {
-                    "connection lost before a response"
-                }))
-            }
-            Err(_) => {
-                tracing::warn!(pipeline = %self.pipeline, step = step.name, upstream = %label, "pipeline step timed out");
-                Err(StepError::TimedOut)
-            }
-        }
+        let hop = Hop {
+            owner: &self.pipeline,
+            name: step.name,
+            proxy: step.proxy,
+            extra: &extra,
+            headers: step.headers,
+        };
+        send(ctx, &hop, head, body, until).await
     }
 
     fn observe(&self, ctx: &RequestCtx<'_>, step: &StepRef<'_>, started: Instant) {
@@ -472,6 +425,90 @@ impl Run<'_> {
             body.insert(k.clone(), v.clone());
         }
         GatewayError::compat(ErrorCode::StepFailed, status, body)
+    }
+}
+
+/// One upstream call of a pipeline or an aggregation: its owner and name (logs),
+/// how it is reached, and the headers it sets.
+pub(crate) struct Hop<'a> {
+    pub owner: &'a str,
+    pub name: &'a str,
+    pub proxy: &'a ProxyAction,
+    pub extra: &'a proxy::Extra<'a>,
+    pub headers: &'a [(HeaderName, HeaderValue)],
+}
+
+/// Sends `head` and `body` to the hop's upstream and waits for the response head
+/// until `until`; health and breakers of a group hear the outcome.
+pub(crate) async fn send(
+    ctx: &RequestCtx<'_>,
+    hop: &Hop<'_>,
+    mut head: http::request::Parts,
+    body: Body,
+    until: Instant,
+) -> Result<Response<crate::upstream::PooledBody>, StepError> {
+    let picked = proxy::upstream_uri(
+        hop.proxy,
+        ctx,
+        &head.uri,
+        Some(&head.headers),
+        &[],
+        hop.extra,
+    );
+    let (uri, label, picked) = match picked {
+        Ok(p) => p,
+        Err(e) if e.code == ErrorCode::NotFound => {
+            return Err(StepError::Unreachable("function not found or not allowed"))
+        }
+        Err(e) if e.code == ErrorCode::BadRequest => {
+            return Err(StepError::Unreachable("invalid upstream path"))
+        }
+        Err(_) => return Err(StepError::Unreachable("no target available")),
+    };
+    head.uri = uri;
+    for (k, v) in hop.headers {
+        head.headers.insert(k.clone(), v.clone());
+    }
+    ctx.route.chain.on_upstream_request(ctx, &mut head);
+    let started = std::time::Instant::now();
+    let sent = hop.proxy.client.request(Request::from_parts(head, body));
+    match tokio::time::timeout_at(until, sent).await {
+        Ok(Ok(res)) => {
+            if let Some(p) = picked {
+                p.done(
+                    super::retry::target_outcome(res.status()),
+                    started.elapsed(),
+                );
+            }
+            Ok(res)
+        }
+        Ok(Err(err)) => {
+            if let Some(e) = proxy::body_error(&err) {
+                if e.code != ErrorCode::UpstreamTimeout {
+                    return Err(StepError::Client(e));
+                }
+                return Err(StepError::TimedOut);
+            }
+            if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
+                tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, "resolves only to forbidden addresses");
+                return Err(StepError::Unreachable("not an allowed target"));
+            }
+            tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, error = %proxy::error_chain(&err), "upstream call failed");
+            if let Some(p) = picked {
+                if err.is_connect() {
+                    p.done(Outcome::Failure, started.elapsed());
+                }
+            }
+            Err(StepError::Unreachable(if err.is_connect() {
+                "function not found or not running"
+            } else {
+                "connection lost before a response"
+            }))
+        }
+        Err(_) => {
+            tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, "upstream call timed out");
+            Err(StepError::TimedOut)
+        }
     }
 }
 
@@ -534,7 +571,11 @@ fn json_response(
 }
 
 /// Reads a step's body: at most `limit` bytes, by `until`.
-async fn read_limited<B>(body: B, limit: usize, until: Instant) -> Result<Bytes, StepError>
+pub(crate) async fn read_limited<B>(
+    body: B,
+    limit: usize,
+    until: Instant,
+) -> Result<Bytes, StepError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

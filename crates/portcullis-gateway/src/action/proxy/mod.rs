@@ -53,7 +53,14 @@ pub async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     // The first target is picked on the client's own headers (hash keys such as
     // `header:host`), before the gateway adds or removes any.
-    let mut next = upstream_uri(action, ctx, req.uri(), Some(req.headers()), &[], None)?;
+    let mut next = upstream_uri(
+        action,
+        ctx,
+        req.uri(),
+        Some(req.headers()),
+        &[],
+        &Extra::default(),
+    )?;
 
     let (mut parts, body) = req.into_parts();
     let original_uri = std::mem::take(&mut parts.uri);
@@ -255,7 +262,7 @@ pub async fn forward(
             &original_uri,
             headers,
             &tried[..attempt as usize],
-            None,
+            &Extra::default(),
         ) {
             Ok(n) => n,
             Err(_) => return give_up(outcome, client_upgrade, tunnel),
@@ -516,19 +523,36 @@ fn remove_connection_named(headers: &mut HeaderMap) {
     }
 }
 
+/// What pipeline steps and aggregation parts add to a request's own URI inputs.
+#[derive(Default)]
+pub(crate) struct Extra<'a> {
+    /// Params looked up before the route's (`{step}`, `{user.team_id}`).
+    pub params: &'a [(&'a str, &'a str)],
+    /// The client's query string is not sent (the path template carries its own).
+    pub no_query: bool,
+}
+
 /// The URI of one attempt: a group's pick, a fixed target, or a rendered template.
-/// `step` is the `{step}` param of a pipeline's function upstream.
 pub(crate) fn upstream_uri<'a>(
     action: &'a ProxyAction,
     f: &RequestCtx<'_>,
     original: &Uri,
     headers: Option<&HeaderMap>,
     tried: &[usize],
-    step: Option<&str>,
+    extra: &Extra<'_>,
 ) -> Result<(Uri, Arc<str>, Option<super::group::Picked<'a>>), GatewayError> {
-    let lookup = |name: &str| match step {
-        Some(s) if name == "step" => Some(s),
-        _ => crate::template::param_value(f.params, f.rest, name),
+    let lookup = |name: &str| {
+        extra
+            .params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+            .or_else(|| crate::template::param_value(f.params, f.rest, name))
+    };
+    let query = if extra.no_query {
+        None
+    } else {
+        f.query.as_deref()
     };
     // The path the upstream sees, before any base path.
     let request_path: Cow<'_, str> = if let Some(rewrite) = &action.rewrite {
@@ -541,7 +565,8 @@ pub(crate) fn upstream_uri<'a>(
     } else {
         Cow::Borrowed(f.path)
     };
-    let path_unchanged = action.rewrite.is_none() && !action.strip_prefix && !f.path_changed;
+    let path_unchanged =
+        action.rewrite.is_none() && !action.strip_prefix && !f.path_changed && !extra.no_query;
 
     let fixed = |t: &FixedTarget| -> Result<(Uri, Arc<str>), GatewayError> {
         let pq = if path_unchanged && t.base_path.is_empty() {
@@ -550,7 +575,7 @@ pub(crate) fn upstream_uri<'a>(
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"))
         } else {
-            build_pq(&t.base_path, &request_path, f.query.as_deref())?
+            build_pq(&t.base_path, &request_path, query)?
         };
         let uri = build_uri(t.scheme.clone(), t.authority.clone(), pq)?;
         Ok((uri, t.label.clone()))
@@ -594,13 +619,9 @@ pub(crate) fn upstream_uri<'a>(
             }
             let label: Arc<str> = Arc::from(authority.host());
             let pq = if *path_is_templated {
-                build_pq("", parsed.path(), f.query.as_deref())?
+                build_pq("", parsed.path(), query)?
             } else {
-                build_pq(
-                    parsed.path().trim_end_matches('/'),
-                    &request_path,
-                    f.query.as_deref(),
-                )?
+                build_pq(parsed.path().trim_end_matches('/'), &request_path, query)?
             };
             Ok((build_uri(scheme, authority, pq)?, label, None))
         }

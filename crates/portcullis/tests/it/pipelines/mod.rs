@@ -1,10 +1,11 @@
-//! Pipelines (issue 10, §1): FnKit's `/orchestrate/<name>` with definitions in the
-//! store, YAML-declared pipelines over upstream groups.
+//! Composition (issue 10, §1-2): FnKit's `/orchestrate/<name>` with definitions in the
+//! store, YAML-declared pipelines over upstream groups, aggregation of JSON parts.
 //!
 //! One function server stands in for every FnKit container: the gateway reaches
 //! `http://<step>:<port>`, every name resolving to 127.0.0.1 through a hosts file,
 //! and the server answers by the name in `Host`.
 
+mod aggregate;
 mod declared;
 mod stored;
 
