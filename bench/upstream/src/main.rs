@@ -69,6 +69,13 @@ async fn handle(req: Request<Incoming>, big: Bytes) -> Result<Response<Full<Byte
             }
         });
     }
+    if req.uri().path() == "/json" {
+        // Composition benchmarks (bench/compose.sh): parts must answer JSON.
+        let mut resp = Response::new(Full::new(Bytes::from_static(br#"{"ok":true}"#)));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(resp);
+    }
     if req.uri().path() == "/64k" {
         let mut resp = Response::new(Full::new(big));
         resp.headers_mut().insert(

@@ -507,6 +507,10 @@ async fn grpc_authz() -> (Upstream, Arc<Seen>, Arc<Mutex<Option<envoy::CheckRequ
                     }),
                     0,
                 ),
+                "Bearer slow" => {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    grpc_answer(Some(envoy::CheckResponse::default()), 0)
+                }
                 // The call itself fails (INTERNAL).
                 _ => grpc_answer(None, 13),
             }
@@ -524,7 +528,7 @@ async fn grpc_mode_speaks_envoy_ext_authz() {
         r#"listeners: [{{address: "127.0.0.1:0"}}]
 authenticators:
   opa:
-    external: {{grpc: "{authz}", timeout: 2s, copy_headers: [X-Tenant], principal_header: X-Principal}}
+    external: {{grpc: "{authz}", timeout: 1s, copy_headers: [X-Tenant], principal_header: X-Principal}}
 routes:
   - {{name: api, path_prefix: /api, auth: {{authenticators: [opa]}}, proxy: {{upstream: "{echo}"}}}}
 "#,
@@ -571,8 +575,16 @@ routes:
     // Denied without a response: 403, as Envoy.
     let res = get(&gw, "/api/x", "bare-deny").await;
     assert_error(res, 403, "FORBIDDEN").await;
-    // A failed call: fail closed.
+    // A failed call, a slow one: fail closed.
     let res = get(&gw, "/api/x", "broken").await;
     assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
+    let started = Instant::now();
+    let res = get(&gw, "/api/x", "slow").await;
+    assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2900),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(echo.requests.load(Ordering::SeqCst), 2);
 }
