@@ -555,6 +555,48 @@ pub struct ProxyConfig {
     /// idempotent requests once on connect failures and resets; `false` turns off).
     #[serde(default)]
     pub retries: Option<crate::Toggle<crate::RetryConfig>>,
+    /// Event streams (`text/event-stream`): forwarded event by event, resumed with
+    /// `Last-Event-ID` when the upstream breaks, heartbeats to the client.
+    #[serde(default)]
+    pub sse: Option<SseConfig>,
+}
+
+/// `proxy.sse`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SseConfig {
+    /// Reconnect a broken upstream stream (GET requests).
+    #[serde(default = "yes")]
+    pub resume: Flag,
+    /// Consecutive reconnection attempts before the client's stream fails.
+    #[serde(default = "default_sse_attempts")]
+    pub attempts: Scalar<u32>,
+    #[serde(default = "default_sse_backoff")]
+    pub backoff: Duration,
+    #[serde(default = "default_sse_max_backoff")]
+    pub max_backoff: Duration,
+    /// A comment line after this much silence; `0s` turns heartbeats off.
+    #[serde(default = "default_sse_heartbeat")]
+    pub heartbeat: Duration,
+    /// Largest single event.
+    #[serde(default = "default_sse_max_event")]
+    pub max_event: ByteSize,
+}
+
+fn default_sse_attempts() -> Scalar<u32> {
+    Scalar(5)
+}
+fn default_sse_backoff() -> Duration {
+    Duration(std::time::Duration::from_millis(250))
+}
+fn default_sse_max_backoff() -> Duration {
+    Duration::secs(5)
+}
+fn default_sse_heartbeat() -> Duration {
+    Duration::secs(15)
+}
+fn default_sse_max_event() -> ByteSize {
+    ByteSize::mib(1)
 }
 
 fn default_upgrades() -> Vec<Text> {

@@ -23,6 +23,7 @@ mod proxy;
 mod reload;
 mod resilience;
 mod routing;
+mod sse;
 mod store;
 mod tls_upstream;
 mod upstreams;

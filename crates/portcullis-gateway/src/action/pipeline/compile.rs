@@ -232,5 +232,6 @@ pub(crate) fn step_proxy(
         targets: None,
         upgrades: Vec::new(),
         retries: None,
+        sse: None,
     }
 }

@@ -286,8 +286,17 @@ pub(crate) fn compile(
     if !clients.used.contains(&settings) {
         clients.used.push(settings);
     }
+    let sse = p.sse.as_ref().map(|s| super::sse::SsePolicy {
+        resume: s.resume.0,
+        heartbeat: (!s.heartbeat.get().is_zero()).then(|| s.heartbeat.get()),
+        attempts: s.attempts.0,
+        backoff: s.backoff.get(),
+        max_backoff: s.max_backoff.get(),
+        max_event: usize::try_from(s.max_event.0).unwrap_or(usize::MAX),
+    });
     Some(ProxyAction {
         target,
+        sse,
         strip_prefix: p.strip_prefix.0,
         rewrite,
         preserve_host: p.preserve_host.0,

@@ -135,6 +135,11 @@ pub async fn forward(
         };
         head.uri = uri;
         ctx.route.chain.on_upstream_request(ctx, &mut head);
+        // An event stream may be asked for again (resumption): GETs only.
+        let again = match &action.sse {
+            Some(s) if s.resume && head.method == http::Method::GET => Some(clone_head(&head)),
+            _ => None,
+        };
         let attempt_body = match (&replay, body.take()) {
             (Some(bytes), _) if bytes.is_empty() => Body::empty(),
             (Some(bytes), _) => Body::full(bytes.clone()),
@@ -161,15 +166,8 @@ pub async fn forward(
                     let retryable =
                         more && retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
                     if !retryable {
-                        return Ok(respond(
-                            action,
-                            ctx,
-                            res,
-                            took,
-                            deadline,
-                            client_upgrade,
-                            tunnel,
-                        ));
+                        let res = respond(action, ctx, res, took, deadline, client_upgrade, tunnel);
+                        return Ok(event_stream(action, ctx, res, again));
                     }
                     (Ok(res), "status")
                 }
@@ -234,14 +232,19 @@ pub async fn forward(
         let give_up = |outcome: Result<Response<PooledBody>, GatewayError>,
                        client_upgrade,
                        tunnel| match outcome {
-            Ok(res) => Ok(respond(
+            Ok(res) => Ok(event_stream(
                 action,
                 ctx,
-                res,
-                started.elapsed(),
-                deadline,
-                client_upgrade,
-                tunnel,
+                respond(
+                    action,
+                    ctx,
+                    res,
+                    started.elapsed(),
+                    deadline,
+                    client_upgrade,
+                    tunnel,
+                ),
+                again,
             )),
             Err(e) => Err(e),
         };
@@ -361,6 +364,30 @@ fn respond(
 
     remove_hop_by_hop(res.headers_mut());
     res.map(|b| Body::Upstream(IdleTimeout::new(b, action.idle_timeout).with_deadline(deadline)))
+}
+
+/// On a route with `sse`, an event stream goes through [`sse::stream`].
+fn event_stream(
+    action: &ProxyAction,
+    ctx: &RequestCtx<'_>,
+    res: Response<Body>,
+    again: Option<http::request::Parts>,
+) -> Response<Body> {
+    let Some(policy) = &action.sse else {
+        return res;
+    };
+    if !sse::applies(&res) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let Body::Upstream(upstream) = body else {
+        return Response::from_parts(parts, body);
+    };
+    // The length of a stream cut into events and heartbeats is not the upstream's.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let again = again.map(|head| (action.client.clone(), head, action.idle_timeout));
+    let body = sse::stream(policy.clone(), upstream, again, ctx.route.name.clone());
+    Response::from_parts(parts, body)
 }
 
 /// A copy of the request head for one attempt (extensions are not carried).
@@ -675,6 +702,8 @@ pub struct ProxyAction {
     pub allow_names: Vec<crate::targets::NamePattern>,
     pub retry: Option<RetryPolicy>,
     pub client: UpstreamClient,
+    /// Event streams forwarded event by event, resumed, with heartbeats.
+    pub sse: Option<sse::SsePolicy>,
 }
 
 impl ProxyAction {
@@ -712,5 +741,6 @@ pub struct FixedTarget {
 }
 
 mod compile;
+pub mod sse;
 pub(crate) use compile::compile;
 pub use compile::parse_fixed_target;
