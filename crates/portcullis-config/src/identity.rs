@@ -109,9 +109,22 @@ pub struct ExternalAuthConfig {
     pub cache_ttl: Duration,
     #[serde(default = "default_key_cache_size")]
     pub cache_size: Scalar<u64>,
+    /// What a cached decision is reused for: `credential` (any request with the same
+    /// credential; the HTTP mode's default) or `request` (the same credential, method,
+    /// host, path and query; the gRPC mode's default, as policies there decide per
+    /// path).
+    #[serde(default)]
+    pub cache_by: Option<CacheBy>,
     /// PEM roots for an `https` service.
     #[serde(default)]
     pub ca_file: Option<Text>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBy {
+    Credential,
+    Request,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -179,6 +179,8 @@ pub struct GatewayError {
     details: Vec<String>,
     /// A body in another program's shape (FnKit's pipeline errors) and its status.
     compat: Option<Box<(StatusCode, serde_json::Map<String, serde_json::Value>)>>,
+    /// A status other than the code's (an authorization service's own refusal).
+    status: Option<StatusCode>,
 }
 
 impl GatewayError {
@@ -189,7 +191,14 @@ impl GatewayError {
             headers: Vec::new(),
             details: Vec::new(),
             compat: None,
+            status: None,
         }
+    }
+
+    /// Answers with `status` instead of the code's own (the envelope is unchanged).
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// An error whose body keeps another program's shape, so its clients keep
@@ -246,7 +255,11 @@ impl GatewayError {
         }
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
-        finish(self.code.status(), bytes, self.headers)
+        finish(
+            self.status.unwrap_or_else(|| self.code.status()),
+            bytes,
+            self.headers,
+        )
     }
 }
 

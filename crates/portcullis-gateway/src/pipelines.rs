@@ -3,7 +3,6 @@
 //! `pipeline` action through a short-lived cache that a store notice clears at once,
 //! and written by `portcullis pipeline …` and `/admin/pipelines/<name>`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use tokio::sync::watch;
 pub const KEY_PREFIX: &str = "fnkit:pipeline:";
 /// The notice topic every writer announces a change on.
 pub const TOPIC: &str = "pipelines";
-/// Definitions kept in memory at most (the cache is cleared when full).
+/// Definitions kept in memory at most.
 const MAX_CACHED: usize = 1024;
 /// Largest stored definition read.
 const MAX_DEFINITION: usize = 64 * 1024;
@@ -173,13 +172,17 @@ pub enum PutError {
 
 /// The gateway's cache of stored definitions (outlives snapshots): an entry is used
 /// while younger than the route's TTL and no change was announced since it was read.
+/// Entries are kept only while a notice subscription works (it is made in the
+/// background; meanwhile every run reads the store).
 pub struct PipelineCache {
     store: PipelineStore,
     notices: Arc<dyn Store>,
-    entries: Mutex<HashMap<String, Cached>>,
-    watch: tokio::sync::Mutex<WatchState>,
+    /// Bounded, frequency-aware: random names cannot push out the pipelines in use.
+    entries: moka::sync::Cache<String, Cached>,
+    watch: Arc<Mutex<WatchState>>,
 }
 
+#[derive(Clone)]
 struct Cached {
     def: Option<Arc<Definition>>,
     read_at: Instant,
@@ -188,9 +191,13 @@ struct Cached {
 
 enum WatchState {
     Unstarted,
+    Subscribing,
     Failed(Instant),
     Watching(watch::Receiver<u64>),
 }
+
+/// Longest wait for a notice subscription.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PipelineCache {
     pub fn new(store: &Arc<dyn Store>) -> Self {
@@ -198,8 +205,8 @@ impl PipelineCache {
             store: PipelineStore::new(store),
             // Unprefixed: keyspace events name FnKit's keys as they are.
             notices: store.unprefixed(),
-            entries: Mutex::new(HashMap::new()),
-            watch: tokio::sync::Mutex::new(WatchState::Unstarted),
+            entries: moka::sync::Cache::new(MAX_CACHED as u64),
+            watch: Arc::new(Mutex::new(WatchState::Unstarted)),
         }
     }
 
@@ -209,22 +216,15 @@ impl PipelineCache {
         name: &str,
         ttl: Duration,
     ) -> Result<Option<Arc<Definition>>, StoreError> {
-        let generation = self.generation().await;
-        if let Some(hit) = self.lock().get(name) {
-            let fresh = hit.read_at.elapsed() < ttl && Some(hit.generation) == generation;
-            if fresh {
-                return Ok(hit.def.clone());
+        let generation = self.generation();
+        if let (Some(hit), Some(g)) = (self.entries.get(name), generation) {
+            if hit.read_at.elapsed() < ttl && hit.generation == g {
+                return Ok(hit.def);
             }
         }
         let def = self.store.get(name).await?.map(Arc::new);
-        // Kept only when a notice channel says when it goes stale; without one
-        // (store unreachable for notices) every lookup reads the store.
         if let Some(generation) = generation {
-            let mut entries = self.lock();
-            if entries.len() >= MAX_CACHED {
-                entries.clear();
-            }
-            entries.insert(
+            self.entries.insert(
                 name.to_owned(),
                 Cached {
                     def: def.clone(),
@@ -236,31 +236,40 @@ impl PipelineCache {
         Ok(def)
     }
 
-    /// The current notice generation, subscribing on first use; `None` while no
-    /// subscription works.
-    async fn generation(&self) -> Option<u64> {
-        let mut state = self.watch.lock().await;
+    /// The current notice generation; `None` while no subscription works (one is
+    /// started in the background, again after a failure or a lost watcher).
+    fn generation(&self) -> Option<u64> {
+        let mut state = self.watch.lock().unwrap_or_else(|p| p.into_inner());
         match &*state {
-            WatchState::Watching(rx) => return Some(*rx.borrow()),
+            // A watcher whose task ended says nothing any more.
+            WatchState::Watching(rx) if rx.has_changed().is_ok() => return Some(*rx.borrow()),
+            WatchState::Subscribing => return None,
             WatchState::Failed(at) if at.elapsed() < WATCH_RETRY => return None,
             _ => {}
         }
-        match self.notices.watch(TOPIC, Some(KEY_PREFIX)).await {
-            Ok(rx) => {
-                let g = *rx.borrow();
-                *state = WatchState::Watching(rx);
-                Some(g)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch pipeline changes; reading the store on every run");
-                *state = WatchState::Failed(Instant::now());
-                None
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        *state = WatchState::Subscribing;
+        drop(state);
+        self.entries.invalidate_all();
+        let (notices, shared) = (self.notices.clone(), self.watch.clone());
+        tokio::spawn(async move {
+            let watched =
+                tokio::time::timeout(WATCH_TIMEOUT, notices.watch(TOPIC, Some(KEY_PREFIX))).await;
+            let next = match watched {
+                Ok(Ok(rx)) => WatchState::Watching(rx),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot watch pipeline changes; reading the store on every run");
+                    WatchState::Failed(Instant::now())
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "watching pipeline changes timed out; reading the store on every run"
+                    );
+                    WatchState::Failed(Instant::now())
+                }
+            };
+            *shared.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        });
+        None
     }
 }
 

@@ -12,7 +12,6 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use portcullis_config::{AggregateConfig, MergeMode};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -30,9 +29,20 @@ use crate::template::Template;
 /// Most parts one route may aggregate.
 pub const MAX_PARTS: usize = 16;
 
-/// A value from an earlier part placed in a path: one segment, `.` included, so
-/// `..` or `/` from an answer can never climb.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+/// Longest value from an answer placed in a path.
+const MAX_SEGMENT: usize = 256;
+
+/// A value from an earlier part placed in a path must be one plain segment:
+/// unreserved characters only, not empty, `.` or `..` (encoded forms such as
+/// `%2E%2E` or `%2F` are refused too: some upstreams decode them).
+fn plain_segment(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_SEGMENT
+        && v != "."
+        && v != ".."
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
 
 pub struct AggregateAction {
     parts: Box<[Part]>,
@@ -76,11 +86,13 @@ impl AggregateAction {
         let deadline = Instant::now() + self.timeout;
         // Parts are reads: the client's body (if any) is not forwarded.
         let (mut template, _body) = req.into_parts();
+        // Answers are parsed and merged: asked for uncompressed.
         for h in [
             header::CONTENT_LENGTH,
             header::TRANSFER_ENCODING,
             header::CONTENT_TYPE,
             header::CONTENT_ENCODING,
+            header::ACCEPT_ENCODING,
         ] {
             template.headers.remove(h);
         }
@@ -163,10 +175,10 @@ impl AggregateAction {
                 Value::Bool(b) => b.to_string(),
                 _ => return None,
             };
-            out.push((
-                param.clone(),
-                utf8_percent_encode(&text, SEGMENT).to_string(),
-            ));
+            if !plain_segment(&text) {
+                return None;
+            }
+            out.push((param.clone(), text));
         }
         Some(out)
     }
@@ -195,6 +207,7 @@ impl AggregateAction {
             proxy: &part.proxy,
             extra: &extra,
             headers: &part.headers,
+            client_streams: false,
         };
         let until = deadline.min(Instant::now() + part.timeout);
         let result = async {
@@ -203,12 +216,15 @@ impl AggregateAction {
             if !status.is_success() {
                 return Err(StepError::Status(status, bytes::Bytes::new()));
             }
+            if super::pipeline::is_encoded(res.headers()) {
+                return Err(StepError::Unreachable("compressed answer"));
+            }
             read_limited(res.into_body(), self.max_body, until).await
         }
         .await;
         let r = match result {
             Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
-                Ok(v) => PartResult::Value(keep_fields(v, &part.fields)),
+                Ok(v) => PartResult::Value(v),
                 Err(_) => PartResult::Failed("the answer is not JSON", None),
             },
             Err(StepError::Status(s, _)) => {
@@ -238,8 +254,9 @@ impl AggregateAction {
         let mut out = Map::new();
         let mut missing = Vec::new();
         for (part, r) in self.parts.iter().zip(results) {
+            // Dependents read every field; the answer shows the allowed ones.
             let value = match r {
-                Some(PartResult::Value(v)) => Some(v),
+                Some(PartResult::Value(v)) => Some(keep_fields(v, &part.fields)),
                 _ => {
                     missing.push(&*part.name);
                     None
@@ -398,6 +415,14 @@ pub(crate) fn compile(
             }
         }
         let timeout = p.timeout.map_or(c.timeout.get(), |t| t.get());
+        if timeout.is_zero() {
+            errors.push(
+                spec.referenced,
+                format!("{pf}.timeout"),
+                "must be more than 0",
+            );
+            return None;
+        }
         let proxy_config =
             super::pipeline::step_proxy(p.upstream.clone(), p.path.clone(), site, timeout);
         let mut params = site.params.to_vec();
@@ -448,13 +473,15 @@ mod tests {
     }
 
     #[test]
-    fn values_from_answers_stay_one_segment() {
-        for (raw, enc) in [
-            ("42", "42"),
-            ("../admin", "%2E%2E%2Fadmin"),
-            ("a b?c", "a%20b%3Fc"),
-        ] {
-            assert_eq!(utf8_percent_encode(raw, SEGMENT).to_string(), enc);
+    fn values_from_answers_stay_one_plain_segment() {
+        for ok in ["42", "t7", "a.b", "x_y-z~"] {
+            assert!(plain_segment(ok), "{ok}");
         }
+        for bad in [
+            "", ".", "..", "../admin", "a/b", "%2E%2E", "a b", "a?x=1", "é",
+        ] {
+            assert!(!plain_segment(bad), "{bad}");
+        }
+        assert!(!plain_segment(&"x".repeat(MAX_SEGMENT + 1)));
     }
 }

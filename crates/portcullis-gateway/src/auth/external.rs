@@ -66,6 +66,8 @@ pub struct ExternalAuth {
     copy_headers: Vec<HeaderName>,
     principal_header: Option<HeaderName>,
     cache: Option<moka::future::Cache<[u8; 32], Arc<Decision>>>,
+    /// Cached decisions are keyed by the request too, not only the credential.
+    cache_by_request: bool,
 }
 
 enum Call {
@@ -88,12 +90,27 @@ pub struct Denial {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
-    pub challenge: Option<HeaderValue>,
+    /// The answer headers a client may see: `WWW-Authenticate`, `Location`,
+    /// `Retry-After`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// The service gave no decision (down, slow, an unexpected answer).
-#[derive(Debug, Clone, Copy)]
-pub struct Unavailable;
+/// Answer headers passed on with a refusal.
+const DENIAL_HEADERS: [HeaderName; 3] = [
+    header::WWW_AUTHENTICATE,
+    header::LOCATION,
+    header::RETRY_AFTER,
+];
+
+/// The service gave no decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No answer (refused, slow, a 5xx, a failed gRPC call): the failure mode decides.
+    Down,
+    /// An answer that cannot be read (too large, garbled): never a pass, whatever
+    /// the failure mode (it may have been a refusal).
+    Garbled,
+}
 
 /// What [`ExternalAuth::verify`] concluded.
 pub enum Outcome {
@@ -121,7 +138,7 @@ impl ExternalAuth {
             Some(cache) => cache
                 .try_get_with(self.cache_key(credential, req), self.ask(req))
                 .await
-                .map_err(|_| Unavailable),
+                .map_err(|e| *e),
             None => self.ask(req).await,
         };
         match decision {
@@ -140,7 +157,7 @@ impl ExternalAuth {
                 }),
                 Decision::Deny(_) => Outcome::Denied(d),
             },
-            Err(Unavailable) if self.fail_open => {
+            Err(Unavailable::Down) if self.fail_open => {
                 tracing::warn!("authorization service unavailable; failing open");
                 Outcome::Allowed(Identity {
                     principal: String::new(),
@@ -151,7 +168,7 @@ impl ExternalAuth {
                     token: None,
                 })
             }
-            Err(Unavailable) => Outcome::Unavailable,
+            Err(_) => Outcome::Unavailable,
         }
     }
 
@@ -160,6 +177,14 @@ impl ExternalAuth {
     fn cache_key(&self, credential: &str, req: &RequestView<'_>) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(credential.as_bytes());
+        if self.cache_by_request {
+            h.update([0]);
+            h.update(req.method.as_str().as_bytes());
+            h.update([0]);
+            h.update(req.host.map_or(&b""[..], |v| v.as_bytes()));
+            h.update([0]);
+            h.update(req.path_and_query().as_bytes());
+        }
         for name in &self.forward_headers {
             h.update([0]);
             for v in req.headers.get_all(name) {
@@ -178,7 +203,7 @@ impl ExternalAuth {
                     .await
                     .map_err(|_| {
                         tracing::warn!("authorization service (gRPC) timed out");
-                        Unavailable
+                        Unavailable::Down
                     })?
                     .map(Arc::new);
             }
@@ -187,7 +212,7 @@ impl ExternalAuth {
             .await
             .map_err(|_| {
                 tracing::warn!("authorization service timed out");
-                Unavailable
+                Unavailable::Down
             })?
             .map(Arc::new)
     }
@@ -222,28 +247,32 @@ impl ExternalAuth {
         *sub.headers_mut() = headers;
         let res = self.client.request(sub).await.map_err(|e| {
             tracing::warn!(error = %crate::action::proxy::error_chain(&e), "authorization service unreachable");
-            Unavailable
+            Unavailable::Down
         })?;
         let status = res.status();
         if status.is_success() {
             return Ok(self.allow(|name| res.headers().get(name)));
         }
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // 3xx and 4xx are the service's refusal (401, 403, a login redirect, a
+        // quota's 429); 5xx and anything else: no decision.
+        if status.is_redirection() || status.is_client_error() {
             let content_type = res.headers().get(header::CONTENT_TYPE).cloned();
-            let challenge = res.headers().get(header::WWW_AUTHENTICATE).cloned();
-            let body = read_answer(res.into_body()).await.unwrap_or_default();
+            let headers = denial_headers(|name| res.headers().get(name));
+            let body = read_answer(res.into_body())
+                .await
+                .ok_or(Unavailable::Garbled)?;
             return Ok(Decision::Deny(Denial {
                 status,
                 content_type,
                 body,
-                challenge,
+                headers,
             }));
         }
         tracing::warn!(
             status = status.as_u16(),
             "authorization service answered neither allow nor deny"
         );
-        Err(Unavailable)
+        Err(Unavailable::Down)
     }
 
     /// The request headers the service sees: the credential's own (`Authorization`,
@@ -253,12 +282,27 @@ impl ExternalAuth {
         if self.sources.header {
             names.push(header::AUTHORIZATION);
         }
-        if self.sources.cookie.is_some() {
-            names.push(header::COOKIE);
-        }
         for name in names {
             for v in req.headers.get_all(&name) {
                 out.append(name.clone(), v.clone());
+            }
+        }
+        // Only the credential's own cookie: other cookies (browser sessions) never
+        // leave the gateway.
+        if let Some(cookie) = &self.sources.cookie {
+            let found = req
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .map(str::trim)
+                .find(|pair| {
+                    pair.split_once('=')
+                        .is_some_and(|(k, v)| k == cookie && !v.is_empty())
+                });
+            if let Some(v) = found.and_then(|p| HeaderValue::from_str(p).ok()) {
+                out.insert(header::COOKIE, v);
             }
         }
     }
@@ -300,14 +344,30 @@ impl ExternalAuth {
     }
 }
 
+/// The refusal headers a client may see, from an answer's headers.
+pub(super) fn denial_headers<'a>(
+    get: impl Fn(&HeaderName) -> Option<&'a HeaderValue>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    DENIAL_HEADERS
+        .iter()
+        .filter_map(|name| get(name).map(|v| (name.clone(), v.clone())))
+        .collect()
+}
+
 impl Denial {
-    /// The client's answer: the service's status; its JSON object body kept (with
-    /// our `code` and `request_id` added), other text as the envelope's message.
+    /// The client's answer, with the service's status (3xx or 4xx; anything else
+    /// becomes 403): its JSON object body kept (with our `code` and `request_id`
+    /// added), other text as the envelope's message.
     pub fn to_error(&self) -> GatewayError {
-        let code = if self.status == StatusCode::FORBIDDEN {
-            ErrorCode::Forbidden
+        let status = if self.status.is_redirection() || self.status.is_client_error() {
+            self.status
         } else {
-            ErrorCode::Unauthorized
+            StatusCode::FORBIDDEN
+        };
+        let code = match status {
+            StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
+            s if s.is_redirection() || s == StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            _ => ErrorCode::Forbidden,
         };
         let json = self
             .content_type
@@ -322,7 +382,7 @@ impl Denial {
                 _ => None,
             });
         let mut e = match object {
-            Some(m) => GatewayError::compat(code, self.status, m),
+            Some(m) => GatewayError::compat(code, status, m),
             None => {
                 let text = String::from_utf8_lossy(&self.body);
                 let text = text.trim();
@@ -331,11 +391,11 @@ impl Denial {
                 } else {
                     text.chars().take(MAX_DENIAL_MESSAGE).collect()
                 };
-                GatewayError::new(code, message)
+                GatewayError::new(code, message).with_status(status)
             }
         };
-        if let Some(c) = &self.challenge {
-            e = e.with_header(header::WWW_AUTHENTICATE, c.clone());
+        for (name, value) in &self.headers {
+            e = e.with_header(name.clone(), value.clone());
         }
         e
     }
@@ -452,12 +512,20 @@ pub(crate) fn compile(
         }
     };
     let ttl = c.cache_ttl.get();
+    // Weighed by size: `cache_size` decisions of up to 1 KiB each (a refusal's body
+    // counts), so random credentials cannot fill memory with large refusals.
     let cache = (!ttl.is_zero()).then(|| {
         moka::future::Cache::builder()
-            .max_capacity(c.cache_size.0.max(1))
+            .max_capacity(c.cache_size.0.max(1).saturating_mul(1024))
+            .weigher(|_key, d: &Arc<Decision>| decision_weight(d))
             .time_to_live(ttl)
             .build()
     });
+    let cache_by_request = match c.cache_by {
+        Some(portcullis_config::CacheBy::Request) => true,
+        Some(portcullis_config::CacheBy::Credential) => false,
+        None => grpc,
+    };
     Some(ExternalAuth {
         call,
         client,
@@ -470,5 +538,26 @@ pub(crate) fn compile(
         copy_headers,
         principal_header,
         cache,
+        cache_by_request,
     })
+}
+
+/// A decision's weight in the cache, in bytes (at least 1 KiB).
+fn decision_weight(d: &Decision) -> u32 {
+    let bytes = match d {
+        Decision::Allow {
+            principal,
+            scopes,
+            headers,
+        } => {
+            principal.len()
+                + scopes.iter().map(String::len).sum::<usize>()
+                + headers
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len())
+                    .sum::<usize>()
+        }
+        Decision::Deny(denial) => denial.body.len() + 256,
+    };
+    u32::try_from(bytes.max(1024)).unwrap_or(u32::MAX)
 }

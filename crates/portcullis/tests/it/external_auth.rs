@@ -53,8 +53,12 @@ async fn http_authz() -> (Upstream, Arc<Seen>) {
             last.insert("method".into(), req.method().to_string());
             last.insert("uri".into(), req.uri().to_string());
             *s.last.lock().unwrap() = last;
-            let token = h("authorization");
-            let token = token.strip_prefix("Bearer ").unwrap_or("");
+            let bearer = h("authorization");
+            let cookie = h("cookie");
+            let token = bearer
+                .strip_prefix("Bearer ")
+                .or_else(|| cookie.strip_prefix("auth="))
+                .unwrap_or("");
             let b = Response::builder();
             match token {
                 "good" | "slowok" => {
@@ -79,7 +83,12 @@ async fn http_authz() -> (Upstream, Arc<Seen>) {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     b.status(200).body(full(""))
                 }
-                "redirect" => b.status(302).header("location", "/x").body(full("")),
+                "redirect" => b.status(302).header("location", "/login").body(full("")),
+                "quota" => b
+                    .status(429)
+                    .header("retry-after", "7")
+                    .header("x-internal", "never shown")
+                    .body(full("quota exceeded")),
                 _ => b.status(500).body(full("boom")),
             }
             .unwrap()
@@ -105,6 +114,8 @@ authenticators:
     external: {{url: "{authz}/check", timeout: 1s, failure_mode: fail_open, cache_ttl: 0s, principal_header: X-Principal}}
   nocache:
     external: {{url: "{authz}/check", cache_ttl: 0s}}
+  by_cookie:
+    external: {{url: "{authz}/check", token_sources: {{header: false, cookie: auth}}}}
   dead:
     external: {{url: "http://127.0.0.1:1/check", timeout: 1s}}
   dead_open:
@@ -119,6 +130,7 @@ routes:
   - {{name: dead, path_prefix: /dead, auth: {{authenticators: [dead]}}, proxy: {{upstream: "{echo}"}}}}
   - {{name: deadopen, path_prefix: /deadopen, auth: {{authenticators: [dead_open]}}, proxy: {{upstream: "{echo}"}}}}
   - {{name: either, path_prefix: /either, auth: {{authenticators: [st, ext]}}, proxy: {{upstream: "{echo}"}}}}
+  - {{name: cookie, path_prefix: /cookie, auth: {{authenticators: [by_cookie]}}, proxy: {{upstream: "{echo}"}}}}
 "#
     )
 }
@@ -202,6 +214,18 @@ async fn http_mode_denials_reach_the_client() {
     assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"authz\"");
     let v = assert_error(res, 401, "UNAUTHORIZED").await;
     assert_eq!(v["error"]["message"], "invalid key");
+    // Other refusals keep their status and the headers a client may see: a quota's
+    // 429 with Retry-After, a login redirect with Location — under fail_open too.
+    for path in ["/api/x", "/open/x"] {
+        let res = get(&gw, path, "quota").await;
+        assert_eq!(res.headers()["retry-after"], "7", "{path}");
+        assert!(res.headers().get("x-internal").is_none());
+        let v = assert_error(res, 429, "RATE_LIMITED").await;
+        assert_eq!(v["error"]["message"], "quota exceeded");
+    }
+    let res = get(&gw, "/api/x", "redirect").await;
+    assert_eq!(res.status(), 302);
+    assert_eq!(res.headers()["location"], "/login");
     // No credential: the service is not asked.
     let before = seen.calls.load(Ordering::SeqCst);
     let res = client().get(gw.url("/api/x")).send().await.unwrap();
@@ -216,13 +240,8 @@ async fn failures_close_by_default_and_open_when_asked() {
     let echo = Upstream::echo().await;
     let gw = Gateway::start(&http_config(&authz.url(), &echo.url()));
 
-    // A 5xx, a redirect, a timeout, a dead service: 503, never a pass.
-    for (path, token) in [
-        ("/api/x", "boom"),
-        ("/api/x", "redirect"),
-        ("/api/x", "slow"),
-        ("/dead/x", "good"),
-    ] {
+    // A 5xx, a timeout, a dead service: 503, never a pass.
+    for (path, token) in [("/api/x", "boom"), ("/api/x", "slow"), ("/dead/x", "good")] {
         let started = Instant::now();
         let res = get(&gw, path, token).await;
         assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
@@ -243,6 +262,24 @@ async fn failures_close_by_default_and_open_when_asked() {
     // fail_open never turns a denial into a pass.
     let res = get(&gw, "/open/x", "forbidden").await;
     assert_eq!(res.status(), 403);
+}
+
+/// A cookie credential: only that cookie reaches the service, never the others
+/// (browser sessions stay inside the gateway).
+#[tokio::test]
+async fn only_the_credentials_own_cookie_is_sent() {
+    let (authz, seen) = http_authz().await;
+    let echo = Upstream::echo().await;
+    let gw = Gateway::start(&http_config(&authz.url(), &echo.url()));
+    let res = client()
+        .get(gw.url("/cookie/x"))
+        .header("cookie", "session=s3cr3t; auth=good; theme=dark")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(seen.last.lock().unwrap()["cookie"], "auth=good");
+    assert_eq!(seen.last.lock().unwrap()["authorization"], "");
 }
 
 #[tokio::test]
@@ -507,6 +544,18 @@ async fn grpc_authz() -> (Upstream, Arc<Seen>, Arc<Mutex<Option<envoy::CheckRequ
                     }),
                     0,
                 ),
+                "Bearer huge" => grpc_answer(
+                    Some(envoy::CheckResponse {
+                        status: Some(envoy::Status { code: 7 }),
+                        denied_response: Some(envoy::Denied {
+                            status: Some(envoy::HttpStatus { code: 403 }),
+                            headers: Vec::new(),
+                            body: "x".repeat(20_000),
+                        }),
+                        ok_response: None,
+                    }),
+                    0,
+                ),
                 "Bearer slow" => {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     grpc_answer(Some(envoy::CheckResponse::default()), 0)
@@ -529,8 +578,11 @@ async fn grpc_mode_speaks_envoy_ext_authz() {
 authenticators:
   opa:
     external: {{grpc: "{authz}", timeout: 1s, copy_headers: [X-Tenant], principal_header: X-Principal}}
+  opa_open:
+    external: {{grpc: "{authz}", timeout: 1s, failure_mode: fail_open, cache_ttl: 0s}}
 routes:
   - {{name: api, path_prefix: /api, auth: {{authenticators: [opa]}}, proxy: {{upstream: "{echo}"}}}}
+  - {{name: open, path_prefix: /open, auth: {{authenticators: [opa_open]}}, proxy: {{upstream: "{echo}"}}}}
 "#,
         authz = authz.url(),
         echo = echo.url()
@@ -564,9 +616,12 @@ routes:
             .address,
         "127.0.0.1"
     );
-    // Cached: a second request does not ask.
-    assert_eq!(get(&gw, "/api/x", "good").await.status(), 200);
+    // Cached per request in gRPC mode (policies decide per path): the same request
+    // does not ask again, another path does.
+    assert_eq!(get(&gw, "/api/orders?page=2", "good").await.status(), 200);
     assert_eq!(seen.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(get(&gw, "/api/x", "good").await.status(), 200);
+    assert_eq!(seen.calls.load(Ordering::SeqCst), 2);
 
     let res = get(&gw, "/api/x", "bad").await;
     assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"opa\"");
@@ -586,5 +641,11 @@ routes:
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(echo.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 3);
+
+    // fail_open lets a failed call through, never a refusal it could not read.
+    assert_eq!(get(&gw, "/open/x", "broken").await.status(), 200);
+    let res = get(&gw, "/open/x", "huge").await;
+    assert_error(res, 503, "SERVICE_UNAVAILABLE").await;
+    assert_eq!(get(&gw, "/open/x", "bad").await.status(), 401);
 }

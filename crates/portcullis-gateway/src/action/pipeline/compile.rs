@@ -56,11 +56,20 @@ pub(crate) fn compile(
                 );
                 return None;
             };
-            if !functions.upstream.value.contains("{step}") {
+            // `{step}` names a host (one checked DNS label), never a path.
+            let url = functions.upstream.value.as_str();
+            let authority = url
+                .split_once("://")
+                .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+            let in_path = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .is_some_and(|(_, path)| path.contains("{step}"));
+            if !authority.is_some_and(|a| a.contains("{step}")) || in_path {
                 errors.push(
                     functions.upstream.referenced,
                     format!("{field}.functions.upstream"),
-                    "must use {step} (the function a step names)",
+                    "must use {step} in its host, and only there (http://{step}:8080)",
                 );
                 return None;
             }
@@ -185,6 +194,10 @@ fn declared(
             }
         }
         let timeout = step.timeout.map_or(p.step_timeout.get(), |t| t.get());
+        if timeout.is_zero() {
+            errors.push(s.referenced, format!("{sf}.timeout"), "must be more than 0");
+            return None;
+        }
         let proxy_config = step_proxy(step.upstream.clone(), step.path.clone(), site, timeout);
         let ssite = RouteSite {
             at: s.referenced,

@@ -22,7 +22,7 @@ use super::proxy::{self, clone_head, content_length, ProxyAction};
 use crate::body::{find_cause, Body, IdleTimeout};
 use crate::context::RequestCtx;
 use crate::error::{ErrorCode, GatewayError};
-use crate::pipelines::{name_ok, Mode, MAX_STEPS};
+use crate::pipelines::{name_ok, Mode};
 use crate::telemetry::PipelineStepLabels;
 
 mod compile;
@@ -142,10 +142,11 @@ impl PipelineAction {
                         "pipeline has no steps",
                     ));
                 }
-                if def.steps.len() > MAX_STEPS {
+                // Another program may have written it: the same checks as ours.
+                if let Err(e) = def.validate() {
                     return Err(GatewayError::new(
                         ErrorCode::BadRequest,
-                        format!("pipeline has more than {MAX_STEPS} steps"),
+                        format!("pipeline definition is invalid: {e}"),
                     ));
                 }
                 let refs: Vec<StepRef<'_>> = def
@@ -225,22 +226,31 @@ impl Run<'_> {
         let mut method = original_method.clone();
         let mut input = client_body;
         let mut content_type: Option<HeaderValue> = None;
+        let mut content_encoding: Option<HeaderValue> = None;
         for (i, step) in steps.iter().enumerate() {
             let mut head = clone_head(&template);
+            let last = i + 1 == steps.len();
+            if !last {
+                // Its answer is handed on as it is: ask for it uncompressed.
+                head.headers.remove(header::ACCEPT_ENCODING);
+            }
             if i > 0 {
-                // The previous step's answer is this request's body.
+                // The previous step's answer (type and encoding) is this request's body.
                 head.headers.remove(header::CONTENT_LENGTH);
                 head.headers.remove(header::TRANSFER_ENCODING);
-                head.headers.remove(header::CONTENT_ENCODING);
-                match &content_type {
-                    Some(ct) => head.headers.insert(header::CONTENT_TYPE, ct.clone()),
-                    None => head.headers.remove(header::CONTENT_TYPE),
-                };
+                for (name, value) in [
+                    (header::CONTENT_TYPE, &content_type),
+                    (header::CONTENT_ENCODING, &content_encoding),
+                ] {
+                    match value {
+                        Some(v) => head.headers.insert(name, v.clone()),
+                        None => head.headers.remove(name),
+                    };
+                }
             }
             head.method = step.method.cloned().unwrap_or_else(|| method.clone());
             let started = Instant::now();
             let until = self.deadline.min(started + step.timeout);
-            let last = i + 1 == steps.len();
             let span =
                 tracing::debug_span!("pipeline_step", pipeline = %self.pipeline, step = step.name);
             let outcome = async {
@@ -256,8 +266,9 @@ impl Run<'_> {
                     return Ok(Handoff::Last(res));
                 }
                 let ct = res.headers().get(header::CONTENT_TYPE).cloned();
+                let ce = res.headers().get(header::CONTENT_ENCODING).cloned();
                 let bytes = read_limited(res.into_body(), self.action.max_handoff, until).await?;
-                Ok(Handoff::Next(ct, bytes))
+                Ok(Handoff::Next(ct, ce, bytes))
             }
             .instrument(span)
             .await;
@@ -269,7 +280,7 @@ impl Run<'_> {
                     let idle = step.proxy.idle_timeout;
                     return Ok(res.map(|b| Body::Upstream(IdleTimeout::new(b, idle))));
                 }
-                Ok(Handoff::Next(ct, bytes)) => {
+                Ok(Handoff::Next(ct, ce, bytes)) => {
                     // FnKit: POST when there is a body, else the client's method.
                     method = if bytes.is_empty() {
                         original_method.clone()
@@ -277,6 +288,7 @@ impl Run<'_> {
                         Method::POST
                     };
                     content_type = ct;
+                    content_encoding = ce;
                     input = if bytes.is_empty() {
                         Body::empty()
                     } else {
@@ -304,6 +316,8 @@ impl Run<'_> {
         let ctx_ref: &RequestCtx<'_> = ctx;
         let calls = steps.iter().map(|step| {
             let mut head = clone_head(&template);
+            // Answers are parsed and merged: ask for them uncompressed.
+            head.headers.remove(header::ACCEPT_ENCODING);
             if let Some(m) = step.method {
                 head.method = m.clone();
             }
@@ -321,6 +335,9 @@ impl Run<'_> {
                     let res = self.call(ctx_ref, step, head, input, until).await?;
                     let status = res.status();
                     let ct = res.headers().get(header::CONTENT_TYPE).cloned();
+                    if is_encoded(res.headers()) {
+                        return Err(StepError::Unreachable("compressed answer"));
+                    }
                     let bytes = read_limited(res.into_body(), limit, until).await?;
                     if !status.is_success() {
                         return Err(StepError::Status(status, bytes));
@@ -392,6 +409,7 @@ impl Run<'_> {
             proxy: step.proxy,
             extra: &extra,
             headers: step.headers,
+            client_streams: matches!(body, Body::Client(_)),
         };
         send(ctx, &hop, head, body, until).await
     }
@@ -436,10 +454,14 @@ pub(crate) struct Hop<'a> {
     pub proxy: &'a ProxyAction,
     pub extra: &'a proxy::Extra<'a>,
     pub headers: &'a [(HeaderName, HeaderValue)],
+    /// The client's body streams into this call: a timeout or a broken exchange may
+    /// be the client's doing and is not held against the target.
+    pub client_streams: bool,
 }
 
 /// Sends `head` and `body` to the hop's upstream and waits for the response head
-/// until `until`; health and breakers of a group hear the outcome.
+/// until `until`; a group's health and breakers hear the outcome, failures are
+/// counted in `portcullis_upstream_errors_total`.
 pub(crate) async fn send(
     ctx: &RequestCtx<'_>,
     hop: &Hop<'_>,
@@ -472,6 +494,16 @@ pub(crate) async fn send(
     ctx.route.chain.on_upstream_request(ctx, &mut head);
     let started = std::time::Instant::now();
     let sent = hop.proxy.client.request(Request::from_parts(head, body));
+    let count = |kind: &'static str| {
+        ctx.shared
+            .metrics
+            .upstream_errors
+            .get_or_create(&crate::telemetry::UpstreamErrorLabels {
+                route: ctx.route.name.clone(),
+                kind,
+            })
+            .inc();
+    };
     match tokio::time::timeout_at(until, sent).await {
         Ok(Ok(res)) => {
             if let Some(p) = picked {
@@ -487,34 +519,52 @@ pub(crate) async fn send(
                 if e.code != ErrorCode::UpstreamTimeout {
                     return Err(StepError::Client(e));
                 }
+                count("timeout");
                 return Err(StepError::TimedOut);
             }
             if find_cause::<crate::targets::ForbiddenTarget>(&err).is_some() {
+                count("forbidden");
                 tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, "resolves only to forbidden addresses");
                 return Err(StepError::Unreachable("not an allowed target"));
             }
+            let connect = err.is_connect();
+            count(if connect { "connect" } else { "protocol" });
             tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, error = %proxy::error_chain(&err), "upstream call failed");
             if let Some(p) = picked {
-                if err.is_connect() {
+                if connect || !hop.client_streams {
                     p.done(Outcome::Failure, started.elapsed());
                 }
             }
-            Err(StepError::Unreachable(if err.is_connect() {
+            Err(StepError::Unreachable(if connect {
                 "function not found or not running"
             } else {
                 "connection lost before a response"
             }))
         }
         Err(_) => {
+            count("timeout");
             tracing::warn!(owner = hop.owner, step = hop.name, upstream = %label, "upstream call timed out");
+            if let Some(p) = picked {
+                if !hop.client_streams {
+                    p.done(Outcome::Failure, started.elapsed());
+                }
+            }
             Err(StepError::TimedOut)
         }
     }
 }
 
 enum Handoff {
-    Next(Option<HeaderValue>, Bytes),
+    /// The answer's content type and encoding, and its body.
+    Next(Option<HeaderValue>, Option<HeaderValue>, Bytes),
     Last(Response<crate::upstream::PooledBody>),
+}
+
+/// Whether an answer is content-encoded (not `identity`): it cannot be merged.
+pub(crate) fn is_encoded(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 /// `{"status", "body"}` for a step that answered, `{"detail"}` for one that did not.

@@ -38,7 +38,7 @@ pub(super) async fn check(
     let message = check_request(auth, req).encode_to_vec();
     let mut framed = BytesMut::with_capacity(5 + message.len());
     framed.put_u8(0);
-    framed.put_u32(u32::try_from(message.len()).map_err(|_| Unavailable)?);
+    framed.put_u32(u32::try_from(message.len()).map_err(|_| Unavailable::Garbled)?);
     framed.put_slice(&message);
     let mut call = Request::new(Body::full(framed.freeze()));
     *call.method_mut() = http::Method::POST;
@@ -51,21 +51,22 @@ pub(super) async fn check(
     h.insert(header::TE, HeaderValue::from_static("trailers"));
     let res = auth.client.request(call).await.map_err(|e| {
         tracing::warn!(error = %crate::action::proxy::error_chain(&e), "authorization service (gRPC) unreachable");
-        Unavailable
+        Unavailable::Down
     })?;
     if res.status() != StatusCode::OK {
         tracing::warn!(
             status = res.status().as_u16(),
             "authorization service (gRPC) answered with an HTTP error"
         );
-        return Err(Unavailable);
+        return Err(Unavailable::Down);
     }
     let (head, body) = res.into_parts();
     use http_body_util::BodyExt;
+    // An answer too large or cut short may have been a refusal: never a pass.
     let collected = http_body_util::Limited::new(body, MAX_ANSWER)
         .collect()
         .await
-        .map_err(|_| Unavailable)?;
+        .map_err(|_| Unavailable::Garbled)?;
     let trailers = collected.trailers().cloned();
     let data = collected.to_bytes();
     // Trailers-only answers carry the status in the head.
@@ -77,15 +78,15 @@ pub(super) async fn check(
         .and_then(|v| v.parse::<i32>().ok());
     if status != Some(0) {
         tracing::warn!(grpc_status = ?status, "authorization service (gRPC) failed the call");
-        return Err(Unavailable);
+        return Err(Unavailable::Down);
     }
     let answer = unframe(data).ok_or_else(|| {
         tracing::warn!("authorization service (gRPC) sent no valid message");
-        Unavailable
+        Unavailable::Garbled
     })?;
     let answer = CheckResponse::decode(answer).map_err(|e| {
         tracing::warn!(error = %e, "authorization service (gRPC) sent an undecodable CheckResponse");
-        Unavailable
+        Unavailable::Garbled
     })?;
     decide(auth, answer)
 }
@@ -95,7 +96,7 @@ fn decide(auth: &ExternalAuth, answer: CheckResponse) -> Result<Decision, Unavai
     match (code, answer.http_response) {
         (_, Some(check_response::HttpResponse::ErrorResponse(_))) => {
             tracing::warn!("authorization service (gRPC) reported an error");
-            Err(Unavailable)
+            Err(Unavailable::Down)
         }
         (0, ok) => {
             let headers = match ok {
@@ -119,7 +120,7 @@ fn decide(auth: &ExternalAuth, answer: CheckResponse) -> Result<Decision, Unavai
             Ok(Decision::Deny(Denial {
                 status,
                 content_type: headers.get(header::CONTENT_TYPE).cloned(),
-                challenge: headers.get(header::WWW_AUTHENTICATE).cloned(),
+                headers: super::denial_headers(|name| headers.get(name)),
                 body: Bytes::from(denied.body),
             }))
         }

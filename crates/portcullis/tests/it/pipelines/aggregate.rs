@@ -38,7 +38,7 @@ async fn services() -> (Upstream, Arc<Mutex<Vec<String>>>) {
                 "/users/42" => json(r#"{"id":42,"name":"Ada","team_id":"t7","secret":"s3"}"#),
                 "/teams/t7" => json(r#"{"team":"core","size":5}"#),
                 "/orders" => json(r#"[{"id":1}]"#),
-                "/evil" => json(r#"{"team_id":"../admin"}"#),
+                "/evil" => json(r#"{"team_id":"../admin","empty":"","enc":"%2E%2E"}"#),
                 "/text" => Response::builder().body(full("not json")).unwrap(),
                 "/slow" => {
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -61,7 +61,7 @@ routes:
     aggregate:
       timeout: 3s
       parts:
-        - {{name: user, upstream: "{svc}", path: "/users/{{id}}", fields: [id, name, team_id]}}
+        - {{name: user, upstream: "{svc}", path: "/users/{{id}}", fields: [id, name]}}
         - {{name: team, upstream: "{svc}", path: "/teams/{{user.team_id}}", after: [user]}}
         - {{name: orders, upstream: "{svc}", path: "/orders?user={{id}}"}}
         - {{name: recs, upstream: "{svc}", path: /slow, required: false, timeout: 500ms}}
@@ -90,6 +90,8 @@ routes:
       parts:
         - {{name: evil, upstream: "{svc}", path: /evil}}
         - {{name: dep, upstream: "{svc}", path: "/users/{{evil.team_id}}", after: [evil], required: false}}
+        - {{name: blank, upstream: "{svc}", path: "/teams/{{evil.empty}}", after: [evil], required: false}}
+        - {{name: enc, upstream: "{svc}", path: "/users/{{evil.enc}}", after: [evil], required: false}}
 "#
     )
 }
@@ -116,7 +118,7 @@ async fn parts_merge_with_dependencies_and_optional_failures() {
     assert_eq!(
         v,
         serde_json::json!({
-            "user": {"id": 42, "name": "Ada", "team_id": "t7"},
+            "user": {"id": 42, "name": "Ada"},
             "team": {"team": "core", "size": 5},
             "orders": [{"id": 1}],
             "recs": null,
@@ -158,12 +160,18 @@ async fn required_failures_and_the_deadline_fail_the_request() {
     assert_error(res, 504, "UPSTREAM_TIMEOUT").await;
     assert!(started.elapsed() < Duration::from_secs(3));
 
-    // A value from an answer stays one path segment: no climbing out.
+    // A value from an answer must be one plain segment: `../admin`, an empty
+    // value and an encoded `..` fail their part, which is never sent.
     let res = client().get(gw.url("/climb")).send().await.unwrap();
     assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-partial-response"], "dep, blank, enc");
+    let v: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(v["dep"], serde_json::Value::Null);
     let seen = seen.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|s| s.starts_with("/users/%2E%2E%2Fadmin ")),
+        !seen.iter().any(|s| s.starts_with("/users/.")
+            || s.starts_with("/users/%")
+            || s.starts_with("/teams/ ")),
         "{seen:?}"
     );
 }

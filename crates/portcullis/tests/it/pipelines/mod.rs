@@ -57,7 +57,9 @@ impl Drop for CancelGuard {
 /// - `wrap`: JSON of what it received (input, content type, method, uri);
 /// - `headers`: JSON of its request headers;
 /// - `json`: `{"x": 1}`; `text`: `plain text`; `empty`: 200 with no body;
-/// - `fail`: 418 `nope`; `big`: 4 KiB; `slow`: answers after 10 s.
+/// - `fail`: 418 `nope`; `big`: 4 KiB; `slow`: answers after 3 s;
+/// - `gz`: `zipped` — gzip-compressed when the request accepts gzip (it records
+///   whether it was asked, as `gz-asked-gzip`).
 pub async fn functions() -> (Upstream, Arc<Calls>) {
     let calls = Arc::new(Calls::default());
     let c = calls.clone();
@@ -78,6 +80,11 @@ async fn function(calls: Arc<Calls>, req: Request<Incoming>) -> Response<BoxBody
         .to_owned();
     let name = host.split(':').next().unwrap_or("").to_owned();
     calls.log.lock().unwrap().push(name.clone());
+    let accepts_gzip = req
+        .headers()
+        .get("accept-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("gzip"));
     let method = req.method().to_string();
     let uri = req.uri().to_string();
     let headers = headers_json(req.headers());
@@ -117,10 +124,22 @@ async fn function(calls: Arc<Calls>, req: Request<Incoming>) -> Response<BoxBody
                 name: name.clone(),
                 done: false,
             };
-            tokio::time::sleep(Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
             guard.done = true;
             reply(200, "text/plain", b"slow done".to_vec())
         }
+        "gz" if accepts_gzip => {
+            calls.log.lock().unwrap().push("gz-asked-gzip".into());
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(b"zipped").unwrap();
+            Response::builder()
+                .header("content-type", "text/plain")
+                .header("content-encoding", "gzip")
+                .body(full(enc.finish().unwrap()))
+                .unwrap()
+        }
+        "gz" => reply(200, "text/plain", b"zipped".to_vec()),
         _ => reply(404, "text/plain", b"no such function".to_vec()),
     }
 }
@@ -131,7 +150,7 @@ pub fn function_hosts(dir: &std::path::Path) -> String {
     let path = dir.join("hosts");
     std::fs::write(
         &path,
-        "127.0.0.1 upper wrap headers json text empty fail big slow\n127.0.0.2 ghost\n",
+        "127.0.0.1 upper wrap headers json text empty fail big slow gz\n127.0.0.2 ghost\n",
     )
     .unwrap();
     path.display().to_string()
