@@ -10,7 +10,9 @@ use std::marker::PhantomData;
 use serde::de::{self, value::MapAccessDeserializer, value::SeqAccessDeserializer, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{ByteSize, Duration, Flag, Text};
+use serde_saphyr::Spanned;
+
+use crate::{ByteSize, Duration, Flag, Scalar, Text};
 
 /// A policy key: `false`/`off` turns the policy off, `true` takes its preset, a map
 /// (or a list, for list-valued policies) configures it.
@@ -93,6 +95,49 @@ pub struct PolicyKeys {
     pub cache: Option<Toggle<CacheConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<Toggle<CompressionConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openapi: Option<Toggle<OpenApiConfig>>,
+}
+
+/// Request validation against an OpenAPI 3.0 or 3.1 document.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenApiConfig {
+    /// The document (YAML or JSON), relative to the config file (required).
+    #[serde(default)]
+    pub document: Option<Spanned<Text>>,
+    /// A request whose operation the document lacks: 404, or 405 when the path is
+    /// known (otherwise it passes unvalidated).
+    #[serde(default)]
+    pub strict: Flag,
+    /// Prefix of request paths before the document's paths (`/api`).
+    #[serde(default)]
+    pub base_path: Text,
+    /// Largest JSON body validated (413 beyond).
+    #[serde(default = "default_openapi_max_body")]
+    pub max_body: ByteSize,
+    /// Most problems listed in a 400.
+    #[serde(default = "default_openapi_max_errors")]
+    pub max_errors: Scalar<u32>,
+}
+
+impl Default for OpenApiConfig {
+    fn default() -> Self {
+        OpenApiConfig {
+            document: None,
+            strict: Flag(false),
+            base_path: Text::default(),
+            max_body: default_openapi_max_body(),
+            max_errors: default_openapi_max_errors(),
+        }
+    }
+}
+
+fn default_openapi_max_body() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_openapi_max_errors() -> Scalar<u32> {
+    Scalar(10)
 }
 
 impl PolicyKeys {
@@ -111,6 +156,7 @@ impl PolicyKeys {
             headers: pick(&self.headers, &defaults.headers),
             cache: pick(&self.cache, &defaults.cache),
             compression: pick(&self.compression, &defaults.compression),
+            openapi: pick(&self.openapi, &defaults.openapi),
         }
     }
 }

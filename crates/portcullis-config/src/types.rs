@@ -478,6 +478,8 @@ pub struct RouteConfig {
     pub cache: Option<Toggle<crate::CacheConfig>>,
     #[serde(default)]
     pub compression: Option<Toggle<crate::CompressionConfig>>,
+    #[serde(default)]
+    pub openapi: Option<Toggle<crate::OpenApiConfig>>,
 }
 
 impl RouteConfig {
@@ -492,6 +494,7 @@ impl RouteConfig {
             headers: self.headers.clone(),
             cache: self.cache.clone(),
             compression: self.compression.clone(),
+            openapi: self.openapi.clone(),
         }
         .over(defaults)
     }

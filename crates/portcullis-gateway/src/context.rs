@@ -45,6 +45,9 @@ pub struct RequestCtx<'a> {
     pub compress: crate::policy::compress::CompressState,
     /// Whether CORS answered or matched this request's origin ([`crate::policy::cors`]).
     pub cors: crate::policy::cors::CorsState,
+    /// The request body, when a policy already read it (OpenAPI validation): the
+    /// action sends these bytes instead of the client's stream.
+    pub body: Option<bytes::Bytes>,
     pub record: &'a mut AccessRecord,
 }
 

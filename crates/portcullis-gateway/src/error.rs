@@ -37,6 +37,8 @@ pub enum ErrorCode {
     /// The OpenID Connect provider failed a login (exchange, ID token, discovery).
     IdpError,
     LoopDetected,
+    /// A request does not match its operation in the route's OpenAPI document.
+    ValidationFailed,
     /// A pipeline step failed (its own status, or 502/504 when it did not answer).
     StepFailed,
     /// A parallel pipeline had a failing step.
@@ -46,7 +48,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidPath,
         ErrorCode::InvalidConfig,
@@ -72,6 +74,7 @@ impl ErrorCode {
         ErrorCode::IdpError,
         ErrorCode::StepFailed,
         ErrorCode::PipelineFailed,
+        ErrorCode::ValidationFailed,
         ErrorCode::ServiceUnavailable,
         ErrorCode::InternalError,
     ];
@@ -103,6 +106,7 @@ impl ErrorCode {
             ErrorCode::IdpError => "IDP_ERROR",
             ErrorCode::StepFailed => "STEP_FAILED",
             ErrorCode::PipelineFailed => "PIPELINE_FAILED",
+            ErrorCode::ValidationFailed => "VALIDATION_FAILED",
             ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
@@ -110,9 +114,10 @@ impl ErrorCode {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::BadRequest | ErrorCode::InvalidPath | ErrorCode::InvalidConfig => {
-                StatusCode::BAD_REQUEST
-            }
+            ErrorCode::BadRequest
+            | ErrorCode::InvalidPath
+            | ErrorCode::InvalidConfig
+            | ErrorCode::ValidationFailed => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized | ErrorCode::ExpiredToken | ErrorCode::SessionExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -176,7 +181,7 @@ pub struct GatewayError {
     message: String,
     headers: Vec<(header::HeaderName, HeaderValue)>,
     /// Itemised problems (`INVALID_CONFIG`: one line per config error).
-    details: Vec<String>,
+    details: Vec<serde_json::Value>,
     /// A body in another program's shape (FnKit's pipeline errors) and its status.
     compat: Option<Box<(StatusCode, serde_json::Map<String, serde_json::Value>)>>,
     /// A status other than the code's (an authorization service's own refusal).
@@ -225,7 +230,13 @@ impl GatewayError {
     }
 
     pub fn with_details(mut self, details: Vec<String>) -> Self {
-        self.details = details;
+        self.details = details.into_iter().map(serde_json::Value::String).collect();
+        self
+    }
+
+    /// Itemised problems as objects (`VALIDATION_FAILED`: location, pointer, message).
+    pub fn with_problems(mut self, problems: Vec<serde_json::Value>) -> Self {
+        self.details = problems;
         self
     }
 

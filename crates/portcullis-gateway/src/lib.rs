@@ -20,6 +20,7 @@ pub mod health;
 pub mod memory;
 pub mod policy;
 
+pub mod openapi;
 pub mod pipelines;
 pub mod reload;
 pub mod sanitize;

@@ -305,6 +305,7 @@ async fn dispatch(
         cache: Default::default(),
         compress: Default::default(),
         cors: Default::default(),
+        body: None,
         record,
     };
     run_chain(&mut ctx, req).await

@@ -23,6 +23,7 @@ mod key;
 pub mod ratelimit;
 pub mod security;
 pub mod session;
+pub mod validate;
 
 use std::sync::Arc;
 
@@ -58,6 +59,8 @@ pub enum Policy {
     Headers(Box<headers::HeaderTransforms>),
     Compress(compress::Compression),
     Cache(Box<cache::ResponseCache>),
+    /// Requests checked against an OpenAPI document.
+    Validate(Box<validate::Validate>),
 }
 
 impl Policy {
@@ -73,6 +76,7 @@ impl Policy {
             Policy::Csrf(_) => 50,
             Policy::RateLimitPrincipal(_) => 55,
             Policy::Quota(_) => 60,
+            Policy::Validate(_) => 70,
             Policy::Headers(_) => 80,
             Policy::Compress(_) => 90,
             Policy::Cache(_) => 100,
@@ -98,6 +102,7 @@ impl Policy {
             Policy::Headers(_) => Ok(Flow::Continue),
             Policy::Compress(p) => p.on_request(ctx, req),
             Policy::Cache(p) => p.on_request(ctx, req).await,
+            Policy::Validate(p) => p.on_request(ctx, req).await,
         }
     }
 
@@ -111,7 +116,11 @@ impl Policy {
     pub fn on_response(&self, ctx: &mut RequestCtx<'_>, res: &mut Response<Body>) {
         match self {
             Policy::Security(p) => p.on_response(ctx, res),
-            Policy::Ip(_) | Policy::Auth(_) | Policy::Session(_) | Policy::Csrf(_) => {}
+            Policy::Ip(_)
+            | Policy::Auth(_)
+            | Policy::Session(_)
+            | Policy::Csrf(_)
+            | Policy::Validate(_) => {}
             Policy::Cors(p) => p.on_response(ctx, res),
             Policy::RateLimitClient(p) | Policy::RateLimitPrincipal(p) => p.on_response(ctx, res),
             Policy::Quota(p) => p.on_response(ctx, res),
@@ -173,6 +182,8 @@ pub struct Registries {
     pub store: Arc<dyn portcullis_store::Store>,
     pub ratelimit: ratelimit::Registry,
     pub cache: cache::Registry,
+    /// OpenAPI documents compiled once per content.
+    pub openapi: validate::Documents,
 }
 
 impl Registries {
@@ -181,6 +192,7 @@ impl Registries {
             store,
             ratelimit: ratelimit::Registry::default(),
             cache: cache::Registry::default(),
+            openapi: validate::Documents::default(),
         }
     }
 }
@@ -212,6 +224,7 @@ impl PolicySite<'_> {
             "headers" => self.own.headers.is_some(),
             "cache" => self.own.cache.is_some(),
             "compression" => self.own.compression.is_some(),
+            "openapi" => self.own.openapi.is_some(),
             _ => true,
         };
         if own {
@@ -269,6 +282,11 @@ pub(crate) fn compile(
     if let Some(Toggle::On(c)) = &keys.compression {
         if let Some(p) = compress::compile(c, site, errors) {
             out.push(Policy::Compress(p));
+        }
+    }
+    if let Some(Toggle::On(c)) = &keys.openapi {
+        if let Some(p) = validate::compile(c, site, &registries.openapi, errors) {
+            out.push(Policy::Validate(Box::new(p)));
         }
     }
     if let Some(Toggle::On(c)) = &keys.cache {

@@ -27,3 +27,4 @@ mod sse;
 mod store;
 mod tls_upstream;
 mod upstreams;
+mod validation;

@@ -189,12 +189,16 @@ impl PipelineAction {
         let body_timeout = steps
             .first()
             .map_or(Duration::from_secs(60), |s| s.proxy.body_timeout);
-        let client_body = Body::Client(
-            IdleTimeout::new(body, body_timeout)
-                .with_limit(max_body)
-                .with_deadline(Some(deadline))
-                .without_trailers(),
-        );
+        let client_body = match ctx.body.take() {
+            // Already read by a policy (validation).
+            Some(bytes) => Body::full(bytes),
+            None => Body::Client(
+                IdleTimeout::new(body, body_timeout)
+                    .with_limit(max_body)
+                    .with_deadline(Some(deadline))
+                    .without_trailers(),
+            ),
+        };
         let run = Run {
             action: self,
             pipeline,

@@ -94,6 +94,11 @@ pub async fn forward(
         .filter(|r| upgrade.is_none() && r.allows(&parts.method));
     let mut replay: Option<Bytes> = None;
     let mut body = Some(body);
+    // A body a policy already read (validation) is sent as read.
+    if let Some(bytes) = ctx.body.take() {
+        replay = Some(bytes);
+        body = None;
+    }
     if let Some(r) = retry {
         let empty = body.as_ref().is_some_and(http_body::Body::is_end_stream);
         if empty {
