@@ -7,7 +7,7 @@ use crate::harness::*;
 
 fn document() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples/foldforge.openapi.yaml")
+        .join("../../examples/foldforge/openapi.yaml")
         .display()
         .to_string()
 }
