@@ -227,8 +227,11 @@ impl Compiler<'_> {
             let fragment = percent_encoding::utf8_percent_encode(pointer, FRAGMENT);
             m.insert("$ref".into(), Value::String(format!("#{fragment}")));
         }
+        // `pattern`s run on client input: the linear-time `regex` engine (no
+        // look-around or back-references; a document that uses them is refused).
         jsonschema::options()
             .with_draft(self.draft)
+            .with_pattern_options(jsonschema::PatternOptions::regex())
             .build(&root)
             .map_err(|e| format!("schema at {pointer}: {e}"))
     }

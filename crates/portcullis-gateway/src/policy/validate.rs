@@ -161,6 +161,10 @@ impl Validate {
             }
             if let Some(v) = &p.validator {
                 let instance = typed(&p.kind, &values, p.explode);
+                // The common case is valid: a yes/no first, the details only if not.
+                if v.is_valid(&instance) {
+                    continue;
+                }
                 for e in v.iter_errors(&instance) {
                     problems.push(
                         p.location.as_str(),
@@ -200,7 +204,7 @@ impl Validate {
                             problems.push("body", String::new(), format!("not valid JSON: {e}"))
                         }
                         Ok(instance) => {
-                            if let Some(v) = &spec.json {
+                            if let Some(v) = spec.json.as_ref().filter(|v| !v.is_valid(&instance)) {
                                 for e in v.iter_errors(&instance) {
                                     problems.push(
                                         "body",
