@@ -112,6 +112,7 @@ async fn admin_token_keys_quota_and_principal() {
     for i in 0..3 {
         let res = c
             .post(gw.url("/v1/workflows"))
+            .json(&serde_json::json!({"name": "wf"}))
             .bearer_auth(&key)
             .send()
             .await
@@ -125,6 +126,7 @@ async fn admin_token_keys_quota_and_principal() {
     }
     let res = c
         .post(gw.url("/v1/workflows"))
+        .json(&serde_json::json!({"name": "wf"}))
         .bearer_auth(&key)
         .send()
         .await
@@ -154,6 +156,7 @@ async fn admin_token_keys_quota_and_principal() {
     for _ in 0..5 {
         let res = c
             .post(gw.url("/v1/workflows"))
+            .json(&serde_json::json!({"name": "wf"}))
             .bearer_auth("break-glass")
             .send()
             .await
@@ -304,6 +307,7 @@ async fn quota_holds_across_two_gateways_on_one_redis() {
         tasks.push(tokio::spawn(async move {
             let res = client()
                 .post(gw.url("/v1/workflows"))
+                .json(&serde_json::json!({"name": "wf"}))
                 .bearer_auth(&key)
                 .send()
                 .await
