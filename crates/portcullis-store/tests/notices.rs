@@ -26,8 +26,10 @@ async fn advances(rx: &mut watch::Receiver<u64>, from: u64, what: &str) -> u64 {
     }
 }
 
-/// A notice from one handle reaches the other's watcher; other topics do not.
-async fn notices_cross(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+/// A notice from one handle reaches the other's watcher; with `exact`, other topics'
+/// watchers do not move (Redis may move any watcher when its connection is made
+/// again: "notices may have been missed" is allowed to over-report).
+async fn notices_cross(a: Arc<dyn Store>, b: Arc<dyn Store>, exact: bool) {
     let mut rx = b.watch("pipelines", None).await.unwrap();
     let other = b.watch("other", None).await.unwrap();
     let g = *rx.borrow();
@@ -37,21 +39,23 @@ async fn notices_cross(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     a.notify("pipelines").await.unwrap();
     advances(&mut rx, g, "second notice").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(*other.borrow(), o, "another topic's watcher was not told");
+    if exact {
+        assert_eq!(*other.borrow(), o, "another topic's watcher was not told");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_notices_reach_another_handle() {
     let dir = data_dir();
     let (a, b) = two_embedded(&dir);
-    notices_cross(a, b).await;
+    notices_cross(a, b, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_notices_reach_another_instance() {
     let server = RedisServer::start();
     let (a, b) = two_redis(&server).await;
-    notices_cross(a, b).await;
+    notices_cross(a, b, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
