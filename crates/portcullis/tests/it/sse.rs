@@ -22,6 +22,12 @@ enum Script {
     Unresumable,
     /// id 1, silence for 1.2 s, id 2, clean end.
     Quiet,
+    /// id 1 then broken; later connections answer 200 and close before any event.
+    Flap,
+    /// id 1 then broken; later connections never answer.
+    Hang,
+    /// ids 1..=3 with CR-only line endings after a byte-order mark, clean end.
+    CrOnly,
 }
 
 /// A raw HTTP/1.1 SSE server: it can break a chunked stream mid-way (no final
@@ -66,6 +72,10 @@ async fn serve(
         .find_map(|l| l.strip_prefix("last-event-id:"))
         .map(|v| v.trim().to_owned());
     asked.lock().unwrap().push(last.clone());
+    if matches!(script, Script::Hang) && nth > 0 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        return;
+    }
     if matches!(script, Script::Unresumable) && nth > 0 {
         let _ = sock
             .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
@@ -87,7 +97,16 @@ async fn serve(
             ((from + 1..=6).collect(), true)
         }
         (Script::Replay, _) => ((1..=6).collect(), true),
-        (Script::Unresumable, _) => (vec![1], false),
+        (Script::Unresumable | Script::Flap | Script::Hang, 0) => (vec![1], false),
+        (Script::Unresumable | Script::Flap | Script::Hang, _) => (vec![], false),
+        (Script::CrOnly, _) => {
+            let mut all = "\u{feff}".to_owned();
+            for id in 1..=3 {
+                all.push_str(&format!("id: {id}\rdata: event {id}\r\r"));
+            }
+            let _ = sock.write_all(chunk(all).as_bytes()).await;
+            (vec![], true)
+        }
         (Script::Quiet, _) => {
             let _ = sock.write_all(chunk(event(1)).as_bytes()).await;
             tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -223,4 +242,50 @@ fn sse_config_is_checked() {
     let (code, _, err) = run_cli(&["check", "-c", p.to_str().unwrap()], &[]);
     assert_eq!(code, 1);
     assert!(err.contains("retries"), "{err}");
+}
+
+/// An upstream that answers and breaks before any event, and one that never answers
+/// again: both spend the attempts (they are consecutive across breaks) and the
+/// client's stream fails instead of waiting or looping.
+#[tokio::test]
+async fn flapping_and_silent_upstreams_spend_the_attempts() {
+    for script in [Script::Flap, Script::Hang] {
+        let (up, asked) = sse_upstream(script).await;
+        let gw = Gateway::start(&config(
+            up,
+            "      timeouts: {response: 300ms}\n      sse: {attempts: 3, backoff: 20ms, heartbeat: 0s}",
+        ));
+        let started = std::time::Instant::now();
+        let res = stream_client().get(gw.url("/events")).send().await.unwrap();
+        let (text, clean) = read_all(res).await;
+        assert_eq!(ids(&text), [1]);
+        assert!(!clean);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            asked.lock().unwrap().len(),
+            4,
+            "the first connection and 3 attempts"
+        );
+    }
+}
+
+/// CR-only line endings and a byte-order mark: every event arrives, the last one
+/// when the stream ends.
+#[tokio::test]
+async fn cr_line_endings_and_a_bom_are_understood() {
+    let (up, _) = sse_upstream(Script::CrOnly).await;
+    let gw = Gateway::start(&config(up, "      sse: {heartbeat: 0s}"));
+    let res = stream_client().get(gw.url("/events")).send().await.unwrap();
+    let (text, clean) = read_all(res).await;
+    assert!(clean);
+    let got: Vec<&str> = text
+        .split('\r')
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(got, ["1", "2", "3"], "{text:?}");
+    assert!(!text.starts_with('\u{feff}'));
 }

@@ -172,7 +172,7 @@ pub async fn forward(
                         more && retry.is_some_and(|r| r.statuses.contains(&status.as_u16()));
                     if !retryable {
                         let res = respond(action, ctx, res, took, deadline, client_upgrade, tunnel);
-                        return Ok(event_stream(action, ctx, res, again));
+                        return Ok(event_stream(action, ctx, res, again, deadline));
                     }
                     (Ok(res), "status")
                 }
@@ -250,6 +250,7 @@ pub async fn forward(
                     tunnel,
                 ),
                 again,
+                deadline,
             )),
             Err(e) => Err(e),
         };
@@ -377,6 +378,7 @@ fn event_stream(
     ctx: &RequestCtx<'_>,
     res: Response<Body>,
     again: Option<http::request::Parts>,
+    deadline: Option<tokio::time::Instant>,
 ) -> Response<Body> {
     let Some(policy) = &action.sse else {
         return res;
@@ -390,7 +392,18 @@ fn event_stream(
     };
     // The length of a stream cut into events and heartbeats is not the upstream's.
     parts.headers.remove(header::CONTENT_LENGTH);
-    let again = again.map(|head| (action.client.clone(), head, action.idle_timeout));
+    let again = again.map(|mut head| {
+        // Asked again without a body.
+        head.headers.remove(header::CONTENT_LENGTH);
+        head.headers.remove(header::TRANSFER_ENCODING);
+        sse::Again {
+            client: action.client.clone(),
+            head,
+            idle: action.idle_timeout,
+            response_timeout: action.response_timeout,
+            deadline,
+        }
+    });
     let body = sse::stream(policy.clone(), upstream, again, ctx.route.name.clone());
     Response::from_parts(parts, body)
 }

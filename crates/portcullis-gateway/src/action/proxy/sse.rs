@@ -64,16 +64,35 @@ pub(crate) fn applies(res: &Response<Body>) -> bool {
             })
 }
 
+/// How a broken stream is asked for again: the request (a GET, its body headers
+/// removed), the client, and the route's timeouts.
+pub(crate) struct Again {
+    pub client: UpstreamClient,
+    pub head: http::request::Parts,
+    pub idle: Duration,
+    pub response_timeout: Duration,
+    /// The route's total deadline: it ends the stream, it is never "a break".
+    pub deadline: Option<tokio::time::Instant>,
+}
+
 /// The client's body: events forwarded by a task that owns the upstream stream and
-/// reconnects it. `again` is the request to send for a reconnection (GET only).
+/// reconnects it (`again`: GET requests on a route with `resume`).
 pub(crate) fn stream(
     policy: SsePolicy,
     upstream: IdleTimeout<PooledBody>,
-    again: Option<(UpstreamClient, http::request::Parts, Duration)>,
+    again: Option<Again>,
     route: Arc<str>,
 ) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
-    tokio::spawn(forward(policy, upstream, again, route, tx));
+    let heartbeat = policy.heartbeat;
+    let task = Task {
+        again: again.filter(|_| policy.resume),
+        policy,
+        route,
+        tx,
+        heartbeat,
+    };
+    tokio::spawn(task.forward(upstream));
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -82,138 +101,188 @@ pub(crate) fn stream(
 
 type Sender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
-async fn forward(
+/// The task that reads the upstream stream and feeds the client's.
+struct Task {
     policy: SsePolicy,
-    mut upstream: IdleTimeout<PooledBody>,
-    again: Option<(UpstreamClient, http::request::Parts, Duration)>,
+    again: Option<Again>,
     route: Arc<str>,
     tx: Sender,
-) {
-    let mut events = Events::default();
-    let mut sent = SentIds::default();
-    let mut resumed = false;
-    let heartbeat = policy
-        .heartbeat
-        .unwrap_or(Duration::from_secs(86_400 * 365));
-    let quiet = tokio::time::sleep(heartbeat);
-    tokio::pin!(quiet);
-    loop {
-        tokio::select! {
-            frame = upstream.frame() => match frame {
-                Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else { continue };
-                    events.push(&data);
-                    while let Some((event, id)) = events.next_event() {
-                        if resumed && id.as_ref().is_some_and(|id| sent.contains(id)) {
-                            continue;
-                        }
-                        if tx.send(Ok(Frame::data(event))).await.is_err() {
-                            return;
-                        }
-                        quiet.as_mut().reset(tokio::time::Instant::now() + heartbeat);
-                        if let Some(id) = id {
-                            sent.remember(id);
-                        }
-                    }
-                    if events.pending() > policy.max_event {
-                        tracing::warn!(route = %route, max = policy.max_event, "upstream event too large; stream ended");
-                        let _ = tx.send(Err(Box::new(SseError::EventTooLarge(policy.max_event)))).await;
-                        return;
-                    }
-                }
-                // The upstream ended the stream itself.
-                None => return,
-                Some(Err(e)) => {
-                    let resumable = policy.resume && again.is_some();
-                    tracing::debug!(route = %route, error = %e, resumable, "upstream event stream broke");
-                    let next = match &again {
-                        Some((client, head, idle)) if policy.resume => {
-                            reconnect(&policy, client, head, *idle, sent.last(), &route, &tx, heartbeat).await
-                        }
-                        _ => None,
-                    };
-                    match next {
-                        Some(body) => {
-                            upstream = body;
-                            events = Events::default();
-                            resumed = true;
-                            quiet.as_mut().reset(tokio::time::Instant::now() + heartbeat);
-                        }
-                        None => {
-                            let _ = tx.send(Err(Box::new(SseError::NotResumed))).await;
-                            return;
-                        }
-                    }
-                }
-            },
-            () = &mut quiet, if policy.heartbeat.is_some() => {
-                if tx.send(Ok(Frame::data(Bytes::from_static(HEARTBEAT)))).await.is_err() {
-                    return;
-                }
-                quiet.as_mut().reset(tokio::time::Instant::now() + heartbeat);
-            }
-            () = tx.closed() => return,
-        }
-    }
+    heartbeat: Option<Duration>,
 }
 
-/// Asks the upstream again from `last_id`, with backoff; heartbeats keep the client
-/// alive meanwhile. `None` when every attempt failed or the client left.
-#[allow(clippy::too_many_arguments)]
-async fn reconnect(
-    policy: &SsePolicy,
-    client: &UpstreamClient,
-    head: &http::request::Parts,
-    idle: Duration,
-    last_id: Option<&str>,
-    route: &str,
-    tx: &Sender,
-    heartbeat: Duration,
-) -> Option<IdleTimeout<PooledBody>> {
-    for attempt in 1..=policy.attempts {
-        let wait = portcullis_upstream::retry::backoff(policy.backoff, policy.max_backoff, attempt);
-        let until = tokio::time::Instant::now() + wait;
-        // Heartbeats while waiting (the wait may be longer than the interval).
+/// A far-away instant for a heartbeat timer that never fires.
+const NEVER: Duration = Duration::from_secs(86_400 * 365);
+
+impl Task {
+    async fn forward(self, mut upstream: IdleTimeout<PooledBody>) {
+        let mut events = Events::default();
+        let mut sent = SentIds::default();
+        let mut resumed = false;
+        // Consecutive reconnections that forwarded nothing (`attempts` bounds them).
+        let mut failures = 0_u32;
+        let every = self.heartbeat.unwrap_or(NEVER);
+        let quiet = tokio::time::sleep(every);
+        tokio::pin!(quiet);
         loop {
-            let beat = tokio::time::Instant::now() + heartbeat;
-            if beat >= until || policy.heartbeat.is_none() {
-                tokio::select! {
-                    () = tokio::time::sleep_until(until) => break,
-                    () = tx.closed() => return None,
-                }
-            }
             tokio::select! {
-                () = tokio::time::sleep_until(beat) => {
-                    if tx.send(Ok(Frame::data(Bytes::from_static(HEARTBEAT)))).await.is_err() {
-                        return None;
+                frame = upstream.frame() => match frame {
+                    Some(Ok(frame)) => {
+                        let Ok(data) = frame.into_data() else { continue };
+                        events.push(&data);
+                        while let Some((event, id)) = events.next_event() {
+                            if event.len() > self.policy.max_event {
+                                return self.fail(SseError::EventTooLarge(self.policy.max_event)).await;
+                            }
+                            if let Some(id) = &id {
+                                sent.seen(id);
+                            }
+                            if resumed && id.as_deref().is_some_and(|id| sent.contains(id)) {
+                                continue;
+                            }
+                            if self.tx.send(Ok(Frame::data(event))).await.is_err() {
+                                return;
+                            }
+                            failures = 0;
+                            quiet.as_mut().reset(tokio::time::Instant::now() + every);
+                            if let Some(id) = id {
+                                sent.remember(id);
+                            }
+                        }
+                        if events.pending() > self.policy.max_event {
+                            return self.fail(SseError::EventTooLarge(self.policy.max_event)).await;
+                        }
                     }
+                    // The upstream ended the stream itself: a last event cut by a CR
+                    // line ending is complete now.
+                    None => {
+                        for (event, _) in events.finish() {
+                            if self.tx.send(Ok(Frame::data(event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    Some(Err(e)) => {
+                        // The route's total deadline ends the stream; it is no break.
+                        if crate::body::find_cause::<crate::body::DeadlineExceeded>(&*e).is_some() {
+                            return self.fail(SseError::NotResumed).await;
+                        }
+                        tracing::debug!(route = %self.route, error = %e, resumable = self.again.is_some(), "upstream event stream broke");
+                        match self.reconnect(sent.last(), &mut failures).await {
+                            Some(body) => {
+                                upstream = body;
+                                events = Events::default();
+                                resumed = true;
+                                quiet.as_mut().reset(tokio::time::Instant::now() + every);
+                            }
+                            None => return self.fail(SseError::NotResumed).await,
+                        }
+                    }
+                },
+                () = &mut quiet, if self.heartbeat.is_some() => {
+                    if !self.beat().await {
+                        return;
+                    }
+                    quiet.as_mut().reset(tokio::time::Instant::now() + every);
                 }
-                () = tx.closed() => return None,
-            }
-        }
-        let mut again = super::clone_head(head);
-        if let Some(id) = last_id.and_then(|id| HeaderValue::from_str(id).ok()) {
-            again.headers.insert(LAST_EVENT_ID.clone(), id);
-        }
-        let req = Request::from_parts(again, Body::empty());
-        let answer = tokio::select! {
-            r = client.request(req) => r,
-            () = tx.closed() => return None,
-        };
-        match answer {
-            Ok(res) if applies_pooled(&res) => {
-                tracing::info!(route = %route, attempt, last_event_id = last_id.unwrap_or(""), "upstream event stream resumed");
-                return Some(IdleTimeout::new(res.into_body(), idle));
-            }
-            Ok(res) => {
-                tracing::warn!(route = %route, attempt, status = res.status().as_u16(), "upstream refused to resume the event stream");
-            }
-            Err(e) => {
-                tracing::warn!(route = %route, attempt, error = %super::error_chain(&e), "reconnecting the event stream failed");
+                () = self.tx.closed() => return,
             }
         }
     }
-    None
+
+    /// Ends the client's stream with an error (its `EventSource` reconnects).
+    async fn fail(&self, e: SseError) {
+        if let SseError::EventTooLarge(max) = e {
+            tracing::warn!(route = %self.route, max, "upstream event too large; stream ended");
+        }
+        let _ = self.tx.send(Err(Box::new(e))).await;
+    }
+
+    /// A heartbeat comment; false when the client is gone.
+    async fn beat(&self) -> bool {
+        self.tx
+            .send(Ok(Frame::data(Bytes::from_static(HEARTBEAT))))
+            .await
+            .is_ok()
+    }
+
+    /// Asks the upstream again from `last_id`, with backoff, until `attempts`
+    /// consecutive attempts (counted in `failures` across breaks: an upstream that
+    /// answers and breaks before any event counts as a failure) are spent or the
+    /// deadline is reached; heartbeats keep the client alive meanwhile. `None`: give
+    /// up (or the client left).
+    async fn reconnect(
+        &self,
+        last_id: Option<&str>,
+        failures: &mut u32,
+    ) -> Option<IdleTimeout<PooledBody>> {
+        let again = self.again.as_ref()?;
+        while *failures < self.policy.attempts {
+            *failures += 1;
+            let attempt = *failures;
+            let wait = portcullis_upstream::retry::backoff(
+                self.policy.backoff,
+                self.policy.max_backoff,
+                attempt,
+            );
+            let until = tokio::time::Instant::now() + wait;
+            if again.deadline.is_some_and(|d| until >= d) {
+                return None;
+            }
+            if !self.wait(until).await {
+                return None;
+            }
+            let mut head = super::clone_head(&again.head);
+            if let Some(id) = last_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+                head.headers.insert(LAST_EVENT_ID.clone(), id);
+            }
+            let req = Request::from_parts(head, Body::empty());
+            let respond_by = tokio::time::Instant::now() + again.response_timeout;
+            let respond_by = again.deadline.map_or(respond_by, |d| d.min(respond_by));
+            let answer = tokio::select! {
+                r = tokio::time::timeout_at(respond_by, again.client.request(req)) => r,
+                () = self.tx.closed() => return None,
+            };
+            match answer {
+                Ok(Ok(res)) if applies_pooled(&res) => {
+                    tracing::info!(route = %self.route, attempt, last_event_id = last_id.unwrap_or(""), "upstream event stream resumed");
+                    return Some(
+                        IdleTimeout::new(res.into_body(), again.idle).with_deadline(again.deadline),
+                    );
+                }
+                Ok(Ok(res)) => {
+                    tracing::warn!(route = %self.route, attempt, status = res.status().as_u16(), "upstream refused to resume the event stream");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(route = %self.route, attempt, error = %super::error_chain(&e), "reconnecting the event stream failed");
+                }
+                Err(_) => {
+                    tracing::warn!(route = %self.route, attempt, "reconnecting the event stream timed out");
+                }
+            }
+        }
+        None
+    }
+
+    /// Sleeps until `until`, with heartbeats; false when the client left.
+    async fn wait(&self, until: tokio::time::Instant) -> bool {
+        loop {
+            let beat = self
+                .heartbeat
+                .map_or(until, |h| (tokio::time::Instant::now() + h).min(until));
+            tokio::select! {
+                () = tokio::time::sleep_until(beat) => {
+                    if beat >= until {
+                        return true;
+                    }
+                    if !self.beat().await {
+                        return false;
+                    }
+                }
+                () = self.tx.closed() => return false,
+            }
+        }
+    }
 }
 
 fn applies_pooled(res: &Response<PooledBody>) -> bool {
@@ -226,15 +295,30 @@ fn applies_pooled(res: &Response<PooledBody>) -> bool {
 }
 
 /// Cuts a byte stream into events (an event ends with an empty line; lines end with
-/// CRLF, LF or CR) and reads each event's `id`.
+/// CRLF, LF or CR) and reads each event's `id`. Scanning resumes where it stopped, so
+/// an event arriving in many small chunks costs linear time.
 #[derive(Default)]
 struct Events {
     buf: BytesMut,
+    /// Where the line being scanned starts.
+    line_start: usize,
+    /// The current event's id so far (`Some("")`: an empty `id` field).
+    id: Option<String>,
+    /// A leading byte-order mark was looked for.
+    bom_checked: bool,
 }
+
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl Events {
     fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
+        if !self.bom_checked && self.buf.len() >= BOM.len() {
+            self.bom_checked = true;
+            if self.buf.starts_with(BOM) {
+                let _ = self.buf.split_to(BOM.len());
+            }
+        }
     }
 
     fn pending(&self) -> usize {
@@ -243,11 +327,9 @@ impl Events {
 
     /// The next complete event (its bytes as received) and its id, if it has one.
     fn next_event(&mut self) -> Option<(Bytes, Option<String>)> {
-        let mut id = None;
-        let mut start = 0;
-        let b = &self.buf[..];
-        let mut i = 0;
-        while i < b.len() {
+        let mut i = self.line_start;
+        while i < self.buf.len() {
+            let b = &self.buf[..];
             let end = match b[i] {
                 b'\n' => i + 1,
                 // A CR at the very end may be the first half of CRLF: wait.
@@ -259,20 +341,33 @@ impl Events {
                     continue;
                 }
             };
-            let line = &b[start..i];
+            let line = &b[self.line_start..i];
             if line.is_empty() {
                 let event = self.buf.split_to(end).freeze();
-                return Some((event, id));
+                self.line_start = 0;
+                return Some((event, self.id.take()));
             }
             if let Some(value) = field(line, b"id") {
                 if !value.contains(&0) {
-                    id = Some(String::from_utf8_lossy(value).into_owned());
+                    self.id = Some(String::from_utf8_lossy(value).into_owned());
                 }
             }
-            start = end;
+            self.line_start = end;
             i = end;
         }
         None
+    }
+
+    /// At the end of the stream: a final CR ends its line (no CRLF can follow).
+    fn finish(&mut self) -> Vec<(Bytes, Option<String>)> {
+        let mut out = Vec::new();
+        if self.buf.ends_with(b"\r") {
+            self.buf.extend_from_slice(b"\n");
+            while let Some(e) = self.next_event() {
+                out.push(e);
+            }
+        }
+        out
     }
 }
 
@@ -286,16 +381,27 @@ fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     }
 }
 
-/// The last ids forwarded (bounded), and the very last one.
+/// Longest id remembered (a longer one cannot be resumed from or recognised).
+const MAX_ID: usize = 256;
+
+/// The last ids forwarded (bounded), and the stream's last event id.
 #[derive(Default)]
 struct SentIds {
     order: VecDeque<String>,
     set: HashSet<String>,
+    /// The last event id as the spec keeps it: an empty `id` resets it, a too long
+    /// one leaves nothing to resume from.
+    last: Option<String>,
 }
 
 impl SentIds {
+    /// An id field was read (forwarded or not): it is the stream's last id now.
+    fn seen(&mut self, id: &str) {
+        self.last = (!id.is_empty() && id.len() <= MAX_ID).then(|| id.to_owned());
+    }
+
     fn remember(&mut self, id: String) {
-        if self.set.contains(&id) {
+        if id.is_empty() || id.len() > MAX_ID || self.set.contains(&id) {
             return;
         }
         if self.order.len() >= REMEMBERED_IDS {
@@ -312,7 +418,7 @@ impl SentIds {
     }
 
     fn last(&self) -> Option<&str> {
-        self.order.back().map(String::as_str)
+        self.last.as_deref()
     }
 }
 
@@ -364,9 +470,43 @@ mod tests {
     }
 
     #[test]
+    fn a_final_cr_ends_the_last_event_and_a_bom_is_dropped() {
+        let mut e = Events::default();
+        e.push(b"\xEF\xBB\xBFid: 1\rdata: a\r\rid: 2\rdata: b\r\r");
+        let (first, id) = e.next_event().unwrap();
+        assert_eq!(
+            (&first[..], id.as_deref()),
+            (&b"id: 1\rdata: a\r\r"[..], Some("1"))
+        );
+        // The second event's last CR may still be a CRLF's first half: it waits ...
+        assert!(e.next_event().is_none());
+        // ... until the stream ends.
+        let rest = e.finish();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn empty_and_overlong_ids_leave_nothing_to_resume_from() {
+        let mut s = SentIds::default();
+        s.seen("7");
+        assert_eq!(s.last(), Some("7"));
+        s.seen("");
+        assert_eq!(s.last(), None);
+        s.remember(String::new());
+        assert!(!s.contains(""));
+        let long = "x".repeat(MAX_ID + 1);
+        s.seen(&long);
+        s.remember(long.clone());
+        assert_eq!(s.last(), None);
+        assert!(!s.contains(&long));
+    }
+
+    #[test]
     fn remembered_ids_are_bounded() {
         let mut s = SentIds::default();
         for i in 0..(REMEMBERED_IDS + 10) {
+            s.seen(&i.to_string());
             s.remember(i.to_string());
         }
         assert!(!s.contains("0"));
