@@ -152,7 +152,16 @@ impl Validate {
                     .into_iter()
                     .collect(),
             };
-            let pointer = format!("/{}", p.name);
+            let pointer = format!("/{}", p.name.replace('~', "~0").replace('/', "~1"));
+            // A scalar given twice: the upstream could read either value.
+            if values.len() > 1 && !matches!(p.kind, crate::openapi::Kind::Array(_)) {
+                problems.push(
+                    p.location.as_str(),
+                    pointer,
+                    "is given more than once".into(),
+                );
+                continue;
+            }
             if values.is_empty() {
                 if p.required {
                     problems.push(p.location.as_str(), pointer, "is required".into());
@@ -165,7 +174,7 @@ impl Validate {
                 if v.is_valid(&instance) {
                     continue;
                 }
-                for e in v.iter_errors(&instance) {
+                for e in v.iter_errors(&instance).take(problems.room()) {
                     problems.push(
                         p.location.as_str(),
                         format!("{pointer}{}", e.instance_path()),
@@ -195,17 +204,21 @@ impl Validate {
                     }
                 }
                 Some(m) if is_json(&m) && spec.json.is_some() => {
-                    if declared.is_some_and(|n| n > self.max_body as u64) {
-                        return Err(too_large(self.max_body));
+                    // The route's own limit holds too (the bytes read replace the stream).
+                    let limit = self
+                        .max_body
+                        .min(usize::try_from(ctx.route.max_body).unwrap_or(usize::MAX));
+                    if declared.is_some_and(|n| n > limit as u64) {
+                        return Err(too_large(limit));
                     }
-                    let bytes = crate::body::read_small(req.body_mut(), self.max_body).await?;
+                    let bytes = crate::body::read_small(req.body_mut(), limit).await?;
                     match serde_json::from_slice::<Value>(&bytes) {
                         Err(e) => {
                             problems.push("body", String::new(), format!("not valid JSON: {e}"))
                         }
                         Ok(instance) => {
                             if let Some(v) = spec.json.as_ref().filter(|v| !v.is_valid(&instance)) {
-                                for e in v.iter_errors(&instance) {
+                                for e in v.iter_errors(&instance).take(problems.room()) {
                                     problems.push(
                                         "body",
                                         e.instance_path().to_string(),
@@ -290,6 +303,11 @@ impl Problems {
             max,
             dropped: 0,
         }
+    }
+
+    /// How many more problems are worth building (one more marks "more").
+    fn room(&self) -> usize {
+        (self.max + 1).saturating_sub(self.list.len())
     }
 
     fn push(&mut self, location: &str, pointer: String, message: String) {

@@ -25,6 +25,7 @@ routes:
     openapi: {{document: "{doc}", base_path: /strict, strict: true, max_body: 1KiB, max_errors: 3}}
     proxy: {{upstream: "{echo}"}}
   - {{name: free, path_prefix: /free, openapi: false, proxy: {{upstream: "{echo}"}}}}
+  - {{name: small, path_prefix: /small, max_request_body: 100, openapi: {{document: "{doc}", base_path: /small}}, proxy: {{upstream: "{echo}"}}}}
 "#
     )
 }
@@ -122,6 +123,16 @@ async fn parameters_are_typed_and_checked() {
         .unwrap();
     let p = problems(res).await;
     assert!(has(&p, "header", "/last-event-id"), "{p:?}");
+    // A scalar given twice is refused: the upstream could read the other value.
+    let p = problems(
+        c.get(gw.url("/v1/workflows?page_size=5&page_size=500"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(has(&p, "query", "/page_size"), "{p:?}");
+    assert!(p[0]["message"].as_str().unwrap().contains("more than once"));
     // Operations the document lacks pass unvalidated unless the route is strict.
     assert_eq!(
         c.get(gw.url("/v1/other")).send().await.unwrap().status(),
@@ -190,4 +201,29 @@ fn broken_documents_are_check_errors() {
         assert_eq!(code, 1, "{name}");
         assert!(err.contains("routes[0].openapi.document") && err.contains(want), "{name}: {err}");
     }
+}
+
+/// A streamed (chunked) body is held to the route's own `max_request_body` too: the
+/// bytes validation reads replace the client's stream.
+#[tokio::test]
+async fn the_routes_body_limit_holds_for_validated_bodies() {
+    let echo = Upstream::echo().await;
+    let gw = Gateway::start(&config(&echo.url()));
+    let body = format!(r#"{{"name":"a","spec_json":"{}"}}"#, "x".repeat(300));
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let res = client()
+        .post(gw.url("/small/v1/workflows"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, 413, "PAYLOAD_TOO_LARGE").await;
+    assert_eq!(echo.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
