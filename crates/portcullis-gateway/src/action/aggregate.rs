@@ -387,33 +387,15 @@ pub(crate) fn compile(
                 }
             }
         }
-        let method = match &p.method {
-            None => Method::GET,
-            Some(m) => match Method::from_bytes(m.value.trim().to_ascii_uppercase().as_bytes()) {
-                Ok(m) => m,
-                Err(_) => {
-                    errors.push(m.referenced, format!("{pf}.method"), "not an HTTP method");
-                    return None;
-                }
-            },
-        };
-        let mut headers = Vec::with_capacity(p.headers.len());
-        for (k, v) in &p.headers {
-            match (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v.as_str()),
-            ) {
-                (Ok(k), Ok(v)) => headers.push((k, v)),
-                _ => {
-                    errors.push(
-                        spec.referenced,
-                        format!("{pf}.headers.{k}"),
-                        "not a valid header name and value",
-                    );
-                    return None;
-                }
-            }
-        }
+        let (method, headers) = super::call_method_and_headers(
+            p.method.as_ref(),
+            &p.headers,
+            spec.referenced,
+            &pf,
+            errors,
+        )
+        .ok()?;
+        let method = method.unwrap_or(Method::GET);
         let timeout = p.timeout.map_or(c.timeout.get(), |t| t.get());
         if timeout.is_zero() {
             errors.push(

@@ -180,3 +180,53 @@ pub(crate) fn compile(
     }
     None
 }
+
+/// A pipeline step's or aggregation part's method (`None`: the caller's default) and
+/// the headers it sets.
+pub(crate) type CallSettings = (
+    Option<http::Method>,
+    Vec<(http::HeaderName, http::HeaderValue)>,
+);
+
+/// A call's `method` and `headers` (pipeline steps, aggregation parts): `Err(())`
+/// once the error is pushed.
+pub(crate) fn call_method_and_headers(
+    method: Option<&Spanned<portcullis_config::Text>>,
+    headers: &BTreeMap<String, portcullis_config::Text>,
+    at: Location,
+    field: &str,
+    errors: &mut Errors<'_>,
+) -> Result<CallSettings, ()> {
+    let method = match method {
+        None => None,
+        Some(m) => match http::Method::from_bytes(m.value.trim().to_ascii_uppercase().as_bytes()) {
+            Ok(m) => Some(m),
+            Err(_) => {
+                errors.push(
+                    m.referenced,
+                    format!("{field}.method"),
+                    "not an HTTP method",
+                );
+                return Err(());
+            }
+        },
+    };
+    let mut out = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        match (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v.as_str()),
+        ) {
+            (Ok(k), Ok(v)) => out.push((k, v)),
+            _ => {
+                errors.push(
+                    at,
+                    format!("{field}.headers.{k}"),
+                    "not a valid header name and value",
+                );
+                return Err(());
+            }
+        }
+    }
+    Ok((method, out))
+}

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Method};
 use portcullis_config::{PipelineConfig, PipelineDefConfig, ProxyConfig, Spanned, Text};
 
 use super::{PipelineAction, Source, Step};
@@ -166,33 +165,14 @@ fn declared(
             );
             return None;
         }
-        let method = match &step.method {
-            None => None,
-            Some(m) => match Method::from_bytes(m.value.trim().to_ascii_uppercase().as_bytes()) {
-                Ok(m) => Some(m),
-                Err(_) => {
-                    errors.push(m.referenced, format!("{sf}.method"), "not an HTTP method");
-                    return None;
-                }
-            },
-        };
-        let mut headers = Vec::with_capacity(step.headers.len());
-        for (k, v) in &step.headers {
-            match (
-                HeaderName::from_bytes(k.as_bytes()),
-                HeaderValue::from_str(v.as_str()),
-            ) {
-                (Ok(k), Ok(v)) => headers.push((k, v)),
-                _ => {
-                    errors.push(
-                        s.referenced,
-                        format!("{sf}.headers.{k}"),
-                        "not a valid header name and value",
-                    );
-                    return None;
-                }
-            }
-        }
+        let (method, headers) = crate::action::call_method_and_headers(
+            step.method.as_ref(),
+            &step.headers,
+            s.referenced,
+            &sf,
+            errors,
+        )
+        .ok()?;
         let timeout = step.timeout.map_or(p.step_timeout.get(), |t| t.get());
         if timeout.is_zero() {
             errors.push(s.referenced, format!("{sf}.timeout"), "must be more than 0");
