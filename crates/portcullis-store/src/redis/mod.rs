@@ -18,6 +18,10 @@ use fred::prelude::{
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 
+mod notices;
+mod scripts;
+use scripts::{CAD_LUA, CAS_LUA, RATE_LUA, WINDOW_LUA};
+
 use crate::{
     redact_url, ttl_millis, Rate, RateAlgorithm, RateDecision, Result, Store, StoreError,
     WindowCount,
@@ -51,163 +55,6 @@ impl Default for RedisOptions {
         }
     }
 }
-
-/// Fixed-window counter. KEYS[1] = counter; ARGV = cost, limit, window_ms.
-/// Returns {allowed (0/1), count, reset_after_ms}.
-const WINDOW_LUA: &str = r#"
-local cost = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
-local raw = redis.call('GET', KEYS[1])
-local current = 0
-local ttl = window
-if raw then
-  current = tonumber(raw)
-  if current == nil then
-    return redis.error_reply('PORTCULLIS_CORRUPT window counter is not a number')
-  end
-  ttl = redis.call('PTTL', KEYS[1])
-  if ttl < 0 then
-    redis.call('PEXPIRE', KEYS[1], window)
-    ttl = window
-  end
-end
-if current + cost > limit then
-  return {0, current, ttl}
-end
-if raw then
-  if cost > 0 then
-    redis.call('INCRBY', KEYS[1], cost)
-  end
-elseif cost > 0 then
-  redis.call('SET', KEYS[1], cost, 'PX', window)
-end
-return {1, current + cost, ttl}
-"#;
-
-/// Rate limit: the arithmetic of [`crate::ratelimit`] (keep the two in step), on the
-/// server's clock. KEYS[1] = state hash {s, a, b}; ARGV = algorithm (0 sliding window,
-/// 1 token bucket), limit, period_ms, burst, cost, idle_ms.
-/// Returns {allowed (0/1), remaining, reset_after_ms, retry_after_ms}.
-const RATE_LUA: &str = r#"
-local algo = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local p = tonumber(ARGV[3])
-local burst = tonumber(ARGV[4])
-local cost = tonumber(ARGV[5])
-local idle = tonumber(ARGV[6])
-local eps = 1e-9
-local function ceil_ms(x)
-  local v = math.ceil(x - 1e-6)
-  if v < 0 then v = 0 end
-  return v
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local raw = redis.call('HMGET', KEYS[1], 's', 'a', 'b')
-local have = raw[1] ~= false
-local s, a, b = 0, 0, 0
-if have then
-  s = tonumber(raw[1])
-  a = tonumber(raw[2])
-  b = tonumber(raw[3])
-  if s == nil or a == nil or b == nil then
-    return redis.error_reply('PORTCULLIS_CORRUPT rate-limit state')
-  end
-end
-local allowed, remaining, reset, retry
-if algo == 0 then
-  local start = now - (now % p)
-  local cur, prev = 0, 0
-  if have and s == start then
-    cur, prev = a, b
-  elseif have and s + p == start then
-    cur, prev = 0, a
-  elseif have and s > start then
-    start = s
-    cur, prev = a, b
-  end
-  local elapsed = now - start
-  if elapsed < 0 then elapsed = 0 end
-  if elapsed > p then elapsed = p end
-  local est = prev * ((p - elapsed) / p) + cur
-  local to_end = p - elapsed
-  if est + cost <= limit + eps then
-    cur = cur + cost
-    allowed = 1
-    remaining = math.max(0, math.floor(limit - est - cost + eps))
-    reset = to_end
-    retry = 0
-  else
-    allowed = 0
-    local room = limit - cost - cur
-    if room >= 0 and prev > 0 then
-      retry = math.max(1, ceil_ms(p * (1 - room / prev)) - elapsed)
-    elseif cost > limit then
-      retry = p
-    else
-      local at = 0
-      if cur > 0 then at = ceil_ms(p * (1 - (limit - cost) / cur)) end
-      retry = to_end + at
-    end
-    remaining = math.max(0, math.floor(limit - est + eps))
-    reset = retry
-  end
-  s, a, b = start, cur, prev
-else
-  local cap = math.max(burst, 1)
-  local per_ms = math.max(limit, 1) / p
-  local tokens, last = cap, now
-  if have then tokens, last = a, s end
-  if now > last then
-    tokens = math.min(cap, tokens + (now - last) * per_ms)
-    last = now
-  end
-  if tokens + eps >= cost then
-    allowed = 1
-    retry = 0
-    tokens = math.max(0, tokens - cost)
-  else
-    allowed = 0
-    if cost > cap then
-      retry = p
-    else
-      retry = math.max(1, ceil_ms((cost - tokens) / per_ms))
-    end
-  end
-  remaining = math.floor(tokens + eps)
-  reset = ceil_ms((cap - tokens) / per_ms)
-  s, a, b = last, tokens, 0
-end
-if allowed == 1 or have then
-  redis.call('HSET', KEYS[1], 's', string.format('%.17g', s), 'a', string.format('%.17g', a),
-    'b', string.format('%.17g', b))
-  redis.call('PEXPIRE', KEYS[1], idle)
-end
-return {allowed, remaining, reset, retry}
-"#;
-
-/// Compare-and-set. KEYS[1] = key; ARGV = expected, new[, ttl_ms].
-/// Returns 1 if the value was `expected` and is now `new`, else 0.
-const CAS_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-if ARGV[3] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
-"#;
-
-/// Compare-and-delete. KEYS[1] = key; ARGV = expected. Returns 1 if deleted, else 0.
-const CAD_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-return redis.call('DEL', KEYS[1])
-"#;
 
 /// Accepted URL schemes.
 const SCHEMES: [&str; 6] = [
@@ -806,15 +653,7 @@ impl Store for RedisStore {
     }
 
     async fn notify(&self, topic: &str) -> Result<()> {
-        let channel = Value::from(self.channel(topic));
-        self.run(
-            "PUBLISH",
-            ClusterHash::Random,
-            None,
-            vec![channel, Value::from("1")],
-        )
-        .await?;
-        Ok(())
+        self.publish_change(topic).await
     }
 
     async fn watch(
@@ -822,80 +661,7 @@ impl Store for RedisStore {
         topic: &str,
         keys: Option<&str>,
     ) -> Result<tokio::sync::watch::Receiver<u64>> {
-        use fred::prelude::{EventInterface, PubsubInterface};
-        let timeout = self.command_timeout;
-        let subscriber = fred::types::Builder::from_config(self.config.clone())
-            .with_connection_config(|c| {
-                c.connection_timeout = timeout;
-                c.internal_command_timeout = timeout;
-            })
-            .with_performance_config(|p| p.default_command_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2))
-            .build_subscriber_client()
-            .map_err(|e| StoreError::Backend(format!("redis subscriber: {}", e.details())))?;
-        // Every step bounded; on any failure the subscriber is closed (it would
-        // otherwise keep reconnecting in the background).
-        let setup = async {
-            subscriber
-                .init()
-                .await
-                .map_err(|e| map_fred("SUBSCRIBE", &e))?;
-            subscriber
-                .subscribe(self.channel(topic))
-                .await
-                .map_err(|e| map_fred("SUBSCRIBE", &e))?;
-            if let Some(keys) = keys {
-                // Keyspace notifications (`notify-keyspace-events` with `K` and the
-                // command classes), when the server has them on; harmless otherwise.
-                let pattern = format!(
-                    "__keyspace@*__:{}*",
-                    glob_escape(&format!("{}{keys}", self.prefix))
-                );
-                subscriber
-                    .psubscribe(pattern)
-                    .await
-                    .map_err(|e| map_fred("PSUBSCRIBE", &e))?;
-            }
-            Ok::<(), StoreError>(())
-        };
-        let messages_rx = subscriber.message_rx();
-        let key_events_rx = subscriber.keyspace_event_rx();
-        let reconnects_rx = subscriber.reconnect_rx();
-        let ready = tokio::time::timeout(timeout * 2, setup).await;
-        if let Err(e) = ready
-            .map_err(|_| StoreError::Unavailable("redis SUBSCRIBE: timed out".into()))
-            .and_then(|r| r)
-        {
-            let _ = subscriber.quit().await;
-            return Err(e);
-        }
-        // Re-subscribes after every reconnect.
-        let _manager = subscriber.manage_subscriptions();
-        let (mut messages, mut key_events, mut reconnects) =
-            (messages_rx, key_events_rx, reconnects_rx);
-        let (tx, rx) = tokio::sync::watch::channel(0_u64);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    m = messages.recv() => match m {
-                        // A lagged receiver missed notices: stale either way.
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    },
-                    e = key_events.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = e {
-                        break;
-                    },
-                    // Notices sent while disconnected are lost: count a change.
-                    r = reconnects.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                        break;
-                    },
-                    () = tx.closed() => break,
-                }
-                tx.send_modify(|g| *g += 1);
-            }
-            let _ = subscriber.quit().await;
-        });
-        Ok(rx)
+        self.subscribe_changes(topic, keys).await
     }
 
     fn unprefixed(&self) -> std::sync::Arc<dyn Store> {
